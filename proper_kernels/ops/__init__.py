@@ -1,0 +1,7 @@
+"""Custom ops, autograd, backend dispatch and the routing plan."""
+from .mixture import available_backends, choose_backend, lora_mixture
+from .plan import RoutingPlan, plan
+from .validate import MixtureSpec, check_mixture_args
+
+__all__ = ["lora_mixture", "available_backends", "choose_backend", "RoutingPlan", "plan",
+           "MixtureSpec", "check_mixture_args"]

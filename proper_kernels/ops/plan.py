@@ -1,0 +1,122 @@
+"""The routing plan: built once per batch from the user ids, reused by every layer.
+
+Tokens are grouped by user through a stable sort *of indices* (x itself is never
+copied). Bucket 0 holds the tokens without a user (id -1), bucket ``u + 1`` the
+tokens of user ``u``; bucket ``b`` is ``order[seg_offsets[b]:seg_offsets[b + 1]]``.
+
+Everything is computed with tensor ops on the ids' device. The one host sync is the
+range check of the ids (skip it with ``check=False`` when the ids are known to be
+valid, e.g. under CUDA-graph capture); ``active_users`` syncs lazily on first use.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["RoutingPlan", "plan"]
+
+
+class RoutingPlan:
+    """Per-batch grouping of tokens by user.
+
+    Attributes:
+        user_ids:    [T] int32, flat user id of every token (-1 = no user).
+        num_users:   N, the size of the user bank the ids index.
+        num_tokens:  T.
+        order:       [T] int32, token indices stably sorted by user (no-user first).
+        seg_offsets: [N + 2] int32, bucket b spans order[seg_offsets[b]:seg_offsets[b+1]];
+                     bucket 0 is "no user", bucket u + 1 is user u.
+        counts:      [N] int32, tokens per user.
+    """
+
+    def __init__(self, user_ids: Tensor, num_users: int, *, check: bool = True):
+        if not isinstance(user_ids, Tensor):
+            raise TypeError(f"user_ids must be a torch.Tensor, got {type(user_ids).__name__}")
+        if user_ids.dtype.is_floating_point or user_ids.dtype.is_complex or user_ids.dtype == torch.bool:
+            raise TypeError(f"user_ids must be an integer tensor, got dtype {user_ids.dtype}")
+        if not isinstance(num_users, int) or num_users < 0:
+            raise ValueError(f"num_users must be a non-negative int, got {num_users!r}")
+        ids = user_ids.reshape(-1)
+        if check and ids.numel() > 0:
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < -1 or hi >= num_users:
+                raise ValueError(
+                    f"user_ids must lie in [-1, {num_users}) (num_users={num_users}), "
+                    f"got values in [{lo}, {hi}]"
+                )
+        self.user_ids = ids.to(torch.int32)
+        self.num_users = num_users
+        self.num_tokens = ids.numel()
+        self.device = ids.device
+        bucket = ids.long() + 1  # 0 = no user
+        # A stable sort keeps each user's tokens in their original order, which makes
+        # every per-user reduction deterministic.
+        self.order = torch.sort(bucket, stable=True).indices.to(torch.int32)
+        bucket_counts = torch.bincount(bucket, minlength=num_users + 1)
+        offsets = torch.zeros(num_users + 2, dtype=torch.int64, device=ids.device)
+        offsets[1:] = torch.cumsum(bucket_counts, 0)
+        self.seg_offsets = offsets.to(torch.int32)
+        self.counts = bucket_counts[1:].to(torch.int32)
+        self._active: Optional[Tensor] = None
+        self._tiles: Dict[int, Tuple[Tensor, Tensor, int]] = {}
+
+    @property
+    def active_users(self) -> Tensor:
+        """[A] int64, the users with at least one token, ascending (syncs once)."""
+        if self._active is None:
+            self._active = torch.nonzero(self.counts > 0).squeeze(-1)
+        return self._active
+
+    @property
+    def num_no_user(self) -> Tensor:
+        """0-dim int32 tensor: how many tokens have no user."""
+        return self.seg_offsets[1]
+
+    def tile_table(self, block_m: int) -> Tuple[Tensor, Tensor, int]:
+        """Tiles of at most ``block_m`` sorted tokens, each within one bucket.
+
+        Returns (tile_bucket [G] int32, tile_start [G] int32, G) where tile i covers
+        sorted positions [tile_start[i], min(tile_start[i] + block_m, seg_offsets[b+1]))
+        of bucket b = tile_bucket[i] (-1 for padding tiles that cover nothing, b - 1 is
+        the user id). G is a host-side upper bound, a function of (T, N, block_m)
+        only, so kernels launched over it never recompile or sync per batch.
+        """
+        if block_m in self._tiles:
+            return self._tiles[block_m]
+        T, nb = self.num_tokens, self.num_users + 1
+        G = min(T, -(-T // block_m) + nb) if T else 0
+        off = self.seg_offsets.long()
+        counts = off[1:] - off[:-1]
+        tiles = (counts + block_m - 1) // block_m
+        cum = torch.cumsum(tiles, 0)
+        i = torch.arange(G, device=self.device)
+        b = torch.searchsorted(cum, i, right=True)
+        valid = b < nb
+        b = b.clamp(max=nb - 1)
+        first_tile = cum[b] - tiles[b]
+        start = off[b] + (i - first_tile) * block_m
+        tile_bucket = torch.where(valid, b, torch.full_like(b, -1)).to(torch.int32)
+        tile_start = torch.where(valid, start, torch.zeros_like(start)).to(torch.int32)
+        self._tiles[block_m] = (tile_bucket, tile_start, G)
+        return self._tiles[block_m]
+
+    def segments(self):
+        """Host-side list of (user, start, end) over the sorted order, active users only."""
+        off = self.seg_offsets.tolist()
+        return [(u, off[u + 1], off[u + 2]) for u in range(self.num_users) if off[u + 2] > off[u + 1]]
+
+    def __repr__(self) -> str:
+        return f"RoutingPlan(num_tokens={self.num_tokens}, num_users={self.num_users}, device={self.device})"
+
+
+def plan(user_ids: Tensor, num_users: int, *, check: bool = True) -> RoutingPlan:
+    """Build the routing plan of a batch: ``plan(user_ids, num_users)``.
+
+    Args:
+        user_ids: int tensor of any shape (one id per token, -1 = no user).
+        num_users: N, the number of users in the bank; ids must lie in [-1, N).
+        check: validate the id range (one host sync).
+    """
+    return RoutingPlan(user_ids, num_users, check=check)

@@ -1,0 +1,212 @@
+"""The pure-PyTorch oracle of one PROPER-adapted linear (DESIGN.md section 1).
+
+Two forms of the same math, tested against each other:
+
+* :func:`lora_mixture_ref_loop` walks over the users of the batch, one segment at a
+  time, and writes every term exactly as the formula reads. It is the spec in code.
+* :func:`lora_mixture_ref` is vectorised (gathers and batched matmuls). It is the
+  CPU fallback of :func:`proper_kernels.lora_mixture` and what kernels are checked
+  against.
+
+Both take already-validated 2-D inputs (x [T, d_in], user_ids [T]), compute in
+float32 (float64 stays float64) whatever the input dtype, and return y in x's dtype
+plus the gates in the compute dtype. Both are differentiable through autograd.
+
+Formula, per token t of user u = u(t) (u = -1: every user term is zero)::
+
+    z_t = A_u x_t                                   # [r_u]
+    l_t = W_r x_t + c_u + V_u z_t                   # [K]
+    g_t = softmax(l_t)      (top_k: softmax over the top_k logits, 0 elsewhere)
+    y_t = W0 x_t + b + s_g * sum_k g_tk B_k (A_k x_t) + s_u B_u z_t
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["lora_mixture_ref", "lora_mixture_ref_loop", "gates_from_logits", "compute_dtype"]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 accumulation for every low-precision dtype; fp64 stays fp64 (gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _up(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return None if t is None else t.to(dtype)
+
+
+def gates_from_logits(logits: Tensor, top_k: Optional[int]) -> Tensor:
+    """softmax over the last dim; with top_k, over the top_k largest logits only.
+
+    Ties at the k-th value are broken by ``torch.topk`` (lowest index first on CPU);
+    the kept set always has exactly top_k members.
+    """
+    K = logits.shape[-1]
+    if top_k is None or top_k >= K:
+        return torch.softmax(logits, dim=-1)
+    idx = logits.topk(top_k, dim=-1).indices
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, idx, True)
+    masked = logits.masked_fill(~keep, float("-inf"))
+    return torch.softmax(masked, dim=-1)
+
+
+def _num_experts(expert_A, router_weight, user_logit_bias, user_router) -> int:
+    if expert_A is not None:
+        return expert_A.shape[0]
+    for t, dim in ((router_weight, 0), (user_logit_bias, 1), (user_router, 1)):
+        if t is not None:
+            return t.shape[dim]
+    return 0
+
+
+def lora_mixture_ref(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor] = None,
+    *,
+    expert_A: Optional[Tensor] = None,
+    expert_B: Optional[Tensor] = None,
+    expert_scale: float = 1.0,
+    router_weight: Optional[Tensor] = None,
+    user_ids: Optional[Tensor] = None,
+    user_logit_bias: Optional[Tensor] = None,
+    user_A: Optional[Tensor] = None,
+    user_B: Optional[Tensor] = None,
+    user_scale: float = 1.0,
+    user_router: Optional[Tensor] = None,
+    top_k: Optional[int] = None,
+    d_out: Optional[int] = None,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Vectorised reference. x [T, d_in], user_ids [T] (int, -1 = no user).
+
+    Returns (y [T, d_out] in x.dtype, gates [T, K] in the compute dtype or None when
+    the layer has no experts). ``d_out`` is needed only when nothing else fixes it.
+    """
+    cd = compute_dtype(x.dtype)
+    xc = x.to(cd)
+    T = x.shape[0]
+    if d_out is None:
+        d_out = _infer_d_out(weight, bias, expert_B, user_B)
+    y = xc.new_zeros(T, d_out)
+    if weight is not None:
+        y = y + xc @ weight.to(cd).t()
+    if bias is not None:
+        y = y + bias.to(cd)
+
+    has_user = user_ids is not None
+    if has_user:
+        ids = user_ids.long()
+        valid = ids >= 0
+        safe = ids.clamp(min=0)
+        vmask = valid.to(cd).unsqueeze(-1)
+
+    z = None
+    if user_A is not None:
+        # z_t = A_u x_t, gathered per token; tokens without a user get zeros.
+        A_tok = user_A.to(cd)[safe]  # [T, r_u, d_in]
+        z = torch.bmm(A_tok, xc.unsqueeze(-1)).squeeze(-1) * vmask
+
+    K = _num_experts(expert_A, router_weight, user_logit_bias, user_router)
+    gates = None
+    if expert_A is not None:
+        logits = xc.new_zeros(T, K)
+        if router_weight is not None:
+            logits = logits + xc @ router_weight.to(cd).t()
+        if user_logit_bias is not None:
+            logits = logits + user_logit_bias.to(cd)[safe] * vmask
+        if user_router is not None:
+            V_tok = user_router.to(cd)[safe]  # [T, K, r_u]
+            logits = logits + torch.bmm(V_tok, z.unsqueeze(-1)).squeeze(-1)
+        gates = gates_from_logits(logits, top_k)
+        Kr, r = expert_A.shape[0] * expert_A.shape[1], expert_A.shape[1]
+        # The group part is one rank-(K r) LoRA with a per-token diagonal gate.
+        h = xc @ expert_A.to(cd).reshape(Kr, -1).t()  # [T, K r]
+        hg = h * gates.repeat_interleave(r, dim=-1)
+        B_cat = expert_B.to(cd).permute(1, 0, 2).reshape(d_out, Kr)  # [d_out, K r]
+        y = y + expert_scale * (hg @ B_cat.t())
+    if user_B is not None:
+        B_tok = user_B.to(cd)[safe]  # [T, d_out, r_u]
+        y = y + user_scale * torch.bmm(B_tok, z.unsqueeze(-1)).squeeze(-1) * vmask
+    return y.to(x.dtype), gates
+
+
+def lora_mixture_ref_loop(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor] = None,
+    *,
+    expert_A: Optional[Tensor] = None,
+    expert_B: Optional[Tensor] = None,
+    expert_scale: float = 1.0,
+    router_weight: Optional[Tensor] = None,
+    user_ids: Optional[Tensor] = None,
+    user_logit_bias: Optional[Tensor] = None,
+    user_A: Optional[Tensor] = None,
+    user_B: Optional[Tensor] = None,
+    user_scale: float = 1.0,
+    user_router: Optional[Tensor] = None,
+    top_k: Optional[int] = None,
+    d_out: Optional[int] = None,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Readable reference: one segment of tokens per user, one expert at a time.
+
+    Same arguments and result as :func:`lora_mixture_ref`.
+    """
+    cd = compute_dtype(x.dtype)
+    xc = x.to(cd)
+    T = x.shape[0]
+    if d_out is None:
+        d_out = _infer_d_out(weight, bias, expert_B, user_B)
+    K = _num_experts(expert_A, router_weight, user_logit_bias, user_router)
+    ids = user_ids.long() if user_ids is not None else torch.full((T,), -1, device=x.device)
+
+    rows, gate_rows = [None] * T, [None] * T
+    for u in ids.unique().tolist():
+        tok = (ids == u).nonzero().squeeze(-1)
+        xs = xc[tok]  # this user's segment, [n, d_in]
+        ys = xs.new_zeros(len(tok), d_out)
+        if weight is not None:
+            ys = ys + xs @ weight.to(cd).t()
+        if bias is not None:
+            ys = ys + bias.to(cd)
+        z = None
+        if u >= 0 and user_A is not None:
+            z = xs @ user_A[u].to(cd).t()  # user code
+        if expert_A is not None:
+            logits = xs.new_zeros(len(tok), K)
+            if router_weight is not None:
+                logits = logits + xs @ router_weight.to(cd).t()
+            if u >= 0 and user_logit_bias is not None:
+                logits = logits + user_logit_bias[u].to(cd)
+            if u >= 0 and user_router is not None:
+                logits = logits + z @ user_router[u].to(cd).t()
+            g = gates_from_logits(logits, top_k)
+            for k in range(K):
+                expert_k = (xs @ expert_A[k].to(cd).t()) @ expert_B[k].to(cd).t()
+                ys = ys + expert_scale * g[:, k : k + 1] * expert_k
+            for i, t in enumerate(tok.tolist()):
+                gate_rows[t] = g[i]
+        if u >= 0 and user_B is not None:
+            ys = ys + user_scale * (z @ user_B[u].to(cd).t())
+        for i, t in enumerate(tok.tolist()):
+            rows[t] = ys[i]
+    y = torch.stack(rows) if T else xc.new_zeros(0, d_out)
+    gates = None
+    if expert_A is not None:
+        gates = torch.stack(gate_rows) if T else xc.new_zeros(0, K)
+    return y.to(x.dtype), gates
+
+
+def _infer_d_out(weight, bias, expert_B, user_B) -> int:
+    if weight is not None:
+        return weight.shape[0]
+    if bias is not None:
+        return bias.shape[0]
+    if expert_B is not None:
+        return expert_B.shape[1]
+    if user_B is not None:
+        return user_B.shape[1]
+    raise ValueError("d_out is undefined: pass weight, bias, expert_B or user_B (or d_out=)")

@@ -1,0 +1,1 @@
+"""@triton.jit kernels of proper-kernels and their launchers (imports triton)."""
