@@ -1,0 +1,58 @@
+"""``python -m proper_kernels.env``: versions, devices and the usable backends."""
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+import sys
+
+
+def _version(name: str) -> str:
+    try:
+        mod = importlib.import_module(name)
+    except Exception as exc:  # noqa: BLE001 - report any import failure as "absent"
+        return f"not importable ({type(exc).__name__})"
+    return getattr(mod, "__version__", "unknown")
+
+
+def report() -> dict:
+    """Facts about this process: versions, devices, backends, the CUDA extension."""
+    import torch
+
+    import proper_kernels
+    from proper_kernels.ops.mixture import available_backends
+
+    info = {
+        "proper_kernels": proper_kernels.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "peft": _version("peft"),
+        "cuda_available": torch.cuda.is_available(),
+        "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "0"),
+        "backends_cpu": available_backends("cpu"),
+        "backends_cuda": available_backends("cuda") if torch.cuda.is_available() else [],
+    }
+    try:
+        from proper_kernels.ops import cuda_decode
+
+        info["cuda_extension_built"] = cuda_decode.available()
+        info["cuda_extension_archs"] = cuda_decode.built_archs()
+    except ImportError as exc:
+        info["cuda_extension_built"] = False
+        info["cuda_extension_archs"] = []
+        info["cuda_extension_note"] = str(exc)
+    return info
+
+
+def main() -> None:
+    for key, value in report().items():
+        print(f"{key:24s} {value}")
+
+
+if __name__ == "__main__":
+    main()

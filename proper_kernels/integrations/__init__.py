@@ -1,0 +1,1 @@
+"""Hugging Face integration (imports transformers/peft lazily, only from here)."""
