@@ -55,11 +55,12 @@ def _needs_grad(tensors) -> bool:
 def choose_backend(x: Tensor, spec: MixtureSpec, requested: Optional[str], tensors=()) -> str:
     """The one place that picks a backend.
 
-    ``auto``: the CUDA decode kernel for small inference batches on CUDA (its token
+    ``requested=None`` reads the environment variable PROPER_KERNELS_BACKEND (one of
+    BACKENDS), else "auto". ``auto``: the CUDA decode kernel for small inference batches on CUDA (its token
     threshold is kept in ``proper_kernels.ops.cuda_decode``), Triton on CUDA (and on
     CPU under TRITON_INTERPRET=1), the reference otherwise.
     """
-    requested = requested or "auto"
+    requested = requested or os.environ.get("PROPER_KERNELS_BACKEND") or "auto"
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
     if requested == "reference":
@@ -130,7 +131,8 @@ def lora_mixture(
         plan:            a :class:`RoutingPlan` of user_ids, built once per batch and
                          shared by all layers (built here when omitted).
         return_gates:    also return the gates g [..., K] (float32; None without experts).
-        backend:         "auto" (default), "reference", "triton" or "cuda".
+        backend:         "auto", "reference", "triton" or "cuda"; None (default) reads
+                         $PROPER_KERNELS_BACKEND, else "auto".
 
     Returns:
         y [..., d_out] in x.dtype, or (y, gates) when return_gates. Accumulation is in
