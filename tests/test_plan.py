@@ -1,0 +1,78 @@
+"""The routing plan: segments cover every token exactly once, in a stable order."""
+import pytest
+import torch
+
+import proper_kernels as pk
+from proper_kernels.testing import POPULARITY_LAWS, sample_user_ids
+
+
+def _check_plan(ids, N):
+    p = pk.plan(ids, N)
+    T = ids.numel()
+    flat = ids.reshape(-1)
+    assert p.num_tokens == T and p.num_users == N
+    order = p.order.long()
+    # A permutation of the tokens ...
+    assert sorted(order.tolist()) == list(range(T))
+    off = p.seg_offsets.long()
+    assert off[0] == 0 and off[-1] == T and bool((off[1:] >= off[:-1]).all())
+    # ... where bucket b holds exactly the tokens of user b - 1, in their original order.
+    for bkt in range(N + 1):
+        seg = order[off[bkt]:off[bkt + 1]]
+        assert bool((flat[seg] == bkt - 1).all())
+        assert seg.tolist() == sorted(seg.tolist())
+    assert p.counts.tolist() == [int((flat == u).sum()) for u in range(N)]
+    assert p.active_users.tolist() == sorted(set(flat.tolist()) - {-1})
+    assert int(p.num_no_user) == int((flat == -1).sum())
+    assert [u for u, _, _ in p.segments()] == p.active_users.tolist()
+    return p
+
+
+@pytest.mark.parametrize("law", POPULARITY_LAWS)
+@pytest.mark.parametrize("T,N", [(1, 1), (19, 7), (64, 64), (257, 10), (5, 1000)])
+def test_segments_cover_every_token_once(law, T, N):
+    g = torch.Generator().manual_seed(T * 7 + N)
+    ids = sample_user_ids(T, N, law, generator=g)
+    ids[::5] = -1
+    _check_plan(ids, N)
+
+
+@pytest.mark.parametrize("block_m", [1, 4, 16])
+@pytest.mark.parametrize("law", ["distinct", "zipf", "identical"])
+def test_tile_table(block_m, law):
+    g = torch.Generator().manual_seed(block_m)
+    T, N = 53, 9
+    ids = sample_user_ids(T, N, law, generator=g)
+    ids[::7] = -1
+    p = pk.plan(ids, N)
+    bucket, start, G = p.tile_table(block_m)
+    assert bucket.shape == (G,) and start.shape == (G,)
+    off = p.seg_offsets.long()
+    covered = []
+    for b, s in zip(bucket.tolist(), start.tolist()):
+        if b < 0:
+            continue
+        end = min(s + block_m, int(off[b + 1]))
+        assert off[b] <= s < end
+        covered.extend(range(s, end))
+    assert sorted(covered) == list(range(T))  # every sorted position once
+    assert p.tile_table(block_m)[0] is bucket  # cached
+
+
+def test_empty_and_shapes():
+    p = pk.plan(torch.zeros(0, dtype=torch.long), 3)
+    assert p.num_tokens == 0 and p.seg_offsets.tolist() == [0, 0, 0, 0, 0]
+    assert p.tile_table(16)[2] == 0
+    p2 = _check_plan(torch.tensor([[2, 0], [-1, 2]]), 3)
+    assert p2.order.tolist() == [2, 1, 0, 3]
+
+
+def test_bad_ids():
+    with pytest.raises(ValueError, match=r"\[-1, 4\)"):
+        pk.plan(torch.tensor([0, 4]), 4)
+    with pytest.raises(ValueError, match=r"\[-1, 4\)"):
+        pk.plan(torch.tensor([-2, 0]), 4)
+    with pytest.raises(TypeError, match="integer"):
+        pk.plan(torch.tensor([0.0, 1.0]), 4)
+    with pytest.raises(ValueError, match="num_users"):
+        pk.plan(torch.tensor([0]), -1)

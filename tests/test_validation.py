@@ -1,0 +1,88 @@
+"""Every bad input of lora_mixture raises a clear error before any compute."""
+import pytest
+import torch
+
+import proper_kernels as pk
+
+T, D_IN, D_OUT, K, R, N, RU = 6, 8, 5, 3, 2, 4, 3
+
+
+def good():
+    return dict(
+        x=torch.randn(T, D_IN), weight=torch.randn(D_OUT, D_IN), bias=torch.randn(D_OUT),
+        expert_A=torch.randn(K, R, D_IN), expert_B=torch.randn(K, D_OUT, R),
+        router_weight=torch.randn(K, D_IN), user_ids=torch.tensor([0, 1, -1, 3, 3, 2]),
+        user_logit_bias=torch.randn(N, K), user_A=torch.randn(N, RU, D_IN),
+        user_B=torch.randn(N, D_OUT, RU), user_router=torch.randn(N, K, RU),
+    )
+
+
+def call(**over):
+    kw = good()
+    kw.update(over)
+    x, w, b = kw.pop("x"), kw.pop("weight"), kw.pop("bias")
+    return pk.lora_mixture(x, w, b, **kw)
+
+
+def test_good_case_runs():
+    assert call().shape == (T, D_OUT)
+
+
+BAD = [
+    (dict(user_ids=torch.tensor([0, 1, -1, 4, 3, 2])), ValueError, r"user_ids must lie in \[-1, 4\)"),
+    (dict(user_ids=torch.tensor([0, 1, -2, 3, 3, 2])), ValueError, r"\[-1, 4\)"),
+    (dict(user_ids=torch.tensor([0, 1, 2])), ValueError, r"user_ids must have shape \[6\]"),
+    (dict(user_ids=torch.tensor([0.0] * 6)), TypeError, "user_ids must be an integer"),
+    (dict(x=torch.randint(0, 3, (T, D_IN))), TypeError, "x must be a floating-point"),
+    (dict(weight=torch.randn(D_OUT, D_IN + 1)), ValueError, r"weight must have shape \[d_out, d_in\]"),
+    (dict(bias=torch.randn(D_OUT + 1)), ValueError, "bias must have shape"),
+    (dict(expert_A=torch.randn(K, R, D_IN + 1)), ValueError, r"expert_A must have shape \[K, r, d_in\]"),
+    (dict(expert_B=torch.randn(K, D_OUT, R + 1)), ValueError, r"expert_B must have shape \[K, d_out, r\]"),
+    (dict(expert_B=torch.randn(K + 1, D_OUT, R)), ValueError, "expert_B"),
+    (dict(expert_B=torch.randn(K, D_OUT + 2, R)), ValueError, "d_out"),
+    (dict(expert_A=torch.randn(R, D_IN)), ValueError, "expert_A must be 3-D"),
+    (dict(expert_B=None), ValueError, "must be given together"),
+    (dict(router_weight=torch.randn(K + 1, D_IN)), ValueError, r"router_weight must have shape \[K, d_in\]"),
+    (dict(user_logit_bias=torch.randn(N + 1, K)), ValueError, "users"),
+    (dict(user_logit_bias=torch.randn(N, K + 1)), ValueError, r"user_logit_bias must have shape \[N, K\]"),
+    (dict(user_A=torch.randn(N, RU, D_IN + 1)), ValueError, r"user_A must have shape \[N, r_u, d_in\]"),
+    (dict(user_B=torch.randn(N, D_OUT, RU + 1)), ValueError, r"user_B must have shape \[N, d_out, r_u\]"),
+    (dict(user_B=torch.randn(N + 1, D_OUT, RU)), ValueError, "users"),
+    (dict(user_router=torch.randn(N, K, RU + 1)), ValueError, r"user_router must have shape \[N, K, r_u\]"),
+    (dict(user_A=None, user_B=None), ValueError, "user_router .* pass user_A"),
+    (dict(expert_A=None, expert_B=None), ValueError, "router_weight needs experts"),
+    (dict(top_k=0), ValueError, r"top_k must be an int in \[1, K=3\]"),
+    (dict(top_k=K + 1), ValueError, r"top_k must be an int in \[1, K=3\]"),
+    (dict(top_k=1.5), ValueError, "top_k"),
+    (dict(user_ids=None), ValueError, "pass user_ids"),
+    (dict(router_weight=torch.randn(K, D_IN).to(torch.device("meta"))), ValueError, "router_weight is on meta"),
+    (dict(backend="fast"), ValueError, "backend must be one of"),
+]
+
+
+@pytest.mark.parametrize("over,exc,msg", BAD, ids=[str(i) for i in range(len(BAD))])
+def test_bad_input_raises(over, exc, msg):
+    with pytest.raises(exc, match=msg):
+        call(**over)
+
+
+def test_plan_mismatch():
+    with pytest.raises(ValueError, match="plan was built for 5 tokens"):
+        call(plan=pk.plan(torch.zeros(5, dtype=torch.long), N))
+    with pytest.raises(ValueError, match="num_users=9"):
+        call(plan=pk.plan(torch.zeros(T, dtype=torch.long), 9))
+
+
+def test_empty_batch_returns_empty():
+    y, g = call(x=torch.randn(0, D_IN), user_ids=torch.zeros(0, dtype=torch.long), return_gates=True)
+    assert y.shape == (0, D_OUT) and g.shape == (0, K)
+
+
+def test_no_output_size():
+    with pytest.raises(ValueError, match="output size is undefined"):
+        pk.lora_mixture(torch.randn(2, 3), None)
+
+
+def test_backend_unavailable_is_clear():
+    with pytest.raises(RuntimeError, match="backend='cuda' is not usable"):
+        call(backend="cuda")
