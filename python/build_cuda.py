@@ -1,0 +1,257 @@
+"""Build helper for the CUDA decode extension `proper_kernels._C` (never installed).
+
+setup.py calls `cuda_extensions(repo_root) -> (ext_modules, cmdclass)`. The extension
+is built only when all of these hold, otherwise a one-line message says why it is
+skipped and the package installs without it (the Triton / PyTorch paths still run):
+
+- `PROPER_KERNELS_SKIP_CUDA_BUILD` is not "1";
+- nvcc is found (`$CUDA_HOME/bin/nvcc`, `$CUDA_PATH/bin/nvcc`, `nvcc` on PATH,
+  `/usr/local/cuda/bin/nvcc`);
+- pybind11 is importable at build time (with pip's build isolation it usually is
+  not: use `pip install --no-build-isolation -e .` to get the extension).
+
+Architectures: `PROPER_KERNELS_CUDA_ARCH_LIST`, torch-style, e.g. "8.0;9.0+PTX"
+(also "80 90", "sm_80,sm_90a"); default "8.0;9.0+PTX" = SASS for sm_80 (runs on all
+8.x GPUs) and sm_90, plus compute_90 PTX for JIT on newer GPUs. A compile error makes
+the build skip the extension with a message unless `PROPER_KERNELS_REQUIRE_CUDA_BUILD=1`.
+
+The extension links only the CUDA runtime, statically (cudart_static), so it needs
+no libcudart on the library path and never links torch; it needs a driver at least
+as new as the toolkit it was built with.
+
+Standalone: `python python/build_cuda.py --check` builds the extension into a temp
+directory through the same setuptools path, imports it and prints its architectures
+(exit 0 on success, 1 on a build failure, 2 when nvcc or pybind11 is missing).
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+
+EXT_NAME = "proper_kernels._C"
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+CU_SOURCES = ["csrc/lora_mixture_decode.cu"]
+CPP_SOURCES = ["csrc/bindings.cpp"]
+
+
+def _say(msg: str) -> None:
+    print(f"[proper-kernels] {msg}", file=sys.stderr, flush=True)
+
+
+def find_cuda_home() -> tuple[str | None, str | None]:
+    """(cuda_home, nvcc) or (None, None). cuda_home is the toolkit root holding the
+    static runtime; nvcc may be a wrapper script outside it."""
+    candidates = []
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            candidates.append(os.environ[var])
+    on_path = shutil.which("nvcc")
+    if on_path:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(on_path))))
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        nvcc = os.path.join(home, "bin", "nvcc")
+        if os.path.isfile(nvcc) and os.access(nvcc, os.X_OK) and _cudart_static_dir(home):
+            return home, nvcc
+    if on_path:  # a wrapper on PATH whose toolkit we could not locate
+        return None, on_path
+    return None, None
+
+
+def _cudart_static_dir(home: str) -> str | None:
+    pats = [os.path.join(home, "lib64"), os.path.join(home, "lib")]
+    pats += sorted(glob.glob(os.path.join(home, "targets", "*", "lib")))
+    for d in pats:
+        if os.path.isfile(os.path.join(d, "libcudart_static.a")):
+            return d
+    return None
+
+
+def parse_arch_list(spec: str) -> list[tuple[str, bool]]:
+    """"8.0;9.0+PTX" -> [("80", False), ("90", True)]. Suffixes like 9.0a are kept."""
+    out = []
+    for item in re.split(r"[;,\s]+", spec.strip()):
+        if not item:
+            continue
+        ptx = item.upper().endswith("+PTX")
+        if ptx:
+            item = item[:-4]
+        item = item.lower().replace("sm_", "").replace("compute_", "")
+        m = re.fullmatch(r"(\d+)\.(\d)([af]?)|(\d{2,3})([af]?)", item)
+        if not m:
+            raise ValueError(f"PROPER_KERNELS_CUDA_ARCH_LIST: cannot parse {item!r}")
+        arch = (m.group(1) + m.group(2) + m.group(3)) if m.group(1) else (m.group(4) + m.group(5))
+        if int(re.sub(r"\D", "", arch)) < 75:
+            raise ValueError(f"PROPER_KERNELS_CUDA_ARCH_LIST: sm_{arch} is older than sm_75 "
+                             "(unsupported by CUDA 13 and by this kernel)")
+        out.append((arch, ptx))
+    if not out:
+        raise ValueError("PROPER_KERNELS_CUDA_ARCH_LIST is empty")
+    return out
+
+
+def nvcc_arch_flags(archs: list[tuple[str, bool]]) -> list[str]:
+    flags = []
+    for arch, ptx in archs:
+        code = f"sm_{arch}" if not ptx else f"[sm_{arch},compute_{arch}]"
+        flags.append(f"-gencode=arch=compute_{arch},code={code}")
+    ptx_archs = [a for a, p in archs if p]
+    if ptx_archs:
+        flags.append(f'-DPROPER_KERNELS_PTX_ARCHS="{",".join(ptx_archs)}"')
+    return flags
+
+
+def _make_build_ext(nvcc: str, cuda_home: str, archs: list[tuple[str, bool]]):
+    from setuptools.command.build_ext import build_ext
+
+    class NvccBuildExt(build_ext):
+        """Compiles the .cu sources with nvcc, then lets setuptools compile the
+        .cpp sources and link. A failure drops the extension (with a message)
+        unless PROPER_KERNELS_REQUIRE_CUDA_BUILD=1."""
+
+        def build_extensions(self):
+            keep = []
+            for ext in list(self.extensions):
+                try:
+                    self.build_extension(ext)
+                    keep.append(ext)
+                except Exception as exc:  # noqa: BLE001 - report and go on without it
+                    if os.environ.get("PROPER_KERNELS_REQUIRE_CUDA_BUILD") == "1":
+                        raise
+                    _say(f"building {ext.name} failed, installing without it: {exc}")
+            self.extensions[:] = keep
+
+        def build_extension(self, ext):
+            cu = [s for s in ext.sources if s.endswith(".cu")]
+            if cu:
+                objs = []
+                os.makedirs(self.build_temp, exist_ok=True)
+                for src in cu:
+                    obj = os.path.join(self.build_temp, os.path.basename(src) + ".o")
+                    cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17",
+                           "-Xcompiler", "-fPIC", "--threads", "0", "-lineinfo",
+                           "-I" + os.path.dirname(os.path.abspath(src))]
+                    cmd += nvcc_arch_flags(archs)
+                    _say("nvcc: " + " ".join(cmd))
+                    subprocess.run(cmd, check=True)
+                    objs.append(obj)
+                ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
+                ext.extra_objects = list(ext.extra_objects or []) + objs
+            super().build_extension(ext)
+
+    return NvccBuildExt
+
+
+def cuda_extensions(repo_root: str, verbose: bool = True):
+    """(ext_modules, cmdclass) for setup(); ([], {}) with a message when skipped."""
+    def skip(why: str):
+        if verbose:
+            _say(f"skipping the CUDA extension {EXT_NAME}: {why}")
+        return [], {}
+
+    if os.environ.get("PROPER_KERNELS_SKIP_CUDA_BUILD") == "1":
+        return skip("PROPER_KERNELS_SKIP_CUDA_BUILD=1")
+    cuda_home, nvcc = find_cuda_home()
+    if nvcc is None:
+        return skip("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+    if cuda_home is None:
+        return skip(f"found {nvcc} but no CUDA toolkit with libcudart_static.a (set CUDA_HOME)")
+    try:
+        import pybind11
+    except ImportError:
+        return skip("pybind11 is not importable at build time "
+                    "(pip build isolation? use `pip install --no-build-isolation -e .`)")
+    try:
+        archs = parse_arch_list(os.environ.get("PROPER_KERNELS_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST))
+    except ValueError as exc:
+        return skip(str(exc))
+    try:
+        from setuptools import Extension
+    except ImportError:
+        return skip("setuptools is missing")
+
+    def rel(p):  # setuptools wants paths relative to setup.py's directory
+        return os.path.relpath(os.path.join(repo_root, p), os.getcwd()) \
+            if os.path.abspath(os.getcwd()) != os.path.abspath(repo_root) else p
+
+    ext = Extension(
+        EXT_NAME,
+        sources=[rel(p) for p in CPP_SOURCES + CU_SOURCES],
+        include_dirs=[pybind11.get_include(), os.path.join(repo_root, "csrc")],
+        library_dirs=[_cudart_static_dir(cuda_home)],
+        libraries=["cudart_static", "dl", "rt", "pthread"],
+        extra_compile_args=["-std=c++17", "-O3", "-fvisibility=hidden"],
+        language="c++",
+    )
+    if verbose:
+        _say(f"building {EXT_NAME} with {nvcc} for "
+             + ", ".join(f"sm_{a}" + ("+PTX" if p else "") for a, p in archs))
+    return [ext], {"build_ext": _make_build_ext(nvcc, cuda_home, archs)}
+
+
+def check(repo_root: str) -> int:
+    """Build into a temp dir through setuptools, import, print the result."""
+    t0 = time.time()
+    cwd = os.getcwd()
+    os.chdir(repo_root)
+    try:
+        exts, cmdclass = cuda_extensions(repo_root)
+    finally:
+        os.chdir(cwd)
+    if not exts:
+        print("CHECK SKIPPED: the extension would not be built here (see message above)")
+        return 2
+    from setuptools import Distribution
+
+    tmp = tempfile.mkdtemp(prefix="proper_kernels_cuda_check_")
+    os.environ["PROPER_KERNELS_REQUIRE_CUDA_BUILD"] = "1"
+    try:
+        os.chdir(repo_root)
+        dist = Distribution({"name": "proper-kernels-check", "ext_modules": exts,
+                             "cmdclass": cmdclass, "script_name": "build_cuda.py"})
+        cmd = dist.get_command_obj("build_ext")
+        cmd.build_lib = os.path.join(tmp, "lib")
+        cmd.build_temp = os.path.join(tmp, "temp")
+        cmd.inplace = False
+        cmd.ensure_finalized()
+        cmd.run()
+        suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+        so = os.path.join(tmp, "lib", "proper_kernels", "_C" + suffix)
+        if not os.path.isfile(so):
+            print(f"CHECK FAILED: {so} was not produced")
+            return 1
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("_C", so)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        print(f"CHECK OK: built {os.path.basename(so)} ({os.path.getsize(so) // 1024} KiB) "
+              f"in {time.time() - t0:.1f} s; archs {mod.built_archs()}; "
+              f"CUDA runtime {mod.cuda_runtime_version()}")
+        return 0
+    except Exception as exc:  # noqa: BLE001
+        print(f"CHECK FAILED: {type(exc).__name__}: {exc}")
+        return 1
+    finally:
+        os.chdir(cwd)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true",
+                    help="compile the extension into a temp dir and import it")
+    args = ap.parse_args()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if args.check:
+        sys.exit(check(root))
+    ap.print_help()
