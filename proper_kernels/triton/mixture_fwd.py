@@ -1,0 +1,570 @@
+"""Triton fused forward of one PROPER-adapted linear (DESIGN.md section 1).
+
+Per token t of user u = u(t) (u = -1: every user term is zero)::
+
+    z_t = A_u x_t                                   # user code          [r_u]
+    l_t = W_r x_t + c_u + V_u z_t                   # gate logits        [K]
+    g_t = softmax(l_t)      (top_k: softmax over the top_k largest, 0 elsewhere)
+    y_t = W0 x_t + b + s_g B_cat (G_t * h_t) + s_u B_u z_t,   h_t = A_cat x_t
+
+(A_cat = A_g stacked to [K r, d_in], B_cat = B_g stacked to [d_out, K r], G_t = g_t
+repeated r times.) The launcher :func:`mixture_fwd` returns (y, h, z, g): the output
+and the rank-space codes the backward reads. No [T, K, d] tensor is ever built.
+
+Two kernels, two launches:
+
+* ``_mixture_shrink_kernel``: one read of x against [A_cat; W_r; A_u(t)], fp32
+  accumulators h [BM, K r], l [BM, K], z [BM, r_u]; writes h, z and the raw router
+  logits W_r x. Grid (cdiv(T, BM), SPLIT_K). With SPLIT_K > 1 (decode) each program
+  reduces a slice of d_in and atomically adds into zeroed fp32 buffers.
+* ``_mixture_expand_kernel``: per (token tile, d_out tile): finishes the gates in
+  registers (l += c_u + V_u z, top_k, softmax; the programs of the first d_out tile
+  write g), then y tile = [G*h | z] [B_cat | B_u(t)]^T, plus the base. The base is
+  either computed in the same kernel (variant "fused": the d_in loop of the base
+  GEMM runs first and the rank-space expand is appended to its accumulator,
+  LoRAFusion style), or read from y, which torch's GEMM wrote (variant
+  "standalone"), or absent (variant "mixture": no W0, y = b + mixture).
+
+Token tiles. Tokens are visited in the routing plan's sorted order (``order``, a
+stable sort of token indices by user): tile i is sorted positions [i BM, (i+1) BM),
+rows are gathered by index (x is never copied or permuted). A tile may hold several
+users; the user terms loop over the distinct users present in the tile (a ``while``
+over the sorted ids), each loading its A_u / V_u / B_u block once and applying it to
+its own rows through a row mask. Each user's adapter is therefore read once per tile
+column, no tile is wasted on segment remainders (which matters when the base GEMM
+runs in the same tiles), and the grid depends on T only: no host sync, and T, the
+user counts and the plan are runtime values, never constexprs (no recompilation per
+batch). d_in, d_out, K, r, r_u, top_k are constexprs or masked runtime sizes.
+
+Regimes and variants are picked in one place each: :func:`fwd_config` (launch
+configs keyed on a T bucket, the dims and the rank) and :func:`forward_variant`.
+"""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..reference.rankspace import mixture_fwd_ref
+
+__all__ = ["mixture_fwd", "forward_variant", "fwd_config", "FwdConfig", "DECODE_MAX_T"]
+
+# Up to this many tokens the forward runs in the decode regime (split-K shrink,
+# narrow d_out tiles): the grid must still fill 132 SMs from a handful of tokens.
+DECODE_MAX_T = 256
+_NUM_SMS_H100 = 132
+_BIG = tl.constexpr(2147483647)  # 'no user' sentinel of the user loops
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _pad16(n: int) -> int:
+    """tl.dot needs every block dim >= 16 (and a power of two): pad and mask."""
+    return max(16, triton.next_power_of_2(max(int(n), 1)))
+
+
+# ---------------------------------------------------------------------------------
+# Launch configs and the variant choice.
+# ---------------------------------------------------------------------------------
+
+
+class FwdConfig(NamedTuple):
+    regime: str  # "decode" or "prefill"
+    block_m: int  # token tile (both kernels)
+    shrink_block_k: int  # d_in step of the shrink
+    split_k: int  # d_in slices of the shrink (decode); 1 = no atomics
+    shrink_warps: int
+    shrink_stages: int
+    block_n: int  # d_out tile of the expand / fused GEMM
+    block_k: int  # d_in step of the fused base GEMM
+    group_m: int  # grouped program order of the expand (L2 reuse of W0 / B tiles)
+    expand_warps: int
+    expand_stages: int
+
+
+def fwd_config(T: int, d_in: int, d_out: int, rank: int, variant: str) -> FwdConfig:
+    """The launch-config table, keyed on (T bucket, d_in, d_out, effective rank K r + r_u).
+
+    Never keyed on exact T or on the plan: one compiled kernel per (dims, bucket).
+    Under TRITON_INTERPRET=1 one small config per regime (the interpreter is slow and
+    small blocks exercise the masks, the split-K and multi-tile paths).
+
+    H100 choices (not measured here; tune with python/ sweeps):
+    * decode (T <= 256): BM = next pow2 of T in [16, 64]; the shrink splits d_in so
+      that m_tiles * SPLIT_K ~ 2 waves of 132 SMs (each slice >= one BK=64 step);
+      the expand uses BN = 32/64 so cdiv(d_out, BN) * m_tiles >= 132.
+    * prefill: shrink BM=64, BK=64, 8 warps when K r >= 128 (h acc is 64 x K r fp32);
+      fused GEMM 128 x 128 x 64, 8 warps, 3 stages, GROUP_M=8 (the base GEMM
+      dominates: ~275 GFLOP vs 19 for the mixture at d=4096, T=8192);
+      standalone expand 64 x 128 (only the rank-space K-dim, ~144 deep).
+    """
+    decode = T <= DECODE_MAX_T
+    regime = "decode" if decode else "prefill"
+    if _interpret():
+        bm = 16
+        bk = 16
+        split = max(1, min(triton.cdiv(d_in, bk), 4)) if decode else 1
+        return FwdConfig(regime, bm, bk, split, 4, 1, 16 if decode else 32, 16, 2, 4, 1)
+    if decode:
+        bm = min(64, max(16, triton.next_power_of_2(T)))
+        m_tiles = triton.cdiv(T, bm)
+        bk = 64
+        want = max(1, (2 * _NUM_SMS_H100) // m_tiles)
+        split = max(1, min(triton.cdiv(d_in, bk), want))
+        bn = 64 if m_tiles * triton.cdiv(d_out, 64) >= _NUM_SMS_H100 else 32
+        bk_base = 128 if variant == "fused" else 64
+        return FwdConfig(regime, bm, bk, split, 4, 3, bn, bk_base, 1, 4, 4)
+    shrink_warps = 8 if rank >= 128 else 4
+    if variant == "fused":
+        return FwdConfig(regime, 128, 64, 1, shrink_warps, 3, 128, 64, 8, 8, 3)
+    return FwdConfig(regime, 64, 64, 1, shrink_warps, 3, 128, 64, 8, 4, 3)
+
+
+def forward_variant(T: int, d_in: int, d_out: int, *, has_weight: bool = True,
+                    dtype: torch.dtype = torch.bfloat16, same_dtypes: bool = True,
+                    rank: int = 144) -> str:
+    """THE place that picks how the base linear joins the mixture. Returns one of
+
+    * ``"mixture"``:    no W0: y = b + mixture in the expand kernel.
+    * ``"fused"``:      y = x W0^T + b + mixture in one kernel (the base GEMM's d_in
+                        loop, then the rank-space expand appended to its accumulator).
+    * ``"standalone"``: y = torch GEMM (cuBLAS) first, the expand kernel adds into y.
+
+    Rule: fused for 16-bit inputs whose parameters share x's dtype and whose
+    effective rank (K r + r_u) fits the fused epilogue (<= 256): at prefill this is
+    the LoRAFusion design point (x and y move once; the mixture is ~7% on top of the
+    base GEMM's FLOPs at d=4096, T=8192), at decode it saves a launch and a y round
+    trip. Standalone for fp32 (cuBLAS beats an IEEE-fp32 tl.dot GEMM), for mixed
+    dtypes, and for large ranks (register pressure in the fused epilogue).
+    """
+    del T, d_in, d_out  # kept in the signature: the rule may grow T/d buckets once measured
+    if not has_weight:
+        return "mixture"
+    if dtype in (torch.float16, torch.bfloat16) and same_dtypes and rank <= 256:
+        return "fused"
+    return "standalone"
+
+
+# ---------------------------------------------------------------------------------
+# Kernels.
+# ---------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_rows(order_ptr, uid_ptr, T, pid_m, BLOCK_M: tl.constexpr, HAS_USERS: tl.constexpr):
+    """Rows of token tile pid_m: (token index int64, user id, row valid, first user,
+    last user). Rows are sorted positions pid_m*BM + i, mapped to tokens through
+    ``order``; without users the tile is the tokens themselves and every id is -1."""
+    pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = pos < T
+    if HAS_USERS:
+        tok = tl.load(order_ptr + pos, mask=row_ok, other=0).to(tl.int64)
+        uid = tl.load(uid_ptr + tok, mask=row_ok, other=-1).to(tl.int32)
+    else:
+        tok = pos.to(tl.int64)
+        uid = tl.full([BLOCK_M], -1, tl.int32)
+    # The ids of a tile are sorted, so its users are the distinct values between
+    # these two; the user loops walk them with "next larger id present".
+    u_first = tl.min(tl.where(row_ok & (uid >= 0), uid, _BIG), axis=0)
+    u_last = tl.max(tl.where(row_ok, uid, -1), axis=0)
+    return tok, uid, row_ok, u_first, u_last
+
+
+@triton.jit
+def _next_user(uid, row_ok, u):
+    return tl.min(tl.where(row_ok & (uid > u), uid, _BIG), axis=0)
+
+
+@triton.jit
+def _mixture_shrink_kernel(
+    x_ptr, a_ptr, wr_ptr, au_ptr, order_ptr, uid_ptr,
+    h_ptr, l_ptr, z_ptr,
+    T, D_IN, K_PER_SPLIT,
+    stride_xt, stride_xd,
+    stride_ar, stride_ad,
+    stride_wk, stride_wd,
+    stride_aun, stride_aur, stride_aud,
+    stride_ht, stride_lt, stride_zt,
+    KR: tl.constexpr, K: tl.constexpr, RU: tl.constexpr,
+    KR_PAD: tl.constexpr, K_PAD: tl.constexpr, RU_PAD: tl.constexpr,
+    HAS_EXPERTS: tl.constexpr, HAS_ROUTER: tl.constexpr, HAS_USER_A: tl.constexpr,
+    HAS_USERS: tl.constexpr, ATOMIC: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """h = x A_cat^T [T, KR], l = x W_r^T [T, K], z = A_u(t) x [T, RU] over one d_in slice."""
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    tok, uid, row_ok, u_first, u_last = _tile_rows(order_ptr, uid_ptr, T, pid_m, BLOCK_M, HAS_USERS)
+
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_kr = tl.arange(0, KR_PAD)
+    offs_e = tl.arange(0, K_PAD)
+    offs_ru = tl.arange(0, RU_PAD)
+    h = tl.zeros([BLOCK_M, KR_PAD], dtype=tl.float32)
+    lg = tl.zeros([BLOCK_M, K_PAD], dtype=tl.float32)
+    z = tl.zeros([BLOCK_M, RU_PAD], dtype=tl.float32)
+
+    k_begin = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_begin + K_PER_SPLIT, D_IN)
+    x_rows = x_ptr + tok[:, None] * stride_xt
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < k_end
+        xt = tl.load(x_rows + kk[None, :] * stride_xd, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        xt = xt.to(DOT_DTYPE)
+        if HAS_EXPERTS:
+            # A_cat^T block [BK, KR_PAD]: every expert's rows at once (rank K r).
+            at = tl.load(a_ptr + offs_kr[None, :] * stride_ar + kk[:, None] * stride_ad,
+                         mask=(offs_kr[None, :] < KR) & k_ok[:, None], other=0.0)
+            h = tl.dot(xt, at.to(DOT_DTYPE), h, input_precision=PRECISION)
+        if HAS_ROUTER:
+            wt = tl.load(wr_ptr + offs_e[None, :] * stride_wk + kk[:, None] * stride_wd,
+                         mask=(offs_e[None, :] < K) & k_ok[:, None], other=0.0)
+            lg = tl.dot(xt, wt.to(DOT_DTYPE), lg, input_precision=PRECISION)
+        if HAS_USER_A:
+            # The x tile is shared by every user of the tile; each user's A_u block is
+            # loaded once and applied to its own rows.
+            u = u_first
+            while u <= u_last:
+                aut = tl.load(au_ptr + u.to(tl.int64) * stride_aun + offs_ru[None, :] * stride_aur
+                              + kk[:, None] * stride_aud,
+                              mask=(offs_ru[None, :] < RU) & k_ok[:, None], other=0.0)
+                part = tl.dot(xt, aut.to(DOT_DTYPE), input_precision=PRECISION)
+                z += tl.where((uid == u)[:, None], part, 0.0)
+                u = _next_user(uid, row_ok, u)
+
+    rows = tok[:, None]
+    if HAS_EXPERTS:
+        hp = h_ptr + rows * stride_ht + offs_kr[None, :]
+        hm = row_ok[:, None] & (offs_kr[None, :] < KR)
+        if ATOMIC:
+            tl.atomic_add(hp, h, mask=hm, sem="relaxed")
+        else:
+            tl.store(hp, h, mask=hm)
+    if HAS_ROUTER:
+        lp = l_ptr + rows * stride_lt + offs_e[None, :]
+        lm = row_ok[:, None] & (offs_e[None, :] < K)
+        if ATOMIC:
+            tl.atomic_add(lp, lg, mask=lm, sem="relaxed")
+        else:
+            tl.store(lp, lg, mask=lm)
+    if HAS_USER_A:
+        zp = z_ptr + rows * stride_zt + offs_ru[None, :]
+        zm = row_ok[:, None] & (offs_ru[None, :] < RU)
+        if ATOMIC:
+            tl.atomic_add(zp, z, mask=zm, sem="relaxed")
+        else:
+            tl.store(zp, z, mask=zm)
+
+
+@triton.jit
+def _softmax_gates(lg, e_ok, offs_e, BLOCK_M: tl.constexpr, K_PAD: tl.constexpr, TOP_K: tl.constexpr):
+    """Row-wise softmax of lg [BM, K_PAD] over the valid experts; with TOP_K > 0 over
+    the TOP_K largest only (ties to the lower index, like torch.topk), 0 elsewhere."""
+    lg = tl.where(e_ok, lg, float("-inf"))
+    if TOP_K > 0:
+        keep = tl.zeros([BLOCK_M, K_PAD], dtype=tl.int32)
+        for _ in tl.static_range(TOP_K):
+            cand = tl.where(keep != 0, float("-inf"), lg)
+            m = tl.max(cand, axis=1)
+            hit = (cand == m[:, None]) & e_ok & (keep == 0)
+            first = tl.min(tl.where(hit, offs_e[None, :], K_PAD), axis=1)
+            keep = tl.where(offs_e[None, :] == first[:, None], 1, keep)
+        lg = tl.where(keep != 0, lg, float("-inf"))
+    m = tl.max(lg, axis=1)
+    p = tl.exp(lg - m[:, None])
+    p = tl.where(lg == float("-inf"), 0.0, p)
+    return p / tl.sum(p, axis=1)[:, None]
+
+
+@triton.jit
+def _mixture_expand_kernel(
+    x_ptr, w_ptr, bias_ptr, y_ptr,
+    h_ptr, l_ptr, z_ptr, g_ptr,
+    bg_ptr, bu_ptr, c_ptr, v_ptr,
+    order_ptr, uid_ptr,
+    T, D_IN, D_OUT, s_g, s_u,
+    stride_xt, stride_xd,
+    stride_wn, stride_wd,
+    stride_yt, stride_yn,
+    stride_ht, stride_lt, stride_zt, stride_gt,
+    stride_bgk, stride_bgn, stride_bgr,
+    stride_bun, stride_bud, stride_bur,
+    stride_cn, stride_ck,
+    stride_vn, stride_vk, stride_vr,
+    R: tl.constexpr, KR: tl.constexpr, K: tl.constexpr, RU: tl.constexpr,
+    KR_PAD: tl.constexpr, K_PAD: tl.constexpr, RU_PAD: tl.constexpr, TOP_K: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, ADD_Y: tl.constexpr,
+    HAS_EXPERTS: tl.constexpr, HAS_ROUTER: tl.constexpr, HAS_USER_BIAS: tl.constexpr,
+    HAS_USER_B: tl.constexpr, HAS_USER_ROUTER: tl.constexpr, HAS_USERS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """y tile [BM, BN] = (x W0^T | y | 0) + b + s_g (G*h) B_cat^T + s_u z B_u(t)^T; writes g."""
+    # Grouped program order: GROUP_M token tiles share each W0 / B column block in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(T, BLOCK_M)
+    num_pid_n = tl.cdiv(D_OUT, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    tok, uid, row_ok, u_first, u_last = _tile_rows(order_ptr, uid_ptr, T, pid_m, BLOCK_M, HAS_USERS)
+    rows = tok[:, None]
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < D_OUT
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+
+    if HAS_W:
+        # The base GEMM: the d_in loop of x W0^T on this tile.
+        offs_k = tl.arange(0, BLOCK_K)
+        x_rows = x_ptr + rows * stride_xt
+        w_cols = w_ptr + offs_n[None, :] * stride_wn
+        for k0 in range(0, D_IN, BLOCK_K):
+            kk = k0 + offs_k
+            k_ok = kk < D_IN
+            xt = tl.load(x_rows + kk[None, :] * stride_xd, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            wt = tl.load(w_cols + kk[:, None] * stride_wd, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(xt.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    y_ptrs = y_ptr + rows * stride_yt + offs_n[None, :] * stride_yn
+    y_mask = row_ok[:, None] & n_ok[None, :]
+    if ADD_Y:
+        acc += tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+
+    offs_ru = tl.arange(0, RU_PAD)
+    if HAS_USER_B:
+        z = tl.load(z_ptr + rows * stride_zt + offs_ru[None, :],
+                    mask=row_ok[:, None] & (offs_ru[None, :] < RU), other=0.0)
+
+    if HAS_EXPERTS:
+        # Gates in registers: l = W_r x (from the shrink) + c_u + V_u z.
+        offs_e = tl.arange(0, K_PAD)
+        e_ok = offs_e[None, :] < K
+        if HAS_ROUTER:
+            lg = tl.load(l_ptr + rows * stride_lt + offs_e[None, :], mask=row_ok[:, None] & e_ok, other=0.0)
+        else:
+            lg = tl.zeros([BLOCK_M, K_PAD], dtype=tl.float32)
+        if HAS_USER_BIAS:
+            has_u = row_ok & (uid >= 0)
+            lg += tl.load(c_ptr + tl.maximum(uid, 0).to(tl.int64)[:, None] * stride_cn + offs_e[None, :] * stride_ck,
+                          mask=has_u[:, None] & e_ok, other=0.0).to(tl.float32)
+        if HAS_USER_ROUTER:
+            u = u_first
+            while u <= u_last:
+                vt = tl.load(v_ptr + u.to(tl.int64) * stride_vn + offs_e[None, :] * stride_vk
+                             + offs_ru[:, None] * stride_vr,
+                             mask=e_ok & (offs_ru[:, None] < RU), other=0.0).to(tl.float32)
+                part = tl.dot(z, vt, input_precision="ieee")
+                lg += tl.where((uid == u)[:, None], part, 0.0)
+                u = _next_user(uid, row_ok, u)
+        g = _softmax_gates(lg, e_ok, offs_e, BLOCK_M, K_PAD, TOP_K)
+        if pid_n == 0:
+            tl.store(g_ptr + rows * stride_gt + offs_e[None, :], g, mask=row_ok[:, None] & e_ok)
+
+        # G = g repeated r times along the K r codes, as an exact one-hot product
+        # (registers cannot be gathered): onehot[k, c] = (c // r == k).
+        offs_kr = tl.arange(0, KR_PAD)
+        onehot = tl.where(offs_kr[None, :] // R == offs_e[:, None], 1.0, 0.0)
+        gexp = tl.dot(g, onehot, input_precision="ieee")
+        kr_ok = offs_kr < KR
+        h = tl.load(h_ptr + rows * stride_ht + offs_kr[None, :], mask=row_ok[:, None] & kr_ok[None, :], other=0.0)
+        hg = (h * gexp).to(DOT_DTYPE)
+        # B_cat^T block [KR_PAD, BN]: code c = k r + j reads B_g[k, n, j].
+        bgt = tl.load(bg_ptr + (offs_kr // R)[:, None] * stride_bgk + (offs_kr % R)[:, None] * stride_bgr
+                      + offs_n[None, :] * stride_bgn,
+                      mask=kr_ok[:, None] & n_ok[None, :], other=0.0)
+        acc += s_g * tl.dot(hg, bgt.to(DOT_DTYPE), input_precision=PRECISION)
+
+    if HAS_USER_B:
+        zd = z.to(DOT_DTYPE)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        u = u_first
+        while u <= u_last:
+            but = tl.load(bu_ptr + u.to(tl.int64) * stride_bun + offs_ru[:, None] * stride_bur
+                          + offs_n[None, :] * stride_bud,
+                          mask=(offs_ru[:, None] < RU) & n_ok[None, :], other=0.0)
+            part = tl.dot(zd, but.to(DOT_DTYPE), input_precision=PRECISION)
+            acc_u += tl.where((uid == u)[:, None], part, 0.0)
+            u = _next_user(uid, row_ok, u)
+        acc += s_u * acc_u
+
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+# ---------------------------------------------------------------------------------
+# Launcher.
+# ---------------------------------------------------------------------------------
+
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def _strides(t: Optional[Tensor], n: int) -> Tuple[int, ...]:
+    return tuple(t.stride()) if t is not None else (0,) * n
+
+
+def mixture_fwd(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    expert_A: Optional[Tensor],
+    expert_B: Optional[Tensor],
+    router_weight: Optional[Tensor],
+    user_ids: Optional[Tensor],
+    order: Optional[Tensor],
+    seg_offsets: Optional[Tensor],
+    user_logit_bias: Optional[Tensor],
+    user_A: Optional[Tensor],
+    user_B: Optional[Tensor],
+    user_router: Optional[Tensor],
+    expert_scale: float,
+    user_scale: float,
+    top_k: Optional[int],
+    d_out: int,
+    *,
+    variant: Optional[str] = None,
+    config: Optional[FwdConfig] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fused forward: x [T, d_in] -> (y [T, d_out] x.dtype, h [T, K r], z [T, r_u], g [T, K]).
+
+    Args (any parameter may be None; its output is then [T, 0]):
+        x:               [T, d_in] fp16 / bf16 / fp32 (fp64 runs the torch reference).
+        weight, bias:    W0 [d_out, d_in], b [d_out].
+        expert_A:        A_g [K, r, d_in]; expert_B: B_g [K, d_out, r].
+        router_weight:   W_r [K, d_in].
+        user_ids:        [T] int32 (-1 = no user); order: [T] int32 token indices sorted
+                         by user; seg_offsets: [N + 2] int32 (plan buckets; unused by
+                         the kernels, which read ids through ``order``). All three are
+                         None when no user-indexed tensor is given.
+        user_logit_bias: c [N, K]; user_A: A_u [N, r_u, d_in]; user_B: B_u [N, d_out, r_u];
+        user_router:     V [N, K, r_u].
+        expert_scale, user_scale: s_g, s_u.  top_k: None or an int in [1, K).
+        variant, config: overrides of :func:`forward_variant` / :func:`fwd_config` (tests).
+
+    h, z, g are float32 (h ungated); rows of z for user -1 are zero. Mutates nothing.
+    """
+    del seg_offsets
+    if x.dtype == torch.float64 or x.dtype not in _TL_DTYPES:
+        return mixture_fwd_ref(x, weight, bias, expert_A, expert_B, router_weight, user_ids,
+                               user_logit_bias, user_A, user_B, user_router, expert_scale,
+                               user_scale, top_k, d_out)
+    x = x.contiguous()
+    T, d_in = x.shape
+    dev = x.device
+    f32 = torch.float32
+    has_e = expert_A is not None
+    K, r = (expert_A.shape[0], expert_A.shape[1]) if has_e else (0, 0)
+    KR = K * r
+    r_u = user_A.shape[1] if user_A is not None else 0
+    has_users = order is not None and user_ids is not None
+    if not has_users:  # without ids no user term can apply
+        user_A = user_B = user_logit_bias = user_router = None
+        r_u_out = r_u
+        r_u = 0
+    else:
+        r_u_out = r_u
+    if top_k is not None and (not has_e or top_k >= K):
+        top_k = None
+
+    params = [t for t in (weight, bias, expert_A, expert_B, router_weight, user_logit_bias,
+                          user_A, user_B, user_router) if t is not None]
+    same = all(t.dtype == x.dtype for t in params)
+    if variant is None:
+        variant = forward_variant(T, d_in, d_out, has_weight=weight is not None, dtype=x.dtype,
+                                  same_dtypes=same, rank=KR + r_u)
+    if weight is None:
+        variant = "mixture"
+    elif variant == "mixture":
+        raise ValueError("variant='mixture' needs weight=None")
+    cfg = config or fwd_config(T, d_in, d_out, KR + r_u, variant)
+    dot_dtype = _TL_DTYPES[x.dtype] if same else tl.float32
+    precision = "ieee" if dot_dtype == tl.float32 else "tf32"
+
+    y = torch.empty(T, d_out, device=dev, dtype=x.dtype)
+    g = torch.empty(T, K, device=dev, dtype=f32)
+    z_out = None
+    if T == 0:
+        return y, x.new_empty(0, KR, dtype=f32), x.new_empty(0, r_u_out, dtype=f32), g
+    atomic = cfg.split_k > 1
+    alloc = torch.zeros if atomic else torch.empty
+    h = alloc(T, KR, device=dev, dtype=f32)
+    z = alloc(T, r_u, device=dev, dtype=f32) if r_u else None
+    lg = alloc(T, K, device=dev, dtype=f32) if router_weight is not None else None
+    if r_u == 0:
+        z_out = torch.zeros(T, r_u_out, device=dev, dtype=f32)
+
+    KR_PAD, K_PAD, RU_PAD = _pad16(KR), _pad16(K), _pad16(r_u)
+    A_cat = expert_A.reshape(KR, d_in) if has_e else None
+    dummy = x  # never dereferenced: its flag is off
+    order_t = order if has_users else dummy
+    uid_t = user_ids if has_users else dummy
+    interp = _interpret()
+
+    # Shrink: only when something reads x in rank space.
+    if has_e or r_u:
+        bk = cfg.shrink_block_k
+        k_per_split = triton.cdiv(triton.cdiv(d_in, cfg.split_k), bk) * bk
+        split = triton.cdiv(d_in, k_per_split) if d_in else 1
+        if split > 1 and not atomic:
+            raise ValueError("config.split_k > 1 needs zeroed buffers: set through fwd_config")
+        grid = (triton.cdiv(T, cfg.block_m), split)
+        _mixture_shrink_kernel[grid](
+            x, A_cat if has_e else dummy, router_weight if router_weight is not None else dummy,
+            user_A if r_u else dummy, order_t, uid_t,
+            h if has_e else dummy, lg if lg is not None else dummy, z if r_u else dummy,
+            T, d_in, k_per_split,
+            *x.stride(), *_strides(A_cat, 2), *_strides(router_weight, 2), *_strides(user_A if r_u else None, 3),
+            h.stride(0) if has_e else 0, lg.stride(0) if lg is not None else 0, z.stride(0) if r_u else 0,
+            KR=KR, K=K, RU=r_u, KR_PAD=KR_PAD, K_PAD=K_PAD, RU_PAD=RU_PAD,
+            HAS_EXPERTS=has_e, HAS_ROUTER=router_weight is not None, HAS_USER_A=r_u > 0,
+            HAS_USERS=has_users, ATOMIC=atomic, DOT_DTYPE=dot_dtype, PRECISION=precision,
+            BLOCK_M=cfg.block_m, BLOCK_K=bk,
+            **({} if interp else dict(num_warps=cfg.shrink_warps, num_stages=cfg.shrink_stages)),
+        )
+
+    # Expand (+ base).
+    fused = variant == "fused"
+    add_y = variant == "standalone"
+    if add_y:
+        if same:
+            y = torch.nn.functional.linear(x, weight, bias)
+        else:
+            y = torch.nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+    n_pid = triton.cdiv(T, cfg.block_m) * triton.cdiv(d_out, cfg.block_n)
+    if n_pid > 0:
+        grid = (n_pid,)
+        _mixture_expand_kernel[grid](
+            x, weight if fused else dummy, bias if (bias is not None and not add_y) else dummy, y,
+            h if has_e else dummy, lg if lg is not None else dummy, z if r_u else dummy, g if has_e else dummy,
+            expert_B if has_e else dummy, user_B if user_B is not None else dummy,
+            user_logit_bias if user_logit_bias is not None else dummy,
+            user_router if user_router is not None else dummy,
+            order_t, uid_t,
+            T, d_in, d_out, float(expert_scale), float(user_scale),
+            *x.stride(), *_strides(weight if fused else None, 2), *y.stride(),
+            h.stride(0) if has_e else 0, lg.stride(0) if lg is not None else 0,
+            z.stride(0) if r_u else 0, g.stride(0) if has_e else 0,
+            *_strides(expert_B, 3), *_strides(user_B, 3), *_strides(user_logit_bias, 2),
+            *_strides(user_router, 3),
+            R=max(r, 1), KR=KR, K=K, RU=r_u, KR_PAD=KR_PAD, K_PAD=K_PAD, RU_PAD=RU_PAD,
+            TOP_K=top_k or 0,
+            HAS_W=fused, HAS_BIAS=bias is not None and not add_y, ADD_Y=add_y,
+            HAS_EXPERTS=has_e, HAS_ROUTER=router_weight is not None,
+            HAS_USER_BIAS=user_logit_bias is not None and has_e, HAS_USER_B=r_u > 0,
+            HAS_USER_ROUTER=user_router is not None and has_e, HAS_USERS=has_users,
+            DOT_DTYPE=dot_dtype, PRECISION=precision,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            **({} if interp else dict(num_warps=cfg.expand_warps, num_stages=cfg.expand_stages)),
+        )
+    return y, h, (z if r_u else z_out), g
