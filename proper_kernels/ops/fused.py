@@ -116,9 +116,10 @@ def mixture_bwd_op(
     user_scale: float,
     needs: List[bool],
 ) -> List[Tensor]:
-    """The 10 gradients (dx, dW0, db, dA_g, dB_g, dW_r, dc, dA_u, dB_u, dV) in the
-    compute dtype; an entry not needed (or whose parameter is absent) is an empty
-    tensor of shape [0]."""
+    """The 10 gradients (dx, dW0, db, dA_g, dB_g, dW_r, dc, dA_u, dB_u, dV): dx in
+    x.dtype (its only consumer casts it there anyway; the kernel writes it once, with
+    no [T, d_in] fp32 temporary), the others in the compute dtype; an entry not needed
+    (or whose parameter is absent) is an empty tensor of shape [0]."""
     with _nvtx("proper_kernels::mixture_bwd"):
         if _use_triton(x):
             from ..triton.mixture_bwd import mixture_bwd
@@ -126,14 +127,18 @@ def mixture_bwd_op(
             grads = mixture_bwd(
                 dy, x, h, z, g, weight, expert_A, expert_B, router_weight, user_ids, order,
                 seg_offsets, user_A, user_B, user_router, expert_scale, user_scale, tuple(needs),
+                dx_dtype=x.dtype,
             )
         else:
             grads = mixture_bwd_ref(
                 dy, x, h, z, g, weight, expert_A, expert_B, router_weight, user_ids, user_A,
                 user_B, user_router, expert_scale, user_scale, tuple(needs),
             )
-    empty = x.new_empty(0, dtype=compute_dtype(x.dtype))
-    return [gr.contiguous() if gr is not None else empty for gr in grads]
+    # One fresh empty per absent entry: a custom op's outputs may not alias each other.
+    cd = compute_dtype(x.dtype)
+    out = [gr.contiguous() if gr is not None else x.new_empty(0, dtype=cd) for gr in grads]
+    out[0] = out[0].to(x.dtype)
+    return out
 
 
 def _grad_shapes(x, weight, expert_A, router_weight, user_A, user_B, user_router, d_out, N, K):
@@ -161,8 +166,9 @@ def _(dy, x, h, z, g, weight, expert_A, expert_B, router_weight, user_ids, order
     N = seg_offsets.shape[0] - 2 if seg_offsets is not None else None
     shapes = _grad_shapes(x, weight, expert_A, router_weight, user_A, user_B, user_router, d_out, N, K)
     out = []
-    for need, shape, applies in zip(needs, shapes, _applies(weight, expert_A, router_weight, user_A, user_router, K)):
-        out.append(x.new_empty(shape if (need and applies and shape is not None) else (0,), dtype=cd))
+    for i, (need, shape, applies) in enumerate(zip(needs, shapes, _applies(weight, expert_A, router_weight, user_A, user_router, K))):
+        dt = x.dtype if i == 0 else cd  # dx comes back in x.dtype
+        out.append(x.new_empty(shape if (need and applies and shape is not None) else (0,), dtype=dt))
     return out
 
 
@@ -192,6 +198,10 @@ class LoraMixtureFunction(torch.autograd.Function):
         dc_u = sum_{t in u} dl_t                dz_t = s_u B_u^T dy_t + V_u^T dl_t
         dV_u = sum_{t in u} dl_t z_t^T          dA_u = sum_{t in u} dz_t x_t^T
         dx_t = W0^T dy_t + A_cat^T dh_t + W_r^T dl_t + A_u^T dz_t
+
+    With top_k, g_t is 0 off the kept set, so dl_t is 0 there too (the dropped logits
+    get no gradient) and the same formulas hold. dx_t includes W0^T dy_t even when W0
+    is frozen. The op returns dx in x.dtype and the rest in fp32 (fp64 for fp64 x).
 
     The per-user bias c = W_e E^T is an input like any other, so dE and dW_e follow
     from dc through autograd outside this Function. Inputs with requires_grad False
