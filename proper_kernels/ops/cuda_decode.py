@@ -1,0 +1,337 @@
+"""CUDA decode path of the PROPER LoRA mixture (extension ``proper_kernels._C``).
+
+Semantics, per token t of user u = u(t) (u = -1: no user, its terms are zero)::
+
+    z_t = A_u x_t                          l_t = W_r x_t + c_u + V_u z_t
+    g_t = softmax(top_k(l_t))              y_t = W0 x_t + b + s_g sum_k g_tk B_k A_k x_t + s_u B_u z_t
+
+The base ``x W0^T + b`` is computed by torch (cuBLAS) into the output, then one call of
+the extension (two kernels: shrink, then gates + expand; see
+csrc/lora_mixture_decode.cu) adds the adapter delta into it. Forward only, meant for
+decode batches of a few to a few hundred tokens; :func:`decode_threshold` says up to
+which T it is preferred over the Triton path.
+
+This module imports without a GPU and without the extension: :func:`available` then
+returns False and :func:`lora_mixture_decode_cuda` raises RuntimeError. Every
+argument is checked in Python (:func:`check_decode_args`) before any pointer reaches
+CUDA.
+"""
+from __future__ import annotations
+
+import importlib
+import numbers
+import os
+from typing import List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .validate import check_mixture_args
+
+__all__ = [
+    "available", "built_archs", "unavailable_reason", "decode_threshold", "prefers_cuda_decode",
+    "check_decode_args", "lora_mixture_decode_cuda", "MAX_TOKENS", "MAX_EXPERTS", "MAX_RANK_TOTAL",
+]
+
+# Limits of the kernel; they mirror csrc/lora_mixture_decode.h, which re-checks them.
+MAX_TOKENS = 4096  # T
+MAX_EXPERTS = 64  # K
+MAX_RANK_TOTAL = 1024  # K*r + r_u + K (the router rows, when router_weight is given)
+
+# The one place that says for which T the CUDA decode kernel is preferred over the
+# Triton kernels. Not measured yet (no GPU where this was written): a conservative
+# guess, to be set from `python benchmarks/run.py` on H100/A100. Env override:
+# PROPER_KERNELS_CUDA_DECODE_MAX_T.
+_DEFAULT_DECODE_MAX_T = 16
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+_ext = None
+_ext_error: Optional[str] = None
+_ext_tried = False
+
+
+def _load():
+    global _ext, _ext_error, _ext_tried
+    if not _ext_tried:
+        _ext_tried = True
+        try:
+            _ext = importlib.import_module("proper_kernels._C")
+        except (ImportError, OSError) as exc:
+            _ext_error = f"{type(exc).__name__}: {exc}"
+    return _ext
+
+
+def available() -> bool:
+    """True when the extension ``proper_kernels._C`` is built and importable.
+
+    It says nothing about a GPU being present: callers also need CUDA tensors."""
+    return _load() is not None
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why :func:`available` is False (None when it is True)."""
+    if _load() is not None:
+        return None
+    return ("the CUDA extension proper_kernels._C is not built (needs nvcc and pybind11 at "
+            "install time: `pip install --no-build-isolation -e .`; see python/build_cuda.py); "
+            f"import error: {_ext_error}")
+
+
+def built_archs() -> List[str]:
+    """Architectures compiled into the extension, e.g. ['sm_80', 'sm_90', 'compute_90'];
+    [] without the extension."""
+    ext = _load()
+    return list(ext.built_archs()) if ext is not None else []
+
+
+def decode_threshold() -> int:
+    """Largest T (tokens per call) for which the CUDA decode kernel is preferred.
+
+    Default 16 (a conservative guess until benchmarks/run.py measures the crossover);
+    PROPER_KERNELS_CUDA_DECODE_MAX_T overrides it."""
+    env = os.environ.get("PROPER_KERNELS_CUDA_DECODE_MAX_T")
+    if env:
+        try:
+            return max(0, min(int(env), MAX_TOKENS))
+        except ValueError:
+            pass
+    return _DEFAULT_DECODE_MAX_T
+
+
+def prefers_cuda_decode(T: int) -> bool:
+    """Whether a dispatcher should send a batch of T tokens to this path."""
+    return available() and 1 <= T <= decode_threshold()
+
+
+def _fmt(t: Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def check_decode_args(
+    x,
+    weight,
+    bias,
+    *,
+    expert_A=None,
+    expert_B=None,
+    expert_scale=1.0,
+    router_weight=None,
+    user_ids=None,
+    user_logit_bias=None,
+    user_A=None,
+    user_B=None,
+    user_scale=1.0,
+    user_router=None,
+    top_k=None,
+    out=None,
+    require_cuda: bool = True,
+):
+    """Validate every argument of :func:`lora_mixture_decode_cuda` (no CUDA call).
+
+    Shapes, ranks and the user-id range go through the shared
+    :func:`proper_kernels.ops.validate.check_mixture_args`; on top of it the decode
+    path requires: x 2-D [T, d_in] with T in [1, MAX_TOKENS]; dtype float16, bfloat16
+    or float32, the same for every floating tensor; every tensor contiguous; all on
+    one CUDA device (``require_cuda=False`` lets tests run the checks on CPU);
+    K <= MAX_EXPERTS, K*r + r_u (+ K with a router) <= MAX_RANK_TOTAL; real scales;
+    ``out`` [T, d_out] of x's dtype, not overlapping any input. Returns the
+    MixtureSpec. Raises TypeError / ValueError naming the argument.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor [T, d_in], got {type(x).__name__}")
+    if x.dtype not in _DTYPE_CODES:
+        raise TypeError(f"x must be float16, bfloat16 or float32 [T, d_in], got dtype {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [T, d_in] (flatten leading dims first), got shape {_fmt(x)}")
+    T, d_in = x.shape
+    if not 1 <= T <= MAX_TOKENS:
+        raise ValueError(f"x must have T in [1, {MAX_TOKENS}] tokens (shape [T, d_in]), got T = {T}")
+    if d_in < 1:
+        raise ValueError(f"x must have d_in >= 1 (shape [T, d_in]), got shape {_fmt(x)}")
+    for name, s in (("expert_scale", expert_scale), ("user_scale", user_scale)):
+        if isinstance(s, bool) or not isinstance(s, numbers.Real):
+            raise TypeError(f"{name} must be a real number (python float), got {type(s).__name__}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)):
+        raise TypeError(f"top_k must be an int in [1, K] or None, got {type(top_k).__name__}")
+
+    spec = check_mixture_args(
+        x, weight, bias, expert_A=expert_A, expert_B=expert_B, router_weight=router_weight,
+        user_ids=user_ids, user_logit_bias=user_logit_bias, user_A=user_A, user_B=user_B,
+        user_router=user_router, top_k=top_k,
+    )
+
+    shapes = {
+        "weight": "[d_out, d_in]", "bias": "[d_out]", "expert_A": "[K, r, d_in]",
+        "expert_B": "[K, d_out, r]", "router_weight": "[K, d_in]", "user_logit_bias": "[N, K]",
+        "user_A": "[N, r_u, d_in]", "user_B": "[N, d_out, r_u]", "user_router": "[N, K, r_u]",
+    }
+    tensors = {
+        "weight": weight, "bias": bias, "expert_A": expert_A, "expert_B": expert_B,
+        "router_weight": router_weight, "user_logit_bias": user_logit_bias, "user_A": user_A,
+        "user_B": user_B, "user_router": user_router,
+    }
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} {shapes[name]} must have x's dtype {x.dtype}, got {t.dtype}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} {shapes[name]} must be contiguous (call .contiguous())")
+    if not x.is_contiguous():
+        raise ValueError("x [T, d_in] must be contiguous (call .contiguous())")
+    if user_ids is not None:
+        if user_ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"user_ids must be int32 or int64 [T], got dtype {user_ids.dtype}")
+
+    if require_cuda:
+        if x.device.type != "cuda":
+            raise ValueError(f"x must be a CUDA tensor for the CUDA decode kernel, got device {x.device}")
+        # check_mixture_args already required every tensor to be on x's device.
+
+    if spec.K > MAX_EXPERTS:
+        raise ValueError(f"expert_A [K, r, d_in]: the CUDA decode kernel supports K <= {MAX_EXPERTS}, got K = {spec.K}")
+    rank_total = spec.K * spec.r + spec.r_u + (spec.K if router_weight is not None else 0)
+    if rank_total > MAX_RANK_TOTAL:
+        raise ValueError(
+            f"K*r + r_u + K(router) = {rank_total} exceeds the CUDA decode kernel's limit of "
+            f"{MAX_RANK_TOTAL} (expert_A {_fmt(expert_A) if expert_A is not None else None}, "
+            f"user_A {_fmt(user_A) if user_A is not None else None})"
+        )
+
+    if out is not None:
+        if not isinstance(out, Tensor):
+            raise TypeError(f"out must be a torch.Tensor [T, d_out] = [{T}, {spec.d_out}], got {type(out).__name__}")
+        if tuple(out.shape) != (T, spec.d_out):
+            raise ValueError(f"out must have shape [T, d_out] = [{T}, {spec.d_out}], got {_fmt(out)}")
+        if out.dtype != x.dtype:
+            raise TypeError(f"out [T, d_out] must have x's dtype {x.dtype}, got {out.dtype}")
+        if out.device != x.device:
+            raise ValueError(f"out is on {out.device} but x is on {x.device}")
+        if not out.is_contiguous():
+            raise ValueError("out [T, d_out] must be contiguous")
+        for name, t in dict(tensors, x=x, user_ids=user_ids).items():
+            if t is not None and _overlaps(out, t):
+                raise ValueError(f"out must not overlap {name} (the kernel reads it while writing out)")
+    return spec
+
+
+def _overlaps(a: Tensor, b: Tensor) -> bool:
+    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    a1 = a0 + a.numel() * a.element_size()
+    b1 = b0 + b.numel() * b.element_size()
+    return a0 < b1 and b0 < a1
+
+
+def _ptr(t: Optional[Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def lora_mixture_decode_cuda(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor] = None,
+    *,
+    expert_A: Optional[Tensor] = None,
+    expert_B: Optional[Tensor] = None,
+    expert_scale: float = 1.0,
+    router_weight: Optional[Tensor] = None,
+    user_ids: Optional[Tensor] = None,
+    user_logit_bias: Optional[Tensor] = None,
+    user_A: Optional[Tensor] = None,
+    user_B: Optional[Tensor] = None,
+    user_scale: float = 1.0,
+    user_router: Optional[Tensor] = None,
+    top_k: Optional[int] = None,
+    out: Optional[Tensor] = None,
+    return_gates: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Optional[Tensor]]]:
+    """y = x W0^T + b + s_g sum_k g_k B_k A_k x + s_u B_u A_u x, decode forward on CUDA.
+
+    Args (all floating tensors share x's dtype: float16, bfloat16 or float32; all
+    contiguous, on x's CUDA device; every optional part may be None):
+        x: [T, d_in], 1 <= T <= MAX_TOKENS.
+        weight: W0 [d_out, d_in] or None; bias: b [d_out] or None.
+        expert_A: [K, r, d_in]; expert_B: [K, d_out, r]; expert_scale: s_g (float).
+        router_weight: W_r [K, d_in]. Without any router input the gates are uniform.
+        user_ids: int32/int64 [T], values in [-1, N); -1 = no user.
+        user_logit_bias: c [N, K]; user_A: [N, r_u, d_in]; user_B: [N, d_out, r_u];
+        user_scale: s_u (float); user_router: V [N, K, r_u].
+        top_k: None (dense softmax) or an int in [1, K]: softmax over the top_k largest
+            logits, the others 0 (ties: lower expert index wins).
+        out: optional preallocated y [T, d_out] (x's dtype); it is overwritten.
+        return_gates: also return the gates.
+
+    Returns:
+        y [T, d_out] in x.dtype; with return_gates, (y, gates [T, K] float32 or None
+        when there are no experts).
+
+    Mutates only ``out`` (when given). Forward only: raises ValueError when autograd
+    would need a graph (call under torch.no_grad() / inference_mode()). Validating
+    user_ids costs one host sync. Accumulation is fp32; the base GEMM runs in x's
+    dtype through torch, the adapter delta is added to it in fp32 and rounded once.
+    """
+    ext = _load()
+    if ext is None:
+        raise RuntimeError("lora_mixture_decode_cuda: " + unavailable_reason())
+    spec = check_decode_args(
+        x, weight, bias, expert_A=expert_A, expert_B=expert_B, expert_scale=expert_scale,
+        router_weight=router_weight, user_ids=user_ids, user_logit_bias=user_logit_bias,
+        user_A=user_A, user_B=user_B, user_scale=user_scale, user_router=user_router,
+        top_k=top_k, out=out, require_cuda=True,
+    )
+    if torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad
+        for t in (x, weight, bias, expert_A, expert_B, router_weight, user_logit_bias, user_A, user_B, user_router)
+    ):
+        raise ValueError("lora_mixture_decode_cuda is forward-only: an input requires grad; "
+                         "call it under torch.no_grad() or use proper_kernels.lora_mixture")
+
+    T, d_in = x.shape
+    d_out, K, r, r_u = spec.d_out, spec.K, spec.r, spec.r_u
+    N = spec.N or 0
+    device = x.device
+    dev_index = device.index if device.index is not None else torch.cuda.current_device()
+
+    with torch.cuda.device(device):
+        # Base part through cuBLAS, in x's dtype; the kernel then adds into it.
+        y = out if out is not None else torch.empty(T, d_out, dtype=x.dtype, device=device)
+        y_in = 0
+        if weight is not None:
+            if bias is not None:
+                torch.addmm(bias, x, weight.t(), out=y)
+            else:
+                torch.mm(x, weight.t(), out=y)
+            y_in = y.data_ptr()
+        elif bias is not None:
+            y.copy_(bias.expand(T, d_out))
+            y_in = y.data_ptr()
+        # else: out-of-place variant, the kernel writes delta (y_in = 0).
+
+        ids = None
+        if user_ids is not None and N > 0:
+            ids = user_ids.to(dtype=torch.int32).contiguous()
+        gates = None
+        if return_gates and K > 0:
+            gates = torch.empty(T, K, dtype=torch.float32, device=device)
+
+        has_router = router_weight is not None
+        ws_bytes = ext.workspace_bytes(dev_index, T, d_in, K, r, r_u, has_router)
+        ws = torch.empty(max(1, (ws_bytes + 3) // 4), dtype=torch.float32, device=device)
+        stream = torch.cuda.current_stream(device).cuda_stream
+
+        ext.lora_mixture_decode(
+            dtype=_DTYPE_CODES[x.dtype], device=dev_index, stream=stream,
+            T=T, d_in=d_in, d_out=d_out, K=K, r=r, top_k=(top_k if top_k is not None else K),
+            N=N, r_u=r_u, x=x.data_ptr(), y_in=y_in, y_out=y.data_ptr(),
+            expert_A=_ptr(expert_A), expert_B=_ptr(expert_B), expert_scale=float(expert_scale),
+            router_weight=_ptr(router_weight), user_logit_bias=_ptr(user_logit_bias),
+            user_ids=_ptr(ids), user_A=_ptr(user_A), user_B=_ptr(user_B),
+            user_scale=float(user_scale), user_router=_ptr(user_router),
+            gates=_ptr(gates), workspace=ws.data_ptr(), workspace_bytes=ws_bytes,
+        )
+    if return_gates:
+        return y, gates
+    return y
