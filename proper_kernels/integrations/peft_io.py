@@ -1,0 +1,183 @@
+"""PEFT LoRA directories in and out of a :class:`ProperModel`.
+
+A PEFT LoRA directory is ``adapter_config.json`` + ``adapter_model.safetensors``
+with keys ``base_model.model.<module path>.lora_A.weight`` [r, d_in] and
+``...lora_B.weight`` [d_out, r]; the update is ``s B A x`` with s = lora_alpha / r
+(lora_alpha / sqrt(r) with use_rslora).
+
+Import (:func:`load_peft_adapter`): as the population LoRA (before it is merged) or
+as one user's adapter (A_u, B_u). Ranks must match; the scale is carried exactly
+(the population scale is set to PEFT's, a user's B is multiplied by s_peft / s_u).
+Layers that the PEFT adapter does not touch get B = 0 (no update). DoRA, per-module
+rank/alpha patterns, fan_in_fan_out and trained biases are refused.
+
+Export (:func:`export_peft_user`): one user's LoRA as a PEFT directory that plain
+``peft.PeftModel.from_pretrained(base, dir)`` loads. Only the user LoRA (plus,
+by default, the population LoRA, concatenated in rank so the adapter applies to the
+original base model) can be carried: the group experts are mixed by gates that
+depend on each token (W_r x_t + V_u A_u x_t) and a LoRA has no such gate, so the
+experts, the routers and the user embedding are *not* exported. The PEFT model
+therefore reproduces the ProperModel output with the experts switched off
+(``use_experts = False`` on every layer), not the full PROPER output.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from typing import TYPE_CHECKING, Dict, Optional
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .model import ProperModel
+
+__all__ = ["load_peft_adapter", "export_peft_user", "read_peft_dir"]
+
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+
+
+def read_peft_dir(peft_dir: str):
+    """(adapter_config dict, {module path: (A [r, d_in], B [d_out, r])})."""
+    cpath = os.path.join(peft_dir, "adapter_config.json")
+    if not os.path.isfile(cpath):
+        raise FileNotFoundError(f"{peft_dir} is not a PEFT adapter directory (no adapter_config.json)")
+    with open(cpath) as f:
+        cfg = json.load(f)
+    wpath = os.path.join(peft_dir, "adapter_model.safetensors")
+    if os.path.isfile(wpath):
+        from safetensors.torch import load_file
+
+        sd = load_file(wpath)
+    elif os.path.isfile(os.path.join(peft_dir, "adapter_model.bin")):
+        sd = torch.load(os.path.join(peft_dir, "adapter_model.bin"), map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{peft_dir}: no adapter_model.safetensors / adapter_model.bin")
+    pairs: Dict[str, Dict[str, Tensor]] = {}
+    for k, v in sd.items():
+        m = _KEY.match(k)
+        if m is None:
+            raise ValueError(f"{peft_dir}: tensor {k!r} is not a LoRA A/B weight (only plain LoRA adapters "
+                             "can be imported: no biases, embeddings or modules_to_save)")
+        pairs.setdefault(m["module"], {})[m["ab"]] = v
+    out = {}
+    for mod, d in pairs.items():
+        if set(d) != {"A", "B"}:
+            raise ValueError(f"{peft_dir}: module {mod!r} lacks lora_{'A' if 'A' not in d else 'B'}")
+        out[mod] = (d["A"], d["B"])
+    return cfg, out
+
+
+def _peft_scale(cfg: dict) -> float:
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"only LoRA adapters can be imported, got peft_type={cfg.get('peft_type')!r}")
+    for flag in ("use_dora", "fan_in_fan_out", "lora_bias"):
+        if cfg.get(flag):
+            raise ValueError(f"PEFT adapters with {flag}=True cannot be imported")
+    if cfg.get("bias", "none") != "none":
+        raise ValueError(f"PEFT adapters with bias={cfg['bias']!r} cannot be imported (bias='none' only)")
+    r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    for pat in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(pat):
+            raise ValueError(f"PEFT adapters with a per-module {pat} cannot be imported")
+    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+
+
+@torch.no_grad()
+def load_peft_adapter(pm: "ProperModel", peft_dir: str, *, user: Optional[int] = None) -> None:
+    """Import a PEFT LoRA as the population LoRA (``user=None``) or as user ``user``'s
+    adapter. Raises ValueError when the rank differs from population_rank/user_rank,
+    when the adapter touches a module that is not adapted here, or when the
+    population LoRA was already merged."""
+    cfg, pairs = read_peft_dir(peft_dir)
+    s_peft = _peft_scale(cfg)
+    r = int(cfg["r"])
+    layers = dict(pm.adapted_layers())
+    unknown = sorted(set(pairs) - set(layers))
+    if unknown:
+        raise ValueError(f"the PEFT adapter touches modules this ProperModel does not adapt: {unknown[:3]}"
+                         f"{' ...' if len(unknown) > 3 else ''} (targets: {list(pm.proper_config.target_modules)})")
+    pc = pm.proper_config
+    if user is None:
+        if pm.population_merged:
+            raise RuntimeError("the population LoRA is already merged: import a PEFT population LoRA before "
+                               "the group stage")
+        if r != pc.population_rank:
+            raise ValueError(f"PEFT adapter rank {r} != population_rank {pc.population_rank}: build the "
+                             f"ProperModel with ProperConfig(population_rank={r})")
+    else:
+        uid = pm._user_index([user]).item()
+        if r != pc.user_rank:
+            raise ValueError(f"PEFT adapter rank {r} != user_rank {pc.user_rank}: user adapters share one rank")
+    for name, layer in layers.items():
+        A, B = pairs.get(name, (None, None))
+        if A is not None and (tuple(A.shape) != (r, layer.in_features) or tuple(B.shape) != (layer.out_features, r)):
+            raise ValueError(f"{name}: PEFT shapes A{list(A.shape)} B{list(B.shape)} do not fit a "
+                             f"{layer.in_features}->{layer.out_features} linear at rank {r}")
+        if user is None:
+            if A is None:
+                layer.population_B.zero_()
+                continue
+            layer.population_A.copy_(A)
+            layer.population_B.copy_(B)
+            layer.population_scale = s_peft
+        else:
+            if A is None:
+                layer.user_B[uid].zero_()
+                continue
+            layer.user_A[uid] = A.to(layer.user_A.dtype)
+            ratio = s_peft / layer.user_scale
+            Bs = B if ratio == 1.0 else B.double() * ratio
+            layer.user_B[uid] = Bs.to(layer.user_B.dtype)
+    if user is None:
+        pc.population_alpha = s_peft * r  # so a save/load rebuilds the same scale
+
+
+@torch.no_grad()
+def export_peft_user(pm: "ProperModel", save_directory: str, user: int, *, include_population: bool = True) -> None:
+    """Write user ``user``'s LoRA (A_u, B_u of every adapted layer) as a PEFT LoRA dir.
+
+    The gates of the group experts depend on the token, which a LoRA cannot express,
+    so the experts, both routers and e_u are left out: ``PeftModel`` on the result
+    reproduces the ProperModel output *with the experts switched off*.
+
+    include_population: also carry the population LoRA (merged or not), concatenated
+        in rank (r = r_p + r_u, lora_alpha = r, B = [s_p B_p | s_u B_u]), so the
+        adapter applies to the original base model. Without it (or when there is no
+        population LoRA) the adapter is exactly (A_u, B_u) with r = user_rank,
+        lora_alpha = user_alpha, and applies to the base with the population merged.
+    """
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    pc = pm.proper_config
+    if not (pc.num_users and pc.user_rank):
+        raise ValueError("this ProperModel has no user adapters")
+    uid = pm._user_index([user]).item()
+    tensors = {}
+    r_out, alpha_out = pc.user_rank, pc.user_alpha
+    for name, layer in pm.adapted_layers():
+        A, B = layer.user_A[uid].detach(), layer.user_B[uid].detach()
+        pop = None
+        if include_population:
+            if name in pm._merged_population:
+                pop = pm._merged_population[name]
+            elif layer.population_A is not None:
+                pop = (layer.population_A.detach(), layer.population_B.detach())
+        if pop is not None:
+            Ap, Bp = pop
+            A = torch.cat([Ap.to(A.dtype), A], 0)
+            B = torch.cat([(layer.population_scale * Bp.double()).to(B.dtype),
+                           (layer.user_scale * B.double()).to(B.dtype)], 1)
+            r_out = A.shape[0]
+            alpha_out = float(r_out)  # scale 1: the scales are folded into B
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A.cpu().contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B.cpu().contiguous()
+    os.makedirs(save_directory, exist_ok=True)
+    name_or_path = getattr(getattr(pm.model, "config", None), "_name_or_path", None) or None
+    lcfg = LoraConfig(r=r_out, lora_alpha=alpha_out, target_modules=list(pm.layer_names), lora_dropout=0.0,
+                      bias="none", task_type="CAUSAL_LM", base_model_name_or_path=name_or_path)
+    lcfg.save_pretrained(save_directory)
+    save_file(tensors, os.path.join(save_directory, "adapter_model.safetensors"), metadata={"format": "pt"})
