@@ -1,0 +1,398 @@
+"""Tests of the CUDA decode kernel (csrc/, proper_kernels.ops.cuda_decode).
+
+* argument checks: on CPU, through check_decode_args (no CUDA call is ever made);
+* the build: `python python/build_cuda.py --check` compiles and imports the
+  extension (skipped without nvcc / pybind11);
+* the kernel: against a per-token fp32 loop of DESIGN.md section 1, for
+  bf16/fp16/fp32 and T in {1, 7, 64, 257}; skipped without a GPU or the extension.
+  Low precision must stay within a small multiple of the error the same-dtype torch
+  computation makes against the fp32 loop (STYLE.md).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from proper_kernels.ops import cuda_decode as cd
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_build_cuda():
+    spec = importlib.util.spec_from_file_location("build_cuda", os.path.join(ROOT, "python", "build_cuda.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# ---- reference: per-token loop, exactly the formula ---------------------------------
+
+
+def decode_loop_ref(x, weight, bias, *, expert_A=None, expert_B=None, expert_scale=1.0,
+                    router_weight=None, user_ids=None, user_logit_bias=None, user_A=None,
+                    user_B=None, user_scale=1.0, user_router=None, top_k=None, dtype=torch.float32):
+    """Every tensor cast to `dtype` and every op done in `dtype`: with float32 it is
+    the oracle; with x's dtype it is "the same computation in torch" of STYLE.md."""
+    c = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    x, weight, bias = c(x), c(weight), c(bias)
+    expert_A, expert_B, router_weight = c(expert_A), c(expert_B), c(router_weight)
+    user_logit_bias, user_A, user_B, user_router = c(user_logit_bias), c(user_A), c(user_B), c(user_router)
+    T = x.shape[0]
+    d_out = weight.shape[0] if weight is not None else (bias.shape[0] if bias is not None else
+                                                        (expert_B.shape[1] if expert_B is not None else user_B.shape[1]))
+    K = expert_A.shape[0] if expert_A is not None else 0
+    ys, gs = [], []
+    for t in range(T):
+        xt = x[t]
+        u = int(user_ids[t]) if user_ids is not None else -1
+        y = torch.zeros(d_out, dtype=dtype, device=x.device)
+        if weight is not None:
+            y = y + weight @ xt
+        if bias is not None:
+            y = y + bias
+        z = None
+        if u >= 0 and user_A is not None:
+            z = user_A[u] @ xt
+        if K:
+            logit = torch.zeros(K, dtype=torch.float32, device=x.device)
+            if router_weight is not None:
+                logit = logit + (router_weight @ xt).float()
+            if u >= 0 and user_logit_bias is not None:
+                logit = logit + user_logit_bias[u].float()
+            if u >= 0 and user_router is not None:
+                logit = logit + (user_router[u] @ z).float()
+            kk = K if top_k is None else top_k
+            keep = torch.zeros(K, dtype=torch.bool, device=x.device)
+            keep[logit.topk(kk).indices] = True
+            g = torch.softmax(logit.masked_fill(~keep, float("-inf")), dim=0)
+            gs.append(g)
+            for k in range(K):
+                y = y + expert_scale * g[k].to(dtype) * (expert_B[k] @ (expert_A[k] @ xt))
+        if z is not None:
+            y = y + user_scale * (user_B[u] @ z)
+        ys.append(y)
+    gates = torch.stack(gs) if K else None
+    return torch.stack(ys), gates
+
+
+def make_case(T=7, d_in=96, d_out=80, K=4, r=8, N=5, r_u=8, dtype=torch.float32, device="cpu",
+              users="distinct", router=True, user_bias=True, user_lora=True, user_router=True,
+              weight=True, bias=True, experts=True, top_k=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype=dtype, device=device)
+
+    kw = {}
+    x = rnd(T, d_in)
+    W = rnd(d_out, d_in, scale=d_in ** -0.5) if weight else None
+    b = rnd(d_out, scale=0.1) if bias else None
+    if experts:
+        kw.update(expert_A=rnd(K, r, d_in, scale=d_in ** -0.5), expert_B=rnd(K, d_out, r, scale=r ** -0.5),
+                  expert_scale=0.5, top_k=top_k)
+        if router:
+            kw["router_weight"] = rnd(K, d_in, scale=d_in ** -0.5)
+    has_users = user_lora or (experts and (user_bias or user_router))
+    if has_users:
+        if users == "distinct":
+            ids = torch.arange(T) % N
+        elif users == "identical":
+            ids = torch.full((T,), 2 % N)
+        elif users == "with_none":
+            ids = torch.arange(T) % (N + 1) - 1  # -1, 0, 1, ..., N-1, -1, ...
+        elif users == "all_none":
+            ids = torch.full((T,), -1)
+        else:
+            raise ValueError(users)
+        kw["user_ids"] = ids.to(device)
+        if experts and user_bias:
+            kw["user_logit_bias"] = rnd(N, K)
+        if user_lora:
+            kw.update(user_A=rnd(N, r_u, d_in, scale=d_in ** -0.5), user_B=rnd(N, d_out, r_u, scale=r_u ** -0.5),
+                      user_scale=2.0)
+            if experts and user_router:
+                kw["user_router"] = rnd(N, K, r_u)
+    return x, W, b, kw
+
+
+# ---- argument checks (CPU) -----------------------------------------------------------
+
+
+def _check(x, W, b, **kw):
+    return cd.check_decode_args(x, W, b, require_cuda=False, **kw)
+
+
+def test_check_accepts_valid_case():
+    x, W, b, kw = make_case(dtype=torch.bfloat16, top_k=2)
+    spec = _check(x, W, b, **kw)
+    assert (spec.T, spec.d_in, spec.d_out, spec.K, spec.r, spec.N, spec.r_u) == (7, 96, 80, 4, 8, 5, 8)
+
+
+@pytest.mark.parametrize("name,mutate,exc,match", [
+    ("x 3-D", lambda x, W, b, kw: (x.view(1, 7, 96), W, b, kw), ValueError, "x must be 2-D"),
+    ("x float64", lambda x, W, b, kw: (x.double(), W, b, kw), TypeError, "x must be float16"),
+    ("x int", lambda x, W, b, kw: (x.long(), W, b, kw), TypeError, "x must be float16"),
+    ("x not tensor", lambda x, W, b, kw: (x.tolist(), W, b, kw), TypeError, "x must be a torch.Tensor"),
+    ("x non-contiguous", lambda x, W, b, kw: (torch.empty(96, 7, dtype=x.dtype).t(), W, b, kw), ValueError, "x .* contiguous"),
+    ("T too large", lambda x, W, b, kw: (torch.zeros(cd.MAX_TOKENS + 1, 96, dtype=x.dtype), W, b,
+                                         dict(kw, user_ids=torch.zeros(cd.MAX_TOKENS + 1, dtype=torch.long))), ValueError, "T in"),
+    ("weight dtype", lambda x, W, b, kw: (x, W.half(), b, kw), TypeError, "weight .*dtype"),
+    ("weight shape", lambda x, W, b, kw: (x, W[:, :50], b, kw), ValueError, "weight"),
+    ("weight non-contiguous", lambda x, W, b, kw: (x, W.t().contiguous().t(), b, kw), ValueError, "weight .*contiguous"),
+    ("bias shape", lambda x, W, b, kw: (x, W, b[:3], kw), ValueError, "bias"),
+    ("expert_A dtype", lambda x, W, b, kw: (x, W, b, dict(kw, expert_A=kw["expert_A"].float())), TypeError, "expert_A"),
+    ("expert_B shape", lambda x, W, b, kw: (x, W, b, dict(kw, expert_B=kw["expert_B"][:, :, :4])), ValueError, "expert_B"),
+    ("expert_A alone", lambda x, W, b, kw: (x, W, b, dict(kw, expert_B=None)), ValueError, "expert_A"),
+    ("router shape", lambda x, W, b, kw: (x, W, b, dict(kw, router_weight=kw["router_weight"][:3])), ValueError, "router_weight"),
+    ("router dtype", lambda x, W, b, kw: (x, W, b, dict(kw, router_weight=kw["router_weight"].half())), TypeError, "router_weight"),
+    ("user_logit_bias shape", lambda x, W, b, kw: (x, W, b, dict(kw, user_logit_bias=kw["user_logit_bias"][:, :2])), ValueError, "user_logit_bias"),
+    ("user_A N mismatch", lambda x, W, b, kw: (x, W, b, dict(kw, user_A=kw["user_A"][:3])), ValueError, "user_A"),
+    ("user_B shape", lambda x, W, b, kw: (x, W, b, dict(kw, user_B=kw["user_B"][:, :10])), ValueError, "user_B"),
+    ("user_B non-contiguous", lambda x, W, b, kw: (x, W, b, dict(kw, user_B=kw["user_B"].transpose(1, 2).contiguous().transpose(1, 2))), ValueError, "user_B .*contiguous"),
+    ("user_router shape", lambda x, W, b, kw: (x, W, b, dict(kw, user_router=kw["user_router"][:, :, :4])), ValueError, "user_router"),
+    ("user_router without user_A", lambda x, W, b, kw: (x, W, b, dict(kw, user_A=None, user_B=None)), ValueError, "user_router"),
+    ("user_ids missing", lambda x, W, b, kw: (x, W, b, dict(kw, user_ids=None)), ValueError, "user_ids"),
+    ("user_ids float", lambda x, W, b, kw: (x, W, b, dict(kw, user_ids=kw["user_ids"].float())), TypeError, "user_ids"),
+    ("user_ids int16", lambda x, W, b, kw: (x, W, b, dict(kw, user_ids=kw["user_ids"].short())), TypeError, "user_ids"),
+    ("user_ids shape", lambda x, W, b, kw: (x, W, b, dict(kw, user_ids=kw["user_ids"][:3])), ValueError, "user_ids"),
+    ("user_ids too large", lambda x, W, b, kw: (x, W, b, dict(kw, user_ids=kw["user_ids"] + 5)), ValueError, "user_ids must lie in"),
+    ("user_ids below -1", lambda x, W, b, kw: (x, W, b, dict(kw, user_ids=kw["user_ids"] - 3)), ValueError, "user_ids must lie in"),
+    ("top_k zero", lambda x, W, b, kw: (x, W, b, dict(kw, top_k=0)), ValueError, "top_k"),
+    ("top_k > K", lambda x, W, b, kw: (x, W, b, dict(kw, top_k=5)), ValueError, "top_k"),
+    ("top_k float", lambda x, W, b, kw: (x, W, b, dict(kw, top_k=2.0)), TypeError, "top_k"),
+    ("scale tensor", lambda x, W, b, kw: (x, W, b, dict(kw, expert_scale=torch.tensor(1.0))), TypeError, "expert_scale"),
+    ("user_scale str", lambda x, W, b, kw: (x, W, b, dict(kw, user_scale="2")), TypeError, "user_scale"),
+    ("router without experts", lambda x, W, b, kw: (x, W, b, dict(kw, expert_A=None, expert_B=None, top_k=None, user_router=None, user_logit_bias=None)), ValueError, "router_weight"),
+    ("out shape", lambda x, W, b, kw: (x, W, b, dict(kw, out=torch.empty(7, 81, dtype=x.dtype))), ValueError, "out must have shape"),
+    ("out dtype", lambda x, W, b, kw: (x, W, b, dict(kw, out=torch.empty(7, 80))), TypeError, "out"),
+    ("out aliases x", lambda x, W, b, kw: (x, W, b, dict(kw, out=x.view(-1)[: 7 * 80].view(7, 80))), ValueError, "overlap x"),
+])
+def test_check_rejects(name, mutate, exc, match):
+    x, W, b, kw = make_case(dtype=torch.bfloat16, top_k=2)
+    x, W, b, kw = mutate(x, W, b, kw)
+    with pytest.raises(exc, match=match):
+        _check(x, W, b, **kw)
+
+
+def test_check_limits():
+    x, W, b, kw = make_case(dtype=torch.float16, K=65, r=1, user_lora=False, user_bias=False, router=False)
+    with pytest.raises(ValueError, match="K <= 64"):
+        _check(x, W, b, **kw)
+    x, W, b, kw = make_case(dtype=torch.float16, K=16, r=64, r_u=8)
+    with pytest.raises(ValueError, match="exceeds"):
+        _check(x, W, b, **kw)
+
+
+def test_check_requires_cuda_tensors():
+    x, W, b, kw = make_case(dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="CUDA tensor"):
+        cd.check_decode_args(x, W, b, require_cuda=True, **kw)
+
+
+@pytest.mark.skipif(cd.available(), reason="the extension is built here")
+def test_call_without_extension_raises_runtime_error():
+    x, W, b, kw = make_case(dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="not built"):
+        cd.lora_mixture_decode_cuda(x, W, b, **kw)
+    assert cd.built_archs() == []
+    assert isinstance(cd.unavailable_reason(), str)
+
+
+def test_threshold():
+    assert cd.decode_threshold() >= 1
+    os.environ["PROPER_KERNELS_CUDA_DECODE_MAX_T"] = "40"
+    try:
+        assert cd.decode_threshold() == 40
+    finally:
+        del os.environ["PROPER_KERNELS_CUDA_DECODE_MAX_T"]
+    assert cd.prefers_cuda_decode(1) == cd.available()
+    assert not cd.prefers_cuda_decode(10_000)
+
+
+@pytest.mark.parametrize("kw_case", [dict(), dict(users="with_none", top_k=2), dict(experts=False), dict(user_lora=False)])
+def test_loop_ref_matches_package_reference(kw_case):
+    """The test's own loop agrees with proper_kernels.reference (CPU, fp32)."""
+    from proper_kernels.reference import lora_mixture_ref
+
+    x, W, b, kw = make_case(**kw_case)
+    y_loop, g_loop = decode_loop_ref(x, W, b, **kw)
+    y_ref, g_ref = lora_mixture_ref(x, W, b, **kw)
+    torch.testing.assert_close(y_loop, y_ref, rtol=1e-5, atol=1e-5)
+    if g_ref is not None:
+        torch.testing.assert_close(g_loop, g_ref, rtol=1e-5, atol=1e-6)
+
+
+# ---- the build -----------------------------------------------------------------------
+
+
+def test_build_check_compiles():
+    bc = _load_build_cuda()
+    _, nvcc = bc.find_cuda_home()
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    pytest.importorskip("pybind11")
+    env = dict(os.environ)
+    env.pop("PROPER_KERNELS_SKIP_CUDA_BUILD", None)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "python", "build_cuda.py"), "--check"],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0 and "CHECK OK" in proc.stdout, proc.stdout + proc.stderr
+    assert "sm_80" in proc.stdout and "sm_90" in proc.stdout
+
+
+def test_build_skips_cleanly(monkeypatch, capsys):
+    bc = _load_build_cuda()
+    monkeypatch.setenv("PROPER_KERNELS_SKIP_CUDA_BUILD", "1")
+    assert bc.cuda_extensions(ROOT) == ([], {})
+    assert "PROPER_KERNELS_SKIP_CUDA_BUILD" in capsys.readouterr().err
+    monkeypatch.delenv("PROPER_KERNELS_SKIP_CUDA_BUILD")
+    monkeypatch.setitem(sys.modules, "pybind11", None)  # import pybind11 -> ImportError
+    exts, cmdclass = bc.cuda_extensions(ROOT)
+    err = capsys.readouterr().err
+    assert exts == [] and cmdclass == {}
+    assert "pybind11" in err or "nvcc" in err
+
+
+def test_arch_list_parsing():
+    bc = _load_build_cuda()
+    assert bc.parse_arch_list("8.0;9.0+PTX") == [("80", False), ("90", True)]
+    assert bc.parse_arch_list("sm_80, 90a") == [("80", False), ("90a", False)]
+    flags = bc.nvcc_arch_flags(bc.parse_arch_list(bc.DEFAULT_ARCH_LIST))
+    assert "-gencode=arch=compute_80,code=sm_80" in flags
+    assert "-gencode=arch=compute_90,code=[sm_90,compute_90]" in flags
+    with pytest.raises(ValueError):
+        bc.parse_arch_list("7.0")
+    with pytest.raises(ValueError):
+        bc.parse_arch_list("banana")
+
+
+# ---- the kernel on a GPU -------------------------------------------------------------
+
+needs_kernel = pytest.mark.skipif(
+    not (torch.cuda.is_available() and cd.available()),
+    reason="needs a CUDA device and the built extension proper_kernels._C",
+)
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def _assert_close_to_oracle(y, x, W, b, kw, name=""):
+    y_ref, g_ref = decode_loop_ref(x, W, b, dtype=torch.float32, **kw)
+    err = (y.float() - y_ref).abs().max().item()
+    scale = y_ref.abs().max().item() + 1e-6
+    if x.dtype == torch.float32:
+        assert err <= 1e-4 * scale + 1e-5, f"{name}: fp32 max err {err} (|y| max {scale})"
+    else:
+        y_same, _ = decode_loop_ref(x, W, b, dtype=x.dtype, **kw)
+        err_torch = (y_same.float() - y_ref).abs().max().item()
+        # one rounding of the output is the floor: half an ulp of the largest value
+        ulp = scale * (2 ** -8 if x.dtype == torch.bfloat16 else 2 ** -11)
+        assert err <= 2 * err_torch + ulp, f"{name}: err {err} vs same-dtype torch {err_torch}"
+    return g_ref
+
+
+@needs_kernel
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [1, 7, 64, 257])
+@pytest.mark.parametrize("users", ["distinct", "identical", "with_none"])
+def test_kernel_full_mixture(dtype, T, users):
+    x, W, b, kw = make_case(T=T, d_in=256, d_out=192, K=4, r=8, N=5, r_u=8, dtype=dtype,
+                            device="cuda", users=users, seed=T)
+    with torch.no_grad():
+        y, gates = cd.lora_mixture_decode_cuda(x, W, b, return_gates=True, **kw)
+    torch.cuda.synchronize()
+    assert y.dtype == dtype and y.shape == (T, 192)
+    g_ref = _assert_close_to_oracle(y, x, W, b, kw, f"{dtype} T={T} {users}")
+    assert gates.dtype == torch.float32 and gates.shape == (T, 4)
+    torch.testing.assert_close(gates, g_ref, rtol=1e-3, atol=1e-4 if dtype == torch.float32 else 2e-3)
+
+
+CONFIGS = {
+    "K=1": dict(K=1),
+    "top_k=2": dict(K=6, top_k=2),
+    "top_k=1": dict(K=3, top_k=1),
+    "no experts": dict(experts=False),
+    "no users": dict(user_lora=False, user_bias=False, user_router=False),
+    "uniform gates (no router input)": dict(router=False, user_bias=False, user_router=False),
+    "user bias only": dict(user_lora=False, user_router=False, router=False),
+    "all users -1": dict(users="all_none"),
+    "no base (out-of-place)": dict(weight=False, bias=False),
+    "bias only base": dict(weight=False),
+    "odd sizes (scalar path)": dict(d_in=111, d_out=99, r=3, r_u=5),
+    "8-byte vectors": dict(d_in=100, d_out=64, r=4, r_u=4),
+    "large d, K=8 r=16": dict(d_in=2048, d_out=1024, K=8, r=16, r_u=16, N=3),
+    "nothing but base": dict(experts=False, user_lora=False),
+}
+
+
+@needs_kernel
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [1, 7, 64, 257])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_kernel_configs(dtype, T, config):
+    x, W, b, kw = make_case(**dict(dict(T=T, d_in=128, d_out=160, dtype=dtype, device="cuda", seed=T), **CONFIGS[config]))
+    with torch.no_grad():
+        y, gates = cd.lora_mixture_decode_cuda(x, W, b, return_gates=True, **kw)
+    torch.cuda.synchronize()
+    g_ref = _assert_close_to_oracle(y, x, W, b, kw, f"{config} {dtype} T={T}")
+    if g_ref is None:
+        assert gates is None
+    else:
+        torch.testing.assert_close(gates, g_ref, rtol=1e-3, atol=2e-3)
+        if kw.get("top_k"):
+            assert ((gates > 0).sum(-1) == kw["top_k"]).all()
+
+
+@needs_kernel
+@pytest.mark.gpu
+def test_kernel_out_and_int32_ids_and_stream():
+    x, W, b, kw = make_case(T=19, d_in=256, d_out=128, dtype=torch.bfloat16, device="cuda", users="with_none")
+    kw["user_ids"] = kw["user_ids"].int()
+    out = torch.full((19, 128), float("nan"), dtype=torch.bfloat16, device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(s):
+        y = cd.lora_mixture_decode_cuda(x, W, b, out=out, **kw)
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    assert y.data_ptr() == out.data_ptr()
+    _assert_close_to_oracle(y, x, W, b, kw, "out=")
+
+
+@needs_kernel
+@pytest.mark.gpu
+def test_kernel_misaligned_views():
+    """A view at an odd element offset forces the scalar load path."""
+    x, W, b, kw = make_case(T=5, d_in=128, d_out=64, dtype=torch.float16, device="cuda")
+    buf = torch.randn(5 * 128 + 1, dtype=torch.float16, device="cuda")
+    x = buf[1:].view(5, 128)
+    with torch.no_grad():
+        y = cd.lora_mixture_decode_cuda(x, W, b, **kw)
+    torch.cuda.synchronize()
+    _assert_close_to_oracle(y, x, W, b, kw, "misaligned")
+
+
+@needs_kernel
+@pytest.mark.gpu
+def test_kernel_rejects_grad_and_cpu():
+    x, W, b, kw = make_case(T=3, dtype=torch.float32, device="cuda")
+    W.requires_grad_(True)
+    with pytest.raises(ValueError, match="forward-only"):
+        cd.lora_mixture_decode_cuda(x, W, b, **kw)
+    with pytest.raises(ValueError, match="device"):
+        cd.lora_mixture_decode_cuda(x, W.detach().cpu(), b, **kw)
+
+
+@needs_kernel
+@pytest.mark.gpu
+def test_extension_reports():
+    archs = cd.built_archs()
+    assert any(a.startswith("sm_") for a in archs)
+    ext = cd._load()
+    assert ext.MAX_TOKENS == cd.MAX_TOKENS and ext.MAX_EXPERTS == cd.MAX_EXPERTS
+    assert ext.MAX_RANK_TOTAL == cd.MAX_RANK_TOTAL
