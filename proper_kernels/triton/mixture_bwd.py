@@ -466,9 +466,8 @@ def mixture_bwd(
         if want_ag:
             dA_g = both[:KR].reshape(K, r, d_in)
         if want_wr:
-            dW_r = both[hi - lo - K:].contiguous()
-        if want_ag and want_wr:
-            dA_g = dA_g.contiguous()
+            # A copy (K x d_in, small) when dA_g shares ``both``: results may not alias.
+            dW_r = both[KR:].clone() if want_ag else both
 
     if n_x:
         base = _mm(dy, weight, gd, gd if dx_dtype == gd else cd) if weight is not None else None
