@@ -749,7 +749,18 @@ std::string decode_launch(const DecodeArgs& a) {
          ceil_div(a.d_out, int64_t{kThreads / G} * kOutPerThread) * tiles < 2 * sms)
     G *= 2;
   p.group = G;
-  const bool pdl = cc_major >= 9 && !pdl_disabled_by_env();
+  // PDL on sm_90+, except while the stream is being captured into a CUDA graph (the
+  // graph already removes the launch gap; a failed launch would poison the capture).
+  bool pdl = cc_major >= 9 && !pdl_disabled_by_env();
+  if (pdl) {
+    cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(stream, &cap) != cudaSuccess) {
+      cudaGetLastError();
+      pdl = false;
+    } else if (cap != cudaStreamCaptureStatusNone) {
+      pdl = false;
+    }
+  }
   p.prefetch = pdl ? 1 : 0;
 
   const dim3 grid1(static_cast<unsigned>(ceil_div(lay.R, int64_t{kWarps} * kRowsPerWarp)),

@@ -177,9 +177,10 @@ def cuda_extensions(repo_root: str, verbose: bool = True):
     except ImportError:
         return skip("setuptools is missing")
 
-    def rel(p):  # setuptools wants paths relative to setup.py's directory
-        return os.path.relpath(os.path.join(repo_root, p), os.getcwd()) \
-            if os.path.abspath(os.getcwd()) != os.path.abspath(repo_root) else p
+    def rel(p):  # relative when run from the repo root (as pip does), else absolute
+        if os.path.abspath(os.getcwd()) == os.path.abspath(repo_root):
+            return p
+        return os.path.join(os.path.abspath(repo_root), p)
 
     ext = Extension(
         EXT_NAME,
@@ -187,7 +188,7 @@ def cuda_extensions(repo_root: str, verbose: bool = True):
         include_dirs=[pybind11.get_include(), os.path.join(repo_root, "csrc")],
         library_dirs=[_cudart_static_dir(cuda_home)],
         libraries=["cudart_static", "dl", "rt", "pthread"],
-        extra_compile_args=["-std=c++17", "-O3", "-fvisibility=hidden"],
+        extra_compile_args=["-std=c++17", "-O3", "-g0", "-fvisibility=hidden"],
         language="c++",
     )
     if verbose:
