@@ -42,6 +42,8 @@ def report() -> dict:
 
         info["cuda_extension_built"] = cuda_decode.available()
         info["cuda_extension_archs"] = cuda_decode.built_archs()
+        if not info["cuda_extension_built"]:
+            info["cuda_extension_note"] = cuda_decode.unavailable_reason()
     except ImportError as exc:
         info["cuda_extension_built"] = False
         info["cuda_extension_archs"] = []
