@@ -97,7 +97,7 @@ def fwd_config(T: int, d_in: int, d_out: int, rank: int, variant: str) -> FwdCon
 
     H100 choices (not measured here; tune with python/ sweeps):
     * decode (T <= 256): BM = next pow2 of T in [16, 64]; the shrink splits d_in so
-      that m_tiles * SPLIT_K ~ 2 waves of 132 SMs (each slice >= one BK=64 step);
+      that m_tiles * SPLIT_K ~ 1-2 waves of 132 SMs (each slice >= one BK=32/64 step);
       the expand uses BN = 32/64 so cdiv(d_out, BN) * m_tiles >= 132.
     * prefill: shrink BM=64, BK=64, 8 warps when K r >= 128 (h acc is 64 x K r fp32);
       fused GEMM 128 x 128 x 64, 8 warps, 3 stages, GROUP_M=8 (the base GEMM
@@ -114,8 +114,11 @@ def fwd_config(T: int, d_in: int, d_out: int, rank: int, variant: str) -> FwdCon
     if decode:
         bm = min(64, max(16, triton.next_power_of_2(T)))
         m_tiles = triton.cdiv(T, bm)
-        bk = 64
         want = max(1, (2 * _NUM_SMS_H100) // m_tiles)
+        # BK=64 slices when d_in has enough of them, else BK=32 (d=4096, T=64: 128
+        # slices of 32 -> 128 CTAs, each reading a 32-wide column block of every
+        # adapter once).
+        bk = 64 if triton.cdiv(d_in, 64) * m_tiles >= _NUM_SMS_H100 else 32
         split = max(1, min(triton.cdiv(d_in, bk), want))
         bn = 64 if m_tiles * triton.cdiv(d_out, 64) >= _NUM_SMS_H100 else 32
         bk_base = 128 if variant == "fused" else 64
