@@ -346,6 +346,19 @@ class ProperModel(nn.Module):
             gc = getattr(m, "is_gradient_checkpointing", False)
         return bool(gc) and m.training and torch.is_grad_enabled()
 
+    @torch.compiler.disable
+    def _prepare_routing(self, input_ids, user_ids, kwargs) -> None:
+        # Checks (host syncs) and plan building stay out of any torch.compile graph;
+        # the plan of the full-sequence shape is built here, once, for all layers.
+        B, dev = self._batch_and_device(input_ids, kwargs)
+        ids = self._check_user_ids(user_ids, B, dev)
+        routing = None
+        if ids is not None:
+            routing = UserRouting(ids, self.num_users)
+            ref = input_ids if input_ids is not None else kwargs["inputs_embeds"][..., 0]
+            routing.for_input(ref.new_empty(*ref.shape, 0))
+        self._set_routing(routing)
+
     # ------------------------------------------------------------------ forward
     def aux_loss(self, attention_mask: Optional[Tensor] = None) -> Tensor:
         """balance_weight * mean_layers balance(last gates) + diversity_weight *
@@ -379,10 +392,7 @@ class ProperModel(nn.Module):
         -1 = no user). In the group stage (and the user stage if
         ``aux_in_user_stage``) the auxiliary losses are added to ``.loss`` when
         labels are given. Other kwargs go to the wrapped model."""
-        B, dev = self._batch_and_device(input_ids, kwargs)
-        ids = self._check_user_ids(user_ids, B, dev)
-        routing = UserRouting(ids, self.num_users) if ids is not None else None
-        self._set_routing(routing)
+        self._prepare_routing(input_ids, user_ids, kwargs)
         keep = False
         try:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
@@ -413,7 +423,7 @@ class ProperModel(nn.Module):
             gc = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
             beams = kwargs.get("num_beams", getattr(gc, "num_beams", 1) or 1)
             nret = kwargs.get("num_return_sequences", getattr(gc, "num_return_sequences", 1) or 1)
-            expand = max(int(beams), 1) * max(int(nret), 1)
+            expand = max(int(beams), int(nret), 1)  # as GenerationMixin expands the inputs
             if expand > 1:
                 ids = ids.repeat_interleave(expand)
             routing = UserRouting(ids, self.num_users)
