@@ -86,6 +86,7 @@ class FwdConfig(NamedTuple):
     group_m: int  # grouped program order of the expand (L2 reuse of W0 / B tiles)
     expand_warps: int
     expand_stages: int
+    shrink_block_m: int = 0  # token tile of the shrink; 0 = block_m
 
 
 def fwd_config(T: int, d_in: int, d_out: int, rank: int, variant: str) -> FwdConfig:
@@ -125,7 +126,8 @@ def fwd_config(T: int, d_in: int, d_out: int, rank: int, variant: str) -> FwdCon
         return FwdConfig(regime, bm, bk, split, 4, 3, bn, bk_base, 1, 4, 4)
     shrink_warps = 8 if rank >= 128 else 4
     if variant == "fused":
-        return FwdConfig(regime, 128, 64, 1, shrink_warps, 3, 128, 64, 8, 8, 3)
+        # The shrink keeps a 64-row tile (its h accumulator is BM x K r fp32).
+        return FwdConfig(regime, 128, 64, 1, shrink_warps, 3, 128, 64, 8, 8, 3, 64)
     return FwdConfig(regime, 64, 64, 1, shrink_warps, 3, 128, 64, 8, 4, 3)
 
 
@@ -185,23 +187,65 @@ def _next_user(uid, row_ok, u):
 
 
 @triton.jit
+def _gates(lg, z, uid, row_ok, u_first, u_last, c_ptr, v_ptr,
+           stride_cn, stride_ck, stride_vn, stride_vk, stride_vr,
+           K: tl.constexpr, RU: tl.constexpr, K_PAD: tl.constexpr, RU_PAD: tl.constexpr,
+           TOP_K: tl.constexpr, HAS_USER_BIAS: tl.constexpr, HAS_USER_ROUTER: tl.constexpr,
+           BLOCK_M: tl.constexpr):
+    """g [BM, K_PAD] from the router logits lg = W_r x: adds c_u and V_u z (one V_u
+    block per user of the tile), then top_k / softmax in registers."""
+    offs_e = tl.arange(0, K_PAD)
+    offs_ru = tl.arange(0, RU_PAD)
+    e_ok = offs_e[None, :] < K
+    if HAS_USER_BIAS:
+        has_u = row_ok & (uid >= 0)
+        lg += tl.load(c_ptr + tl.maximum(uid, 0).to(tl.int64)[:, None] * stride_cn + offs_e[None, :] * stride_ck,
+                      mask=has_u[:, None] & e_ok, other=0.0).to(tl.float32)
+    if HAS_USER_ROUTER:
+        u = u_first
+        while u <= u_last:
+            vt = tl.load(v_ptr + u.to(tl.int64) * stride_vn + offs_e[None, :] * stride_vk
+                         + offs_ru[:, None] * stride_vr,
+                         mask=e_ok & (offs_ru[:, None] < RU), other=0.0).to(tl.float32)
+            part = tl.dot(z, vt, input_precision="ieee")
+            lg += tl.where((uid == u)[:, None], part, 0.0)
+            u = _next_user(uid, row_ok, u)
+    return _softmax_gates(lg, e_ok, offs_e, BLOCK_M, K_PAD, TOP_K)
+
+
+@triton.jit
+def _repeat_gates(g, R: tl.constexpr, K_PAD: tl.constexpr, KR_PAD: tl.constexpr):
+    """G [BM, KR_PAD], G[:, c] = g[:, c // r], as an exact one-hot product (registers
+    cannot be gathered): onehot[k, c] = (c // r == k), an IEEE fp32 dot."""
+    offs_e = tl.arange(0, K_PAD)
+    offs_kr = tl.arange(0, KR_PAD)
+    onehot = tl.where(offs_kr[None, :] // R == offs_e[:, None], 1.0, 0.0)
+    return tl.dot(g, onehot, input_precision="ieee")
+
+
+@triton.jit
 def _mixture_shrink_kernel(
-    x_ptr, a_ptr, wr_ptr, au_ptr, order_ptr, uid_ptr,
-    h_ptr, l_ptr, z_ptr,
+    x_ptr, a_ptr, wr_ptr, au_ptr, order_ptr, uid_ptr, c_ptr, v_ptr,
+    h_ptr, l_ptr, z_ptr, g_ptr, hg_ptr,
     T, D_IN, K_PER_SPLIT,
     stride_xt, stride_xd,
     stride_ar, stride_ad,
     stride_wk, stride_wd,
     stride_aun, stride_aur, stride_aud,
-    stride_ht, stride_lt, stride_zt,
-    KR: tl.constexpr, K: tl.constexpr, RU: tl.constexpr,
-    KR_PAD: tl.constexpr, K_PAD: tl.constexpr, RU_PAD: tl.constexpr,
+    stride_ht, stride_lt, stride_zt, stride_gt, stride_hgt,
+    stride_cn, stride_ck, stride_vn, stride_vk, stride_vr,
+    R: tl.constexpr, KR: tl.constexpr, K: tl.constexpr, RU: tl.constexpr,
+    KR_PAD: tl.constexpr, K_PAD: tl.constexpr, RU_PAD: tl.constexpr, TOP_K: tl.constexpr,
     HAS_EXPERTS: tl.constexpr, HAS_ROUTER: tl.constexpr, HAS_USER_A: tl.constexpr,
-    HAS_USERS: tl.constexpr, ATOMIC: tl.constexpr,
+    HAS_USER_BIAS: tl.constexpr, HAS_USER_ROUTER: tl.constexpr,
+    HAS_USERS: tl.constexpr, ATOMIC: tl.constexpr, GATES: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """h = x A_cat^T [T, KR], l = x W_r^T [T, K], z = A_u(t) x [T, RU] over one d_in slice."""
+    """h = x A_cat^T [T, KR], l = x W_r^T [T, K], z = A_u(t) x [T, RU] over one d_in slice.
+
+    GATES (no split-K): also finish the gates here, write g and the gated codes
+    G*h (in the dot dtype) for the expand, and skip l."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     tok, uid, row_ok, u_first, u_last = _tile_rows(order_ptr, uid_ptr, T, pid_m, BLOCK_M, HAS_USERS)
@@ -251,7 +295,15 @@ def _mixture_shrink_kernel(
             tl.atomic_add(hp, h, mask=hm, sem="relaxed")
         else:
             tl.store(hp, h, mask=hm)
-    if HAS_ROUTER:
+    if GATES:
+        g = _gates(lg, z, uid, row_ok, u_first, u_last, c_ptr, v_ptr,
+                   stride_cn, stride_ck, stride_vn, stride_vk, stride_vr,
+                   K, RU, K_PAD, RU_PAD, TOP_K, HAS_USER_BIAS, HAS_USER_ROUTER, BLOCK_M)
+        tl.store(g_ptr + rows * stride_gt + offs_e[None, :], g, mask=row_ok[:, None] & (offs_e[None, :] < K))
+        hg = h * _repeat_gates(g, R, K_PAD, KR_PAD)
+        tl.store(hg_ptr + rows * stride_hgt + offs_kr[None, :], hg.to(hg_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & (offs_kr[None, :] < KR))
+    elif HAS_ROUTER:
         lp = l_ptr + rows * stride_lt + offs_e[None, :]
         lm = row_ok[:, None] & (offs_e[None, :] < K)
         if ATOMIC:
@@ -290,14 +342,14 @@ def _softmax_gates(lg, e_ok, offs_e, BLOCK_M: tl.constexpr, K_PAD: tl.constexpr,
 @triton.jit
 def _mixture_expand_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr,
-    h_ptr, l_ptr, z_ptr, g_ptr,
+    h_ptr, l_ptr, z_ptr, g_ptr, hg_ptr,
     bg_ptr, bu_ptr, c_ptr, v_ptr,
     order_ptr, uid_ptr,
     T, D_IN, D_OUT, s_g, s_u,
     stride_xt, stride_xd,
     stride_wn, stride_wd,
     stride_yt, stride_yn,
-    stride_ht, stride_lt, stride_zt, stride_gt,
+    stride_ht, stride_lt, stride_zt, stride_gt, stride_hgt,
     stride_bgk, stride_bgn, stride_bgr,
     stride_bun, stride_bud, stride_bur,
     stride_cn, stride_ck,
@@ -307,6 +359,7 @@ def _mixture_expand_kernel(
     HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, ADD_Y: tl.constexpr,
     HAS_EXPERTS: tl.constexpr, HAS_ROUTER: tl.constexpr, HAS_USER_BIAS: tl.constexpr,
     HAS_USER_B: tl.constexpr, HAS_USER_ROUTER: tl.constexpr, HAS_USERS: tl.constexpr,
+    GATED: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -352,38 +405,32 @@ def _mixture_expand_kernel(
                     mask=row_ok[:, None] & (offs_ru[None, :] < RU), other=0.0)
 
     if HAS_EXPERTS:
-        # Gates in registers: l = W_r x (from the shrink) + c_u + V_u z.
-        offs_e = tl.arange(0, K_PAD)
-        e_ok = offs_e[None, :] < K
-        if HAS_ROUTER:
-            lg = tl.load(l_ptr + rows * stride_lt + offs_e[None, :], mask=row_ok[:, None] & e_ok, other=0.0)
-        else:
-            lg = tl.zeros([BLOCK_M, K_PAD], dtype=tl.float32)
-        if HAS_USER_BIAS:
-            has_u = row_ok & (uid >= 0)
-            lg += tl.load(c_ptr + tl.maximum(uid, 0).to(tl.int64)[:, None] * stride_cn + offs_e[None, :] * stride_ck,
-                          mask=has_u[:, None] & e_ok, other=0.0).to(tl.float32)
-        if HAS_USER_ROUTER:
-            u = u_first
-            while u <= u_last:
-                vt = tl.load(v_ptr + u.to(tl.int64) * stride_vn + offs_e[None, :] * stride_vk
-                             + offs_ru[:, None] * stride_vr,
-                             mask=e_ok & (offs_ru[:, None] < RU), other=0.0).to(tl.float32)
-                part = tl.dot(z, vt, input_precision="ieee")
-                lg += tl.where((uid == u)[:, None], part, 0.0)
-                u = _next_user(uid, row_ok, u)
-        g = _softmax_gates(lg, e_ok, offs_e, BLOCK_M, K_PAD, TOP_K)
-        if pid_n == 0:
-            tl.store(g_ptr + rows * stride_gt + offs_e[None, :], g, mask=row_ok[:, None] & e_ok)
-
-        # G = g repeated r times along the K r codes, as an exact one-hot product
-        # (registers cannot be gathered): onehot[k, c] = (c // r == k).
         offs_kr = tl.arange(0, KR_PAD)
-        onehot = tl.where(offs_kr[None, :] // R == offs_e[:, None], 1.0, 0.0)
-        gexp = tl.dot(g, onehot, input_precision="ieee")
         kr_ok = offs_kr < KR
-        h = tl.load(h_ptr + rows * stride_ht + offs_kr[None, :], mask=row_ok[:, None] & kr_ok[None, :], other=0.0)
-        hg = (h * gexp).to(DOT_DTYPE)
+        if GATED:
+            # The shrink finished the gates and wrote the gated codes G*h.
+            hg = tl.load(hg_ptr + rows * stride_hgt + offs_kr[None, :], mask=row_ok[:, None] & kr_ok[None, :],
+                         other=0.0).to(DOT_DTYPE)
+        else:
+            # Split-K shrink: finish the gates here (l = W_r x + c_u + V_u z); the
+            # programs of the first d_out tile write g.
+            offs_e = tl.arange(0, K_PAD)
+            e_ok = offs_e[None, :] < K
+            if HAS_ROUTER:
+                lg = tl.load(l_ptr + rows * stride_lt + offs_e[None, :], mask=row_ok[:, None] & e_ok, other=0.0)
+            else:
+                lg = tl.zeros([BLOCK_M, K_PAD], dtype=tl.float32)
+            if HAS_USER_ROUTER:
+                zr = z
+            else:
+                zr = tl.zeros([BLOCK_M, RU_PAD], dtype=tl.float32)
+            g = _gates(lg, zr, uid, row_ok, u_first, u_last, c_ptr, v_ptr,
+                       stride_cn, stride_ck, stride_vn, stride_vk, stride_vr,
+                       K, RU, K_PAD, RU_PAD, TOP_K, HAS_USER_BIAS, HAS_USER_ROUTER, BLOCK_M)
+            if pid_n == 0:
+                tl.store(g_ptr + rows * stride_gt + offs_e[None, :], g, mask=row_ok[:, None] & e_ok)
+            h = tl.load(h_ptr + rows * stride_ht + offs_kr[None, :], mask=row_ok[:, None] & kr_ok[None, :], other=0.0)
+            hg = (h * _repeat_gates(g, R, K_PAD, KR_PAD)).to(DOT_DTYPE)
         # B_cat^T block [KR_PAD, BN]: code c = k r + j reads B_g[k, n, j].
         bgt = tl.load(bg_ptr + (offs_kr // R)[:, None] * stride_bgk + (offs_kr % R)[:, None] * stride_bgr
                       + offs_n[None, :] * stride_bgn,
@@ -500,10 +547,13 @@ def mixture_fwd(
     if T == 0:
         return y, x.new_empty(0, KR, dtype=f32), x.new_empty(0, r_u_out, dtype=f32), g
     atomic = cfg.split_k > 1
+    gates_in_shrink = has_e and not atomic
     alloc = torch.zeros if atomic else torch.empty
     h = alloc(T, KR, device=dev, dtype=f32)
     z = alloc(T, r_u, device=dev, dtype=f32) if r_u else None
-    lg = alloc(T, K, device=dev, dtype=f32) if router_weight is not None else None
+    lg = alloc(T, K, device=dev, dtype=f32) if (router_weight is not None and not gates_in_shrink) else None
+    # Gated codes G*h in the dot dtype, written by the shrink when it owns the gates.
+    hg = torch.empty(T, KR, device=dev, dtype=x.dtype if same else f32) if gates_in_shrink else None
     if r_u == 0:
         z_out = torch.zeros(T, r_u_out, device=dev, dtype=f32)
 
@@ -513,26 +563,34 @@ def mixture_fwd(
     order_t = order if has_users else dummy
     uid_t = user_ids if has_users else dummy
     interp = _interpret()
+    c_t = user_logit_bias if (user_logit_bias is not None and has_e) else None
+    v_t = user_router if (user_router is not None and has_e) else None
+
+    def ptr(t):
+        return t if t is not None else dummy
 
     # Shrink: only when something reads x in rank space.
     if has_e or r_u:
         bk = cfg.shrink_block_k
+        sbm = cfg.shrink_block_m or cfg.block_m
         k_per_split = triton.cdiv(triton.cdiv(d_in, cfg.split_k), bk) * bk
         split = triton.cdiv(d_in, k_per_split) if d_in else 1
         if split > 1 and not atomic:
             raise ValueError("config.split_k > 1 needs zeroed buffers: set through fwd_config")
-        grid = (triton.cdiv(T, cfg.block_m), split)
+        grid = (triton.cdiv(T, sbm), split)
         _mixture_shrink_kernel[grid](
-            x, A_cat if has_e else dummy, router_weight if router_weight is not None else dummy,
-            user_A if r_u else dummy, order_t, uid_t,
-            h if has_e else dummy, lg if lg is not None else dummy, z if r_u else dummy,
+            x, ptr(A_cat), ptr(router_weight), user_A if r_u else dummy, order_t, uid_t, ptr(c_t), ptr(v_t),
+            h if has_e else dummy, ptr(lg), z if r_u else dummy, g if has_e else dummy, ptr(hg),
             T, d_in, k_per_split,
             *x.stride(), *_strides(A_cat, 2), *_strides(router_weight, 2), *_strides(user_A if r_u else None, 3),
             h.stride(0) if has_e else 0, lg.stride(0) if lg is not None else 0, z.stride(0) if r_u else 0,
-            KR=KR, K=K, RU=r_u, KR_PAD=KR_PAD, K_PAD=K_PAD, RU_PAD=RU_PAD,
+            g.stride(0) if has_e else 0, hg.stride(0) if hg is not None else 0,
+            *_strides(c_t, 2), *_strides(v_t, 3),
+            R=max(r, 1), KR=KR, K=K, RU=r_u, KR_PAD=KR_PAD, K_PAD=K_PAD, RU_PAD=RU_PAD, TOP_K=top_k or 0,
             HAS_EXPERTS=has_e, HAS_ROUTER=router_weight is not None, HAS_USER_A=r_u > 0,
-            HAS_USERS=has_users, ATOMIC=atomic, DOT_DTYPE=dot_dtype, PRECISION=precision,
-            BLOCK_M=cfg.block_m, BLOCK_K=bk,
+            HAS_USER_BIAS=c_t is not None, HAS_USER_ROUTER=v_t is not None,
+            HAS_USERS=has_users, ATOMIC=atomic, GATES=gates_in_shrink, DOT_DTYPE=dot_dtype, PRECISION=precision,
+            BLOCK_M=sbm, BLOCK_K=bk,
             **({} if interp else dict(num_warps=cfg.shrink_warps, num_stages=cfg.shrink_stages)),
         )
 
@@ -549,7 +607,7 @@ def mixture_fwd(
         grid = (n_pid,)
         _mixture_expand_kernel[grid](
             x, weight if fused else dummy, bias if (bias is not None and not add_y) else dummy, y,
-            h if has_e else dummy, lg if lg is not None else dummy, z if r_u else dummy, g if has_e else dummy,
+            h if has_e else dummy, ptr(lg), z if r_u else dummy, g if has_e else dummy, ptr(hg),
             expert_B if has_e else dummy, user_B if user_B is not None else dummy,
             user_logit_bias if user_logit_bias is not None else dummy,
             user_router if user_router is not None else dummy,
@@ -557,7 +615,7 @@ def mixture_fwd(
             T, d_in, d_out, float(expert_scale), float(user_scale),
             *x.stride(), *_strides(weight if fused else None, 2), *y.stride(),
             h.stride(0) if has_e else 0, lg.stride(0) if lg is not None else 0,
-            z.stride(0) if r_u else 0, g.stride(0) if has_e else 0,
+            z.stride(0) if r_u else 0, g.stride(0) if has_e else 0, hg.stride(0) if hg is not None else 0,
             *_strides(expert_B, 3), *_strides(user_B, 3), *_strides(user_logit_bias, 2),
             *_strides(user_router, 3),
             R=max(r, 1), KR=KR, K=K, RU=r_u, KR_PAD=KR_PAD, K_PAD=K_PAD, RU_PAD=RU_PAD,
@@ -566,7 +624,7 @@ def mixture_fwd(
             HAS_EXPERTS=has_e, HAS_ROUTER=router_weight is not None,
             HAS_USER_BIAS=user_logit_bias is not None and has_e, HAS_USER_B=r_u > 0,
             HAS_USER_ROUTER=user_router is not None and has_e, HAS_USERS=has_users,
-            DOT_DTYPE=dot_dtype, PRECISION=precision,
+            GATED=gates_in_shrink, DOT_DTYPE=dot_dtype, PRECISION=precision,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             **({} if interp else dict(num_warps=cfg.expand_warps, num_stages=cfg.expand_stages)),
         )
