@@ -1,0 +1,474 @@
+"""Every way of computing an adapted linear that the benchmark compares.
+
+A provider turns the parameters of one or more adapted linears (one per projection:
+a single one for ``fwd``/``fwdbwd``/``decode``, gate/up/down for ``mlp``) into
+callables ``f(x) -> y``. ``compose`` chains them into the op; the benchmark times the
+result. Providers import their heavy dependencies (triton, peft) lazily and say why
+they cannot run with :class:`Skip`.
+
+* ``base``          the base linear alone (the floor)
+* ``reference``     ``proper_kernels.reference.lora_mixture_ref`` (vectorised gathers)
+* ``loop``          a PEFT/MixLoRA-style Python loop over users and experts
+* ``torch``         the fastest plain torch we have: one shrink GEMM over
+                    [A_g; W_r; A_u of every user], a one-hot mask in rank space, one
+                    expand GEMM (rank N r_u, so only for small banks); a per-user
+                    segment loop over the sorted tokens for large banks
+* ``torch-compile`` ``torch``'s formulation under ``torch.compile``
+* ``peft``          HF PEFT's mixed batch (``adapter_names=``): users only, no experts
+* ``triton``        ``lora_mixture(..., backend="triton")``
+* ``cuda``          ``lora_mixture(..., backend="cuda")``: decode only, no grad
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+PROVIDERS = ("base", "reference", "loop", "torch", "torch-compile", "peft", "triton", "cuda")
+
+# The tensors of one adapted linear that get gradients in ``fwdbwd`` (W0 and b are frozen,
+# as in every PROPER stage after the population merge).
+GRAD_PARAMS = ("expert_A", "expert_B", "router_weight", "user_logit_bias", "user_A", "user_B", "user_router")
+ADAPTER_PARAMS = GRAD_PARAMS
+
+# torch's one-hot formulation multiplies by every user of the bank; beyond this many
+# rank rows (N * r_u) it switches to a per-user segment loop.
+WIDE_MAX_RANK = 2048
+
+
+class Skip(Exception):
+    """The provider cannot run this case here; the message says why."""
+
+
+def _importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+        return True
+    except Exception:  # noqa: BLE001 - any import failure means "not usable"
+        return False
+
+
+def strip_params(p: Dict[str, object], work: str) -> Dict[str, object]:
+    """The parameters of the work a provider does: "full", "users" (no experts/router) or "base"."""
+    q = dict(p)
+    if work in ("users", "base"):
+        for name in ("expert_A", "expert_B", "router_weight", "user_logit_bias", "user_router"):
+            q[name] = None
+    if work == "base":
+        q["user_A"] = q["user_B"] = None
+    return q
+
+
+# --------------------------------------------------------------------------- formulations
+def reference_linear(x: Tensor, p: Dict[str, object], ids: Tensor) -> Tensor:
+    from proper_kernels.reference import lora_mixture_ref
+
+    y, _ = lora_mixture_ref(
+        x, p["weight"], p["bias"], expert_A=p["expert_A"], expert_B=p["expert_B"],
+        expert_scale=p["expert_scale"], router_weight=p["router_weight"], user_ids=ids,
+        user_logit_bias=p["user_logit_bias"], user_A=p["user_A"], user_B=p["user_B"],
+        user_scale=p["user_scale"], user_router=p["user_router"],
+    )
+    return y
+
+
+def loop_linear(x: Tensor, p: Dict[str, object], ids: Tensor, active: List[int]) -> Tensor:
+    """PEFT-style: base, then one small matmul chain per expert and per user segment.
+
+    Runs entirely in x's dtype (no upcast): it is also the "same-dtype plain PyTorch"
+    computation whose error sets the refcheck tolerance.
+    """
+    T = x.shape[0]
+    y = F.linear(x, p["weight"], p["bias"])
+    A_u, B_u, V = p["user_A"], p["user_B"], p["user_router"]
+    A_g = p["expert_A"]
+    segs = [(u, (ids == u).nonzero().squeeze(-1)) for u in active if u >= 0]
+    z = None
+    if A_u is not None:
+        z = x.new_zeros(T, A_u.shape[1])
+        for u, idx in segs:
+            z = z.index_copy(0, idx, x[idx] @ A_u[u].t())
+    if A_g is not None:
+        K = A_g.shape[0]
+        logits = x.new_zeros(T, K)
+        if p["router_weight"] is not None:
+            logits = logits + x @ p["router_weight"].t()
+        for u, idx in segs:
+            lu = x.new_zeros(len(idx), K)
+            if p["user_logit_bias"] is not None:
+                lu = lu + p["user_logit_bias"][u]
+            if V is not None:
+                lu = lu + z[idx] @ V[u].t()
+            logits = logits.index_add(0, idx, lu)
+        g = torch.softmax(logits.float(), dim=-1).to(x.dtype)
+        for k in range(K):
+            y = y + p["expert_scale"] * g[:, k:k + 1] * ((x @ A_g[k].t()) @ p["expert_B"][k].t())
+    if A_u is not None:
+        for u, idx in segs:
+            y = y.index_add(0, idx, p["user_scale"] * (z[idx] @ B_u[u].t()))
+    return y
+
+
+def pack_wide(p: Dict[str, object], N: int) -> Dict[str, Optional[Tensor]]:
+    """Stack one layer's weights for torch_linear: the shrink [K r + K + N r_u, d_in],
+    the LoRA-aware router in rank space [N r_u, K] and the expand [d_out, K r + N r_u]."""
+    A_g, B_g, W_r = p["expert_A"], p["expert_B"], p["router_weight"]
+    A_u, B_u, V = p["user_A"], p["user_B"], p["user_router"]
+    shrink, expand = [], []
+    if A_g is not None:
+        K, r, d_in = A_g.shape
+        shrink.append(A_g.reshape(K * r, d_in))
+        if W_r is not None:
+            shrink.append(W_r)
+        expand.append(p["expert_scale"] * B_g.permute(1, 0, 2).reshape(B_g.shape[1], K * r))
+    if A_u is not None:
+        Nu, r_u, d_in = A_u.shape
+        shrink.append(A_u.reshape(Nu * r_u, d_in))
+        expand.append(p["user_scale"] * B_u.permute(1, 0, 2).reshape(B_u.shape[1], Nu * r_u))
+    return {
+        "shrink": torch.cat(shrink, 0) if shrink else None,
+        "expand": torch.cat(expand, 1) if expand else None,
+        "V": V.permute(0, 2, 1).reshape(-1, V.shape[1]) if V is not None else None,
+    }
+
+
+def torch_linear(x: Tensor, p: Dict[str, object], ids: Tensor, packed: Dict[str, Optional[Tensor]]) -> Tensor:
+    """Vectorised plain torch with no host sync (CUDA-graph and compile friendly).
+
+    H = x [A_g; W_r; A_u(all users)]^T in one GEMM; each token keeps only its own
+    user's r_u columns (one-hot mask); gates from the router columns; one expand GEMM
+    over [s_g B_g | s_u B_u(all users)] of the gated, masked rank vector.
+    """
+    A_g, A_u = p["expert_A"], p["user_A"]
+    packed = packed if packed is not None else pack_wide(p, 0)
+    y = F.linear(x, p["weight"], p["bias"])
+    if packed["shrink"] is None:
+        return y
+    H = x @ packed["shrink"].t()
+    parts = []
+    valid = ids >= 0
+    safe = ids.clamp(min=0)
+    col = 0
+    h = z = None
+    if A_g is not None:
+        K, r = A_g.shape[0], A_g.shape[1]
+        h = H[:, :K * r]
+        col = K * r
+        logits = None
+        if p["router_weight"] is not None:
+            logits = H[:, col:col + K]
+            col += K
+    if A_u is not None:
+        Nu, r_u = A_u.shape[0], A_u.shape[1]
+        onehot = (safe.unsqueeze(1) == torch.arange(Nu, device=x.device).unsqueeze(0)) & valid.unsqueeze(1)
+        z = H[:, col:] * onehot.to(x.dtype).repeat_interleave(r_u, dim=1)
+    if A_g is not None:
+        lg = logits.float() if logits is not None else x.new_zeros(x.shape[0], K, dtype=torch.float32)
+        if p["user_logit_bias"] is not None:
+            lg = lg + p["user_logit_bias"][safe].float() * valid.unsqueeze(1)
+        if packed["V"] is not None:
+            lg = lg + (z @ packed["V"]).float()
+        g = torch.softmax(lg, dim=-1).to(x.dtype)
+        parts.append(h * g.repeat_interleave(r, dim=1))
+    if z is not None:
+        parts.append(z)
+    hz = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+    return y + hz @ packed["expand"].t()
+
+
+def segment_linear(x: Tensor, p: Dict[str, object], ids: Tensor, segs) -> Tensor:
+    """torch for large banks: the group part as two dense GEMMs, the user part one GEMM
+    pair per user segment of the routing plan (``segs``: list of (user, token index))."""
+    y = F.linear(x, p["weight"], p["bias"])
+    A_g, A_u = p["expert_A"], p["user_A"]
+    z = None
+    if A_u is not None:
+        z = x.new_zeros(x.shape[0], A_u.shape[1])
+        for u, idx in segs:
+            z = z.index_copy(0, idx, x[idx] @ A_u[u].t())
+    if A_g is not None:
+        K, r, d_in = A_g.shape
+        valid = (ids >= 0).unsqueeze(1)
+        safe = ids.clamp(min=0)
+        lg = x.new_zeros(x.shape[0], K, dtype=torch.float32)
+        if p["router_weight"] is not None:
+            lg = lg + (x @ p["router_weight"].t()).float()
+        if p["user_logit_bias"] is not None:
+            lg = lg + p["user_logit_bias"][safe].float() * valid
+        if p["user_router"] is not None:
+            lg = lg + torch.bmm(p["user_router"][safe], z.unsqueeze(-1)).squeeze(-1).float()
+        g = torch.softmax(lg, dim=-1).to(x.dtype)
+        h = x @ A_g.reshape(K * r, d_in).t()
+        B_cat = p["expert_B"].permute(1, 0, 2).reshape(-1, K * r)
+        y = y + p["expert_scale"] * ((h * g.repeat_interleave(r, dim=1)) @ B_cat.t())
+    if A_u is not None:
+        for u, idx in segs:
+            y = y.index_add(0, idx, p["user_scale"] * (z[idx] @ p["user_B"][u].t()))
+    return y
+
+
+# --------------------------------------------------------------------------- providers
+class Provider:
+    """name, a one-line description, what work it does ("full", "users" or "base")."""
+    name = ""
+    doc = ""
+    work = "full"
+    note = ""
+    grad = True       # supports fwdbwd
+    decode_only = False
+
+    def skip_reason(self, case, device: torch.device) -> Optional[str]:
+        """None if this provider can run ``case`` on ``device``, else why not."""
+        if case.grad and not self.grad:
+            return f"{self.name}: forward only (no backward)"
+        if self.decode_only and case.op != "decode":
+            return f"{self.name}: decode kernel, only --op decode"
+        return None
+
+    def setup(self, case, layers: List[Dict[str, object]], ids: Tensor, plan) -> List[Callable[[Tensor], Tensor]]:
+        raise NotImplementedError
+
+    def compose(self, case, layers, ids, plan) -> Callable[[Tensor], Tensor]:
+        """The op as a function of x: one linear, or the gated MLP over gate/up/down."""
+        fns = self.setup(case, layers, ids, plan)
+        return compose_op(case.op, fns)
+
+
+def compose_op(op: str, fns):
+    if op == "mlp":
+        gate, up, down = fns
+        return lambda x: down(F.silu(gate(x)) * up(x))
+    (f,) = fns
+    return f
+
+
+class BaseProvider(Provider):
+    name, doc, work = "base", "the base linear alone (the floor)", "base"
+    note = "base linear only (no adapters): the floor"
+
+    def setup(self, case, layers, ids, plan):
+        return [lambda x, p=p: F.linear(x, p["weight"], p["bias"]) for p in layers]
+
+
+class ReferenceProvider(Provider):
+    name, doc = "reference", "proper_kernels.reference.lora_mixture_ref (vectorised gathers)"
+
+    def setup(self, case, layers, ids, plan):
+        return [lambda x, p=p: reference_linear(x, p, ids) for p in layers]
+
+
+class LoopProvider(Provider):
+    name, doc = "loop", "PEFT/MixLoRA-style Python loop over users and experts"
+
+    def setup(self, case, layers, ids, plan):
+        active = plan.active_users.tolist() if plan is not None else sorted(set(ids.tolist()))
+        return [lambda x, p=p: loop_linear(x, p, ids, active) for p in layers]
+
+
+class TorchProvider(Provider):
+    name, doc = "torch", "vectorised plain torch (one-hot rank space, or segment loop for big banks)"
+
+    def formulation(self, case) -> str:
+        return "wide" if case.N * case.r_u <= WIDE_MAX_RANK else "segment"
+
+    def skip_reason(self, case, device):
+        why = super().skip_reason(case, device)
+        if why:
+            return why
+        self.note = ("one-hot rank space: shrink/expand over all N users' ranks" if self.formulation(case) == "wide"
+                     else "group part dense, user part a loop over user segments")
+        return None
+
+    def setup(self, case, layers, ids, plan):
+        if self.formulation(case) == "wide":
+            fns = []
+            for p in layers:
+                # Without grad a deployed layer keeps the packed weights; with grad they are
+                # packed inside the step so the gradients reach the original tensors.
+                packed = None if case.grad else pack_wide(p, case.N)
+                fns.append(lambda x, p=p, packed=packed: torch_linear(x, p, ids, packed if packed is not None else pack_wide(p, case.N)))
+            return fns
+        order = plan.order.long()
+        segs = [(u, order[s:e]) for u, s, e in plan.segments()]
+        return [lambda x, p=p: segment_linear(x, p, ids, segs) for p in layers]
+
+
+class TorchCompileProvider(TorchProvider):
+    name, doc = "torch-compile", "the torch formulation under torch.compile"
+
+    def skip_reason(self, case, device):
+        why = super().skip_reason(case, device)
+        if why:
+            return why
+        if not hasattr(torch, "compile"):
+            return "torch-compile: this torch has no torch.compile"
+        self.note = "torch.compile of torch's " + ("one-hot formulation" if self.formulation(case) == "wide" else "segment loop")
+        return None
+
+    def compose(self, case, layers, ids, plan):
+        fn = super().compose(case, layers, ids, plan)
+        return torch.compile(fn, dynamic=False)
+
+
+class PeftProvider(Provider):
+    name, doc, work = "peft", "HF PEFT mixed batch (adapter_names=), one LoRA per user", "users"
+    note = "PEFT: users' LoRAs only (no gated experts, no router): less work than the others"
+    grad = False
+
+    def skip_reason(self, case, device):
+        if case.grad:
+            return "peft: mixed-batch adapter_names is inference-only (PEFT refuses it in training mode)"
+        if case.r_u == 0:
+            return "peft: the case has no user adapters"
+        if not _importable("peft"):
+            return "peft: not installed (pip install peft)"
+        return None
+
+    def setup(self, case, layers, ids, plan):
+        raise NotImplementedError  # compose builds one module for all projections
+
+    def compose(self, case, layers, ids, plan):
+        from peft import LoraConfig, get_peft_model
+        from torch import nn
+
+        names = ["lin"] if case.op != "mlp" else ["gate_proj", "up_proj", "down_proj"]
+        p0 = layers[0]
+        dtype, device = p0["weight"].dtype, p0["weight"].device
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                for name, p in zip(names, layers):
+                    d_out, d_in = p["weight"].shape
+                    setattr(self, name, nn.Linear(d_in, d_out, bias=p["bias"] is not None))
+
+            def forward(self, x):
+                if len(names) == 1:
+                    return self.lin(x)
+                return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+        net = Net().to(device=device, dtype=dtype)
+        with torch.no_grad():
+            for name, p in zip(names, layers):
+                getattr(net, name).weight.copy_(p["weight"])
+                if p["bias"] is not None:
+                    getattr(net, name).bias.copy_(p["bias"])
+        r_u = case.r_u
+        cfg = LoraConfig(r=r_u, lora_alpha=float(p0["user_scale"]) * r_u, lora_dropout=0.0,
+                         target_modules=names, init_lora_weights=False)
+        model = get_peft_model(net, cfg, adapter_name="u0")
+        for u in range(1, case.N):
+            model.add_adapter(f"u{u}", cfg)
+        model = model.to(device=device, dtype=dtype)
+        with torch.no_grad():
+            for name, p in zip(names, layers):
+                mod = model.base_model.model.get_submodule(name)
+                for u in range(case.N):
+                    mod.lora_A[f"u{u}"].weight.copy_(p["user_A"][u])
+                    mod.lora_B[f"u{u}"].weight.copy_(p["user_B"][u])
+        model.eval()
+        adapter_names = ["__base__" if u < 0 else f"u{u}" for u in ids.tolist()]
+
+        def run(x):
+            # PEFT takes one adapter per batch row: every token is its own row.
+            return model(x.unsqueeze(1), adapter_names=adapter_names).squeeze(1)
+
+        return run
+
+
+def _triton_ready(device: torch.device) -> Optional[str]:
+    if device.type != "cuda":
+        return "triton: needs CUDA (TRITON_INTERPRET=1 on CPU is far too slow to time)"
+    if not _importable("triton"):
+        return "triton: not installed"
+    for mod, what in (("proper_kernels.triton.mixture_fwd", "forward"), ("proper_kernels.ops.fused", "ops")):
+        if not _importable(mod):
+            return f"triton: {mod} is not importable (the {what} kernels are missing)"
+    return None
+
+
+class TritonProvider(Provider):
+    name, doc = "triton", 'lora_mixture(..., backend="triton")'
+
+    def skip_reason(self, case, device):
+        why = super().skip_reason(case, device)
+        if why:
+            return why
+        why = _triton_ready(device)
+        if why:
+            return why
+        if case.grad and not _importable("proper_kernels.triton.mixture_bwd"):
+            return "triton: proper_kernels.triton.mixture_bwd is not importable (no backward kernel yet)"
+        self.note = _triton_variant_note(case, getattr(case, 'torch_dtype', torch.bfloat16))
+        return None
+
+    def setup(self, case, layers, ids, plan):
+        from proper_kernels import lora_mixture
+
+        return [lambda x, p=p: _call_op(x, p, ids, plan, "triton") for p in layers]
+
+
+class CudaProvider(Provider):
+    name, doc = "cuda", 'lora_mixture(..., backend="cuda"): decode kernel, forward only'
+    grad = False
+    decode_only = True
+
+    def skip_reason(self, case, device):
+        why = super().skip_reason(case, device)
+        if why:
+            return why
+        if device.type != "cuda":
+            return "cuda: needs a CUDA device"
+        try:
+            mod = importlib.import_module("proper_kernels.ops.cuda_decode")
+        except Exception as exc:  # noqa: BLE001
+            return f"cuda: proper_kernels.ops.cuda_decode not importable ({type(exc).__name__}: {exc})"
+        try:
+            if not mod.available():
+                return "cuda: extension not built (proper_kernels._C missing: pip install -e . with nvcc)"
+        except Exception as exc:  # noqa: BLE001
+            return f"cuda: available() failed ({exc})"
+        return None
+
+    def setup(self, case, layers, ids, plan):
+        return [lambda x, p=p: _call_op(x, p, ids, plan, "cuda") for p in layers]
+
+
+def _call_op(x, p, ids, plan, backend):
+    from proper_kernels import lora_mixture
+
+    return lora_mixture(
+        x, p["weight"], p["bias"], expert_A=p["expert_A"], expert_B=p["expert_B"],
+        expert_scale=p["expert_scale"], router_weight=p["router_weight"], user_ids=ids,
+        user_logit_bias=p["user_logit_bias"], user_A=p["user_A"], user_B=p["user_B"],
+        user_scale=p["user_scale"], user_router=p["user_router"], plan=plan, backend=backend,
+    )
+
+
+def _triton_variant_note(case, dtype) -> str:
+    """Which forward variant the Triton path picks, if the kernel module says."""
+    try:
+        mod = importlib.import_module("proper_kernels.triton.mixture_fwd")
+        fv = getattr(mod, "forward_variant", None)
+        if fv is None:
+            return ""
+        import inspect
+
+        sig = inspect.signature(fv)
+        known = dict(T=case.T, d_in=case.d_in, d_out=case.d_out, has_weight=True, dtype=dtype,
+                     rank=case.K * case.r + case.r_u)
+        kwargs = {k: v for k, v in known.items() if k in sig.parameters}
+        return f"variant={fv(**kwargs)}"
+    except Exception:  # noqa: BLE001 - the note is informational only
+        return ""
+
+
+REGISTRY: Dict[str, Provider] = {
+    p.name: p for p in (BaseProvider(), ReferenceProvider(), LoopProvider(), TorchProvider(),
+                        TorchCompileProvider(), PeftProvider(), TritonProvider(), CudaProvider())
+}
+assert tuple(REGISTRY) == PROVIDERS

@@ -1,0 +1,700 @@
+#!/usr/bin/env python
+"""One benchmark CLI for every op, provider and shape preset of proper-kernels.
+
+    python benchmarks/run.py                       # cpu-small on CPU, square-4096 on GPU
+    python benchmarks/run.py --list                # presets, providers, ops (and cases)
+    python benchmarks/run.py --preset square-4096 --op decode,fwd --providers torch,triton \\
+        --popularity distinct,zipf --output benchmarks/results/h100-2025-01-01-square-4096 --plot
+
+Every provider runs on the same inputs. Before timing, each one's output (and, for
+``fwdbwd`` and mlp training, its gradients) is checked against the fp32 reference
+(``--no-refcheck`` skips that); a provider that fails is reported, not timed. Times
+are medians with p20/p80 (``triton.testing.do_bench`` on GPU, CUDA graphs for tiny
+decode shapes; wall clock on CPU), reported with TFLOP/s, GB/s and the fraction of
+the roofline measured on this device in the same run (benchmarks/roofline.py).
+
+Imports triton, transformers and peft only inside the providers that need them.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+for _p in (HERE, ROOT):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import torch  # noqa: E402
+
+import presets as presets_mod  # noqa: E402
+import roofline  # noqa: E402
+from presets import OP_DOC, OPS, PRESETS, Case, build_cases, default_preset  # noqa: E402
+from providers import GRAD_PARAMS, PROVIDERS, REGISTRY, Skip, strip_params  # noqa: E402
+
+LAWS = ("distinct", "uniform", "zipf", "identical", "skewed")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+# "proper" is the e2e-only provider (the PROPER model, all users in one batch); e2e
+# also runs "loop" (one user at a time) and "peft" (PEFT mixed-batch generation).
+ALL_PROVIDERS = PROVIDERS + ("proper",)
+
+COLUMNS = [
+    "case", "op", "provider", "mode", "shape", "T", "d_in", "d_out", "d_ff", "K", "r", "r_u", "N", "users",
+    "popularity", "dtype", "status", "refcheck", "max_err", "tol", "median_ms", "p20_ms", "p80_ms", "tflops",
+    "gbps", "roofline_pct", "roofline_ms", "bytes", "flops", "tokens_per_s", "peak_mem_mb", "timer", "note",
+    "device", "gpu", "torch", "triton", "git_commit", "timestamp",
+]
+
+
+class UsageError(Exception):
+    """A bad command-line value: printed with the valid choices, exit status 2."""
+
+
+# --------------------------------------------------------------------------- arguments
+def _split(value: Optional[str]) -> Optional[List[str]]:
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    return items or None
+
+
+def _check_choices(kind: str, values: Optional[Sequence[str]], valid: Sequence[str]) -> None:
+    for v in values or ():
+        if v not in valid:
+            raise UsageError(f"unknown {kind} {v!r}; valid {kind}s: {', '.join(valid)}")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(
+        description="Check every provider against the fp32 reference, then time it.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="presets: " + ", ".join(PRESETS) + "\nproviders: " + ", ".join(ALL_PROVIDERS) + "\nops: " + ", ".join(OPS),
+    )
+    ap.add_argument("--op", help=f"comma list of ops ({', '.join(OPS)}); default: all the preset has")
+    ap.add_argument("--providers", default="all", help=f"comma list of providers or 'all' ({', '.join(ALL_PROVIDERS)}; 'proper' is e2e only)")
+    ap.add_argument("--preset", help="shape preset (default: square-4096 on CUDA, cpu-small on CPU)")
+    ap.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the preset's)")
+    ap.add_argument("--popularity", help=f"comma list of laws or 'all' ({', '.join(LAWS)}); default: the preset's")
+    ap.add_argument("--device", help="cpu or cuda[:i] (default: cuda if available)")
+    ap.add_argument("--output", help="write PREFIX.csv, PREFIX.jsonl and PREFIX.txt (an extension is dropped)")
+    ap.add_argument("--plot", nargs="?", const="auto", help="write a PNG (default PREFIX.png or benchmark.png); needs matplotlib")
+    ap.add_argument("--refcheck", dest="refcheck", action="store_true", default=True, help="check before timing (default)")
+    ap.add_argument("--no-refcheck", dest="refcheck", action="store_false", help="skip the reference check")
+    ap.add_argument("--case", type=int, help="run only the case with this index (see --list --preset P)")
+    ap.add_argument("--list", action="store_true", help="list presets, providers, ops (and the preset's cases)")
+    ap.add_argument("--profile", metavar="DIR", help="torch.profiler trace per timed case and provider into DIR")
+    ap.add_argument("--ncu", action="store_true", help="print the ncu command line profiling each case, run nothing")
+    ap.add_argument("--iters", type=int, help="run each case this many times untimed (for ncu/nsys) instead of timing")
+    ap.add_argument("--rep-ms", type=float, default=None, help="time budget per measurement (GPU: do_bench rep; CPU: wall)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    args = ap.parse_args(argv)
+    if args.preset is not None and args.preset not in PRESETS:
+        raise UsageError(f"unknown preset {args.preset!r}; valid presets: {', '.join(PRESETS)}")
+    args.ops = _split(args.op)
+    _check_choices("op", args.ops, OPS)
+    provs = _split(args.providers)
+    args.provider_list = list(ALL_PROVIDERS) if provs in (None, ["all"]) else provs
+    _check_choices("provider", args.provider_list, ALL_PROVIDERS)
+    laws = _split(args.popularity)
+    args.laws = list(LAWS) if laws == ["all"] else laws
+    _check_choices("popularity law", args.laws, LAWS)
+    if args.dtype is not None and args.dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {args.dtype!r}; valid dtypes: {', '.join(DTYPES)}")
+    return args
+
+
+# --------------------------------------------------------------------------- environment
+def env_info(device: torch.device) -> Dict[str, str]:
+    def version(name):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return ""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+    except Exception:  # noqa: BLE001 - no git: leave it empty
+        commit = ""
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return {"device": str(device), "gpu": gpu, "torch": torch.__version__, "triton": version("triton"),
+            "git_commit": commit, "timestamp": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _nvtx(label: str, device: torch.device):
+    if device.type == "cuda":
+        return torch.cuda.nvtx.range(label)
+    return contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------- inputs
+def make_layers(case: Case, dtype, device, seed: int):
+    """(layers: list of parameter dicts, x, user_ids, plan, dy) for a case."""
+    from proper_kernels import plan as make_plan
+    from proper_kernels.testing import make_mixture_inputs
+
+    if case.op == "mlp":
+        shapes = [(case.d_in, case.d_ff), (case.d_in, case.d_ff), (case.d_ff, case.d_in)]
+    else:
+        shapes = [(case.d_in, case.d_out)]
+    layers = []
+    first = None
+    for i, (d_in, d_out) in enumerate(shapes):
+        inp = make_mixture_inputs(case.T, d_in, d_out, K=case.K, r=case.r, r_u=case.r_u, N=case.N, law=case.law,
+                                  dtype=dtype, device=device, seed=seed * 1000 + case.index * 10 + i)
+        if first is None:
+            first = inp
+        layers.append({k: v for k, v in inp.items() if k not in ("x", "user_ids")})
+    x, ids = first["x"], first["user_ids"]
+    pl = make_plan(ids, case.N)
+    g = torch.Generator().manual_seed(seed + 7)
+    d_final = shapes[-1][1]
+    dy = torch.randn(case.T, d_final, generator=g).to(device=device, dtype=dtype) if case.grad else None
+    return layers, x, ids, pl, dy
+
+
+def to_dtype(layers, dtype):
+    return [{k: (v.to(dtype) if isinstance(v, torch.Tensor) else v) for k, v in p.items()} for p in layers]
+
+
+def make_step(case: Case, provider, layers, x, ids, pl, dy):
+    """The timed callable: forward (no grad), or forward + autograd.grad of every
+    adapter/router tensor and x. Returns a tuple of tensors (y, grads...)."""
+    layers = [strip_params(p, provider.work) for p in layers]
+    if not case.grad:
+        fn = provider.compose(case, layers, ids, pl)
+
+        def step():
+            with torch.no_grad():
+                return (fn(x),)
+        return step
+    x_leaf = x.detach().requires_grad_(True)
+    leaves = [{k: (v.detach().requires_grad_(True) if k in GRAD_PARAMS and isinstance(v, torch.Tensor) else v)
+               for k, v in p.items()} for p in layers]
+    fn = provider.compose(case, leaves, ids, pl)
+    wrt = [x_leaf] + [p[k] for p in leaves for k in GRAD_PARAMS if isinstance(p[k], torch.Tensor)]
+
+    def step():
+        y = fn(x_leaf)
+        return (y,) + tuple(torch.autograd.grad(y, wrt, dy))
+    return step
+
+
+def output_names(case: Case, layers, work: str) -> List[str]:
+    names = ["y"]
+    if case.grad:
+        names.append("dx")
+        for i, p in enumerate(strip_params(q, work) for q in layers):
+            for k in GRAD_PARAMS:
+                if isinstance(p[k], torch.Tensor):
+                    names.append(f"d{k}" + (f"[{('gate', 'up', 'down')[i]}]" if case.op == "mlp" else ""))
+    return names
+
+
+class Oracle:
+    """The fp32 reference outputs of a case and the error of the same-dtype plain
+    PyTorch computation (the ``loop`` provider in the benchmark dtype), per work kind.
+
+    Tolerance (flash-attention's criterion): a provider passes when, for each output
+    tensor, max|out - ref| <= 3 * max|loop_in_dtype - ref| + 64 eps(dtype) max(|ref|, 1).
+    """
+
+    def __init__(self, case, layers, x, ids, pl, dy):
+        self.case, self.layers, self.x, self.ids, self.pl, self.dy = case, layers, x, ids, pl, dy
+        self._cache = {}
+
+    def get(self, work: str):
+        if work not in self._cache:
+            f32 = torch.float32
+            layers32 = to_dtype(self.layers, f32)
+            dy32 = self.dy.to(f32) if self.dy is not None else None
+
+            class _W:  # the reference/loop providers with the requested work
+                pass
+            ref = _W()
+            ref.__dict__.update(name="reference", work=work, compose=REGISTRY["reference"].compose)
+            ref_out = make_step(self.case, ref, layers32, self.x.to(f32), self.ids, self.pl, dy32)()
+            ref_out = [t.detach().float() for t in ref_out]
+            loop = _W()
+            loop.__dict__.update(name="loop", work=work, compose=REGISTRY["loop"].compose)
+            base_out = make_step(self.case, loop, self.layers, self.x, self.ids, self.pl, self.dy)()
+            base_err = [float((b.detach().float() - r).abs().max()) if r.numel() else 0.0
+                        for b, r in zip(base_out, ref_out)]
+            self._cache[work] = (ref_out, base_err)
+        return self._cache[work]
+
+    def check(self, work: str, out, names, dtype):
+        ref_out, base_err = self.get(work)
+        if len(out) != len(ref_out):
+            return False, float("nan"), float("nan"), f"{len(out)} outputs, expected {len(ref_out)}"
+        eps = torch.finfo(dtype).eps
+        worst = (0.0, 0.0, "")
+        for name, o, r, be in zip(names, out, ref_out, base_err):
+            if tuple(o.shape) != tuple(r.shape):
+                return False, float("nan"), float("nan"), f"{name}: shape {list(o.shape)} != {list(r.shape)}"
+            if r.numel() == 0:
+                continue
+            err = float((o.detach().float() - r).abs().max())
+            tol = 3.0 * be + 64 * eps * max(float(r.abs().max()), 1.0)
+            if not math.isfinite(err) or err > tol:
+                return False, err, tol, f"{name}: max err {err:.3g} > tol {tol:.3g}"
+            if err / tol >= (worst[0] / worst[1] if worst[1] else -1):
+                worst = (err, tol, name)
+        return True, worst[0], worst[1], ""
+
+
+# --------------------------------------------------------------------------- timing
+def _quantiles(times_ms: List[float]):
+    t = torch.tensor(times_ms, dtype=torch.float64)
+    q = torch.quantile(t, torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
+    return [float(v) for v in q]
+
+
+def time_fn(fn, device: torch.device, case: Case, rep_ms: Optional[float]):
+    """(median, p20, p80 in ms, timer name)."""
+    if case.op == "e2e":
+        # Whole model steps: one warmup, then at least one and at most 5 steps within
+        # the budget (default 2 s; --rep-ms raises it).
+        budget = (rep_ms or 2000.0) / 1e3
+        fn()
+        _sync(device)
+        ts = []
+        start = time.perf_counter()
+        while not ts or (time.perf_counter() - start < budget and len(ts) < 5):
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            ts.append((time.perf_counter() - t0) * 1e3)
+        return (*_quantiles(ts), "wall")
+    if device.type == "cuda":
+        import triton.testing as tt
+
+        rep = rep_ms or 100.0
+        if case.mode == "decode" and case.T <= 64:
+            try:
+                res = tt.do_bench_cudagraph(fn, rep=rep, quantiles=[0.5, 0.2, 0.8])
+                return (*res, "cudagraph")
+            except Exception:  # noqa: BLE001 - not capturable (host syncs): plain do_bench
+                torch.cuda.synchronize()
+        res = tt.do_bench(fn, warmup=25, rep=rep, quantiles=[0.5, 0.2, 0.8])
+        return (*res, "do_bench")
+    budget = (rep_ms or 100.0) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    warm = 1 if first > budget / 4 else 2
+    for _ in range(warm - 1):
+        fn()
+    ts = []
+    start = time.perf_counter()
+    while len(ts) < 3 or (time.perf_counter() - start < budget and len(ts) < 100):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+        if len(ts) >= 3 and time.perf_counter() - start > 4 * budget:
+            break
+    return (*_quantiles(ts), "wall")
+
+
+def cost_of(case: Case, work: str, elem_bytes: int, n_active: int):
+    if case.op == "e2e":
+        return None
+    K = case.K if work == "full" else 0
+    r_u = case.r_u if work in ("full", "users") else 0
+    if case.op == "mlp":
+        return roofline.mlp_cost(case.T, case.d_in, case.d_ff, K=K, r=case.r, r_u=r_u, n_active=n_active,
+                                 elem_bytes=elem_bytes, backward=case.grad)
+    return roofline.mixture_cost(case.T, case.d_in, case.d_out, K=K, r=case.r, r_u=r_u, n_active=n_active,
+                                 elem_bytes=elem_bytes, backward=case.grad)
+
+
+def profile_case(fn, device, label: str, outdir: str) -> None:
+    """torch.profiler over 3 calls: a Chrome/Perfetto trace and the top-kernels table."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    os.makedirs(outdir, exist_ok=True)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(3):
+            with record_function(label):
+                fn()
+        _sync(device)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+    path = os.path.join(outdir, f"{safe}.json")
+    prof.export_chrome_trace(path)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(f"\n[profile] {label} -> {path}")
+    print(prof.key_averages().table(sort_by=key, row_limit=10))
+
+
+# --------------------------------------------------------------------------- output
+def _fmt(v, nd=3):
+    if v is None or v == "":
+        return "-"
+    if isinstance(v, float):
+        if v == 0:
+            return "0"
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        return f"{v:.{nd}g}" if abs(v) < 1 else f"{v:.{nd}f}".rstrip("0").rstrip(".")
+    return str(v)
+
+
+def summary_table(rows: List[dict]) -> str:
+    head = ["case", "op", "mode", "shape", "law", "provider", "status", "median ms", "p20", "p80",
+            "TFLOP/s", "GB/s", "%roof", "check", "note"]
+    lines = []
+    for r in rows:
+        status = r["status"] if not r["status"].startswith("skipped") else "skipped"
+        check = r["refcheck"]
+        if r["refcheck"] == "pass" and r["max_err"] != "":
+            check = f"pass {r['max_err']:.1e}"
+        note = r["note"] if r["status"] in ("ok",) else r["status"]
+        if r["tokens_per_s"] not in ("", None):
+            note = f"{r['tokens_per_s']:,.0f} tok/s" + (f"; {r['note']}" if r["note"] else "")
+        lines.append([str(r["case"]), r["op"], r["mode"], r["shape"], r["popularity"], r["provider"], status,
+                      _fmt(r["median_ms"], 4), _fmt(r["p20_ms"], 4), _fmt(r["p80_ms"], 4), _fmt(r["tflops"]),
+                      _fmt(r["gbps"]), _fmt(r["roofline_pct"], 2), check, note])
+    widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(head)]
+    widths[-1] = len(head[-1])
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    out = [fmt(head), fmt(["-" * w for w in widths])]
+    out += [fmt(l) for l in lines]
+    return "\n".join(out)
+
+
+def write_outputs(prefix: str, rows: List[dict], header: str, table: str) -> List[str]:
+    for ext in (".csv", ".jsonl", ".txt", ".png"):
+        if prefix.endswith(ext):
+            prefix = prefix[: -len(ext)]
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    with open(prefix + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in COLUMNS})
+    with open(prefix + ".jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps({k: r.get(k, "") for k in COLUMNS}) + "\n")
+    with open(prefix + ".txt", "w") as f:
+        f.write(header + "\n\n" + table + "\n")
+    return [prefix + ".csv", prefix + ".jsonl", prefix + ".txt"]
+
+
+def plot(rows: List[dict], path: str) -> None:
+    """One panel per op: median ms per case (x) and provider (one marker series each), log y."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = [r for r in rows if r["status"] == "ok" and r["median_ms"] not in ("", None)]
+    ops = [op for op in OPS if any(r["op"] == op for r in timed)]
+    if not ops:
+        print("[plot] nothing was timed: no plot written")
+        return
+    fig, axes = plt.subplots(len(ops), 1, figsize=(11, 3.6 * len(ops)), squeeze=False)
+    for ax, op in zip(axes[:, 0], ops):
+        rs = [r for r in timed if r["op"] == op]
+        cases = sorted({r["case"] for r in rs})
+        labels = {r["case"]: f"#{r['case']} {r['mode']} T={r['T']} {r['popularity']}" for r in rs}
+        for prov in [p for p in PROVIDERS if any(r["provider"] == p for r in rs)]:
+            pts = [(cases.index(r["case"]), r["median_ms"]) for r in rs if r["provider"] == prov]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="-", label=prov)
+        ax.set_xticks(range(len(cases)))
+        ax.set_xticklabels([labels[c] for c in cases], rotation=20, ha="right", fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel("median ms")
+        ax.set_title(f"{op}: {OP_DOC[op]}", fontsize=9)
+        ax.legend(fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"[plot] wrote {path}")
+
+
+# --------------------------------------------------------------------------- listing
+def list_all(args, device) -> None:
+    print("presets:")
+    for name, spec in PRESETS.items():
+        print(f"  {name:14s} {spec['doc']}")
+    print(f"  (default here: {default_preset(device.type)})")
+    print("\nops:")
+    for op in OPS:
+        print(f"  {op:14s} {OP_DOC[op]}")
+    print("\nproviders:")
+    for name, p in REGISTRY.items():
+        print(f"  {name:14s} {p.doc}")
+    print(f"  {'proper':14s} e2e only: the PROPER model with every user in one batch "
+          "(e2e also runs loop: one user at a time, peft: PEFT mixed-batch generation)")
+    print("\npopularity laws: " + ", ".join(LAWS))
+    preset = args.preset or default_preset(device.type)
+    cases = build_cases(preset, args.ops, args.laws, device.type)
+    print(f"\ncases of {preset} (--case N runs one):")
+    for c in cases:
+        print(f"  {c.index:3d}  {c.op:7s} {c.mode:10s} {c.shape():48s} {c.law}")
+
+
+def ncu_lines(args, cases, preset, dtype_name) -> List[str]:
+    out = []
+    # The same --popularity as this call: case indices depend on it.
+    pop = f" --popularity {args.popularity}" if args.popularity else ""
+    for c in cases:
+        for prov in args.provider_list:
+            if c.op == "e2e":
+                continue
+            ranges = ['--nvtx-include "proper_kernels::mixture_fwd/"']
+            if c.grad:
+                ranges.append('--nvtx-include "proper_kernels::mixture_bwd/"')
+            kern = "-k regex:mixture " if prov in ("triton", "cuda") else ""
+            if prov not in ("triton", "cuda"):
+                ranges = [f'--nvtx-include "{bench_label(c, prov)}/"']
+            out.append(
+                f"ncu --nvtx {' '.join(ranges)} {kern}--set full -o ncu-{c.op}-case{c.index}-{prov} "
+                f"python benchmarks/run.py --preset {preset} --op {c.op} --providers {prov} --case {c.index} "
+                f"--dtype {dtype_name}{pop} --no-refcheck --iters 3 --no-progress"
+            )
+    return out
+
+
+def bench_label(case: Case, provider: str) -> str:
+    return f"bench::{case.op}::{provider}::case{case.index}"
+
+
+# --------------------------------------------------------------------------- main
+def run(args) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but torch.cuda.is_available() is False")
+    if args.list:
+        list_all(args, device)
+        return 0
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("error: --plot needs matplotlib, which is not installed: pip install matplotlib", file=sys.stderr)
+            return 2
+    preset = args.preset or default_preset(device.type)
+    spec = PRESETS[preset]
+    dtype_name = args.dtype or spec.get("dtype") or ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = DTYPES[dtype_name]
+    dtype_name = str(dtype).replace("torch.", "")
+    cases = build_cases(preset, args.ops, args.laws, device.type)
+    if args.ops and not cases:
+        have = ", ".join(spec["ops"])
+        raise UsageError(f"preset {preset!r} has no cases for op(s) {', '.join(args.ops)}; its ops: {have}")
+    if args.case is not None:
+        picked = [c for c in cases if c.index == args.case]
+        if not picked:
+            raise UsageError(f"--case {args.case} is not a case of {preset} (valid: 0..{len(cases) - 1}; see --list)")
+        cases = picked
+    if args.ncu:
+        print("\n".join(ncu_lines(args, cases, preset, dtype_name)))
+        return 0
+
+    env = env_info(device)
+    t_start = time.perf_counter()
+    ceiling = roofline.measure_device(device)
+    header_lines = [
+        f"proper-kernels benchmark  preset={preset}  dtype={dtype_name}  device={device}"
+        + (f" ({env['gpu']})" if env["gpu"] else "") + f"  torch={env['torch']}  triton={env['triton'] or '-'}"
+        + f"  commit={env['git_commit'] or '-'}",
+        f"measured ceilings: copy {ceiling.bandwidth / 1e9:.1f} GB/s; GEMM "
+        + ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" for k, v in ceiling.gemm_rate.items()),
+        f"refcheck: {'on (fp32 reference; tol = 3x same-dtype torch error + 64 eps)' if args.refcheck else 'off'}",
+    ]
+    header = "\n".join(header_lines)
+    print(header, flush=True)
+
+    try:
+        from tqdm import tqdm
+        bar = tqdm(total=len(cases), desc="cases", disable=args.no_progress, file=sys.stderr, leave=False)
+    except ImportError:
+        bar = None
+    rows: List[dict] = []
+    skipped: Dict[str, str] = {}
+    elem = torch.finfo(dtype).bits // 8
+    for case in cases:
+        case.torch_dtype = dtype
+        if bar is not None:
+            bar.set_postfix_str(f"#{case.index} {case.op} T={case.T} {case.law}")
+        rows.extend(run_case(case, args, device, dtype, dtype_name, elem, ceiling, env, skipped))
+        if bar is not None:
+            bar.update(1)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if bar is not None:
+        bar.close()
+
+    table = summary_table(rows)
+    print()
+    print(table)
+    if skipped:
+        print("\nskipped providers:")
+        for k, why in skipped.items():
+            print(f"  {why}")
+    elapsed = time.perf_counter() - t_start
+    print(f"\n{len(rows)} rows, {sum(r['status'] == 'ok' for r in rows)} timed, "
+          f"{sum(r['status'].startswith('refcheck failed') or r['status'].startswith('error') for r in rows)} failed, "
+          f"in {elapsed:.1f} s")
+    prefix = None
+    if args.output:
+        files = write_outputs(args.output, rows, header, table)
+        prefix = os.path.splitext(files[0])[0]
+        print("wrote " + ", ".join(files))
+    if args.plot is not None:
+        path = args.plot if args.plot != "auto" else ((prefix or "benchmark") + ".png")
+        plot(rows, path)
+    failed = any(r["status"].startswith("refcheck failed") for r in rows)
+    return 1 if failed else 0
+
+
+def run_case(case: Case, args, device, dtype, dtype_name, elem, ceiling, env, skipped) -> List[dict]:
+    """Check then time every requested provider on one case; one row per provider."""
+    rows = []
+    base_row = dict(case=case.index, op=case.op, mode=case.mode, shape=case.shape(), T=case.T, d_in=case.d_in,
+                    d_out=case.d_out, d_ff=case.d_ff, K=case.K, r=case.r, r_u=case.r_u, N=case.N,
+                    popularity=case.law, dtype=dtype_name, **env)
+    if case.op == "e2e":
+        return run_e2e_case(case, args, device, dtype, base_row, skipped)
+    layers, x, ids, pl, dy = make_layers(case, dtype, device, args.seed)
+    n_active = int(pl.active_users.numel())
+    oracle = Oracle(case, layers, x, ids, pl, dy) if args.refcheck else None
+    for name in [p for p in args.provider_list if p in REGISTRY]:
+        prov = REGISTRY[name]
+        row = dict(base_row, provider=name, users=n_active, status="", refcheck="", max_err="", tol="",
+                   median_ms="", p20_ms="", p80_ms="", tflops="", gbps="", roofline_pct="", roofline_ms="",
+                   bytes="", flops="", tokens_per_s="", peak_mem_mb="", timer="", note="")
+        why = prov.skip_reason(case, device)
+        if why:
+            row["status"] = "skipped: " + why
+            skipped.setdefault(f"{name}:{why}", why)
+            rows.append(row)
+            continue
+        row["note"] = prov.note
+        label = bench_label(case, name)
+        try:
+            if name == "torch-compile":
+                torch._dynamo.reset()  # a fresh compile per case (no stale recompile limits)
+            step = make_step(case, prov, layers, x, ids, pl, dy)
+            if args.refcheck:
+                out = step()
+                _sync(device)
+                ok, err, tol, msg = oracle.check(prov.work, out, output_names(case, layers, prov.work), dtype)
+                row.update(refcheck="pass" if ok else "fail", max_err=err, tol=tol)
+                del out
+                if not ok:
+                    row["status"] = f"refcheck failed: {msg}"
+                    rows.append(row)
+                    continue
+            else:
+                row["refcheck"] = "off"
+            if args.iters:
+                with _nvtx(label, device):
+                    for _ in range(args.iters):
+                        step()
+                    _sync(device)
+                row["status"] = f"ran {args.iters} untimed"
+                rows.append(row)
+                continue
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats(device)
+            with _nvtx(label, device):
+                med, p20, p80, timer = time_fn(step, device, case, args.rep_ms)
+            if device.type == "cuda":
+                row["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+            cost = cost_of(case, prov.work, elem, n_active)
+            roof = roofline.roofline_ms(cost, ceiling, dtype)
+            row.update(status="ok", median_ms=med, p20_ms=p20, p80_ms=p80, timer=timer, bytes=cost["bytes"],
+                       flops=cost["flops"], tflops=cost["flops"] / (med * 1e-3) / 1e12,
+                       gbps=cost["bytes"] / (med * 1e-3) / 1e9, roofline_ms=roof, roofline_pct=100.0 * roof / med,
+                       tokens_per_s=case.T / (med * 1e-3) if case.op == "mlp" else "")
+            if args.profile:
+                with _nvtx(label, device):
+                    profile_case(step, device, f"{label}-T{case.T}-{case.law}", args.profile)
+        except Skip as exc:
+            row["status"] = f"skipped: {exc}"
+        except Exception as exc:  # noqa: BLE001 - report and go on with the next provider
+            row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+        rows.append(row)
+    return rows
+
+
+def run_e2e_case(case, args, device, dtype, base_row, skipped) -> List[dict]:
+    import e2e
+
+    rows = []
+    wanted = [p for p in e2e.E2E_PROVIDERS[case.mode] if p in args.provider_list]
+    why = e2e.integration_skip_reason()
+    for name in wanted:
+        row = dict(base_row, provider=name, users=case.N, status="", refcheck="n/a", max_err="", tol="",
+                   median_ms="", p20_ms="", p80_ms="", tflops="", gbps="", roofline_pct="", roofline_ms="",
+                   bytes="", flops="", tokens_per_s="", peak_mem_mb="", timer="", note="")
+        if name == "peft":
+            row["note"] = "PEFT: users' LoRAs only (no experts)"
+        elif name == "loop":
+            n = e2e.loop_users(case)
+            row["note"] = "one user at a time (grad accumulation)" + (f"; {n} of {case.N} users timed" if n < case.N else "")
+        else:
+            row["note"] = "all users in one mixed batch"
+        if why:
+            row["status"] = "skipped: " + why
+            skipped.setdefault(why, why)
+            rows.append(row)
+            continue
+        if name == "peft":
+            try:
+                import peft  # noqa: F401
+            except ImportError:
+                row["status"] = "skipped: peft: not installed"
+                rows.append(row)
+                continue
+        try:
+            step = e2e.make_fn(case, name, case.mode, device, dtype)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            with _nvtx(bench_label(case, name), device):
+                med, p20, p80, timer = time_fn(step, device, case, args.rep_ms)
+            if device.type == "cuda":
+                row["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+            row.update(status="ok", median_ms=med, p20_ms=p20, p80_ms=p80, timer=timer,
+                       tokens_per_s=e2e.tokens_per_step(case, case.mode, name) / (med * 1e-3))
+            if args.profile:
+                profile_case(step, device, f"{bench_label(case, name)}-{case.mode}", args.profile)
+        except Exception as exc:  # noqa: BLE001
+            row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+        rows.append(row)
+    return rows
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+        return run(args)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

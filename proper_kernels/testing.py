@@ -1,0 +1,116 @@
+"""Helpers shared by tests and benchmarks: user-popularity laws and random mixtures.
+
+Punica's popularity laws decide which user each token of a batch belongs to:
+
+* ``distinct``  every token a different user (cycling 0, 1, ..., N-1, 0, ... when T > N)
+* ``uniform``   each token's user drawn uniformly from [0, N)
+* ``zipf``      users ranked by a random permutation, rank k drawn with p ∝ k^-1.5
+* ``identical`` every token the same user
+* ``skewed``    half of the tokens one user, the rest uniform, positions shuffled
+
+Nothing here imports triton, transformers or peft.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["POPULARITY_LAWS", "ZIPF_ALPHA", "sample_user_ids", "make_mixture_inputs", "MIXTURE_PARAM_NAMES"]
+
+POPULARITY_LAWS = ("distinct", "uniform", "zipf", "identical", "skewed")
+ZIPF_ALPHA = 1.5
+
+# The keyword tensors of ``proper_kernels.lora_mixture`` that make_mixture_inputs fills.
+MIXTURE_PARAM_NAMES = ("expert_A", "expert_B", "router_weight", "user_logit_bias", "user_A", "user_B", "user_router")
+
+
+def sample_user_ids(T: int, N: int, law: str, generator: Optional[torch.Generator] = None,
+                    device: torch.device | str = "cpu") -> Tensor:
+    """Draw the user of each of T tokens from a bank of N users by a popularity law.
+
+    Args:
+        T: number of tokens (>= 0).
+        N: number of users (>= 1).
+        law: one of :data:`POPULARITY_LAWS`.
+        generator: a CPU ``torch.Generator`` for reproducible draws (None: global RNG).
+        device: where the result lives (drawn on CPU, then moved).
+
+    Returns:
+        int64 [T], values in [0, N).
+    """
+    if law not in POPULARITY_LAWS:
+        raise ValueError(f"unknown popularity law {law!r}; valid laws: {', '.join(POPULARITY_LAWS)}")
+    if not isinstance(T, int) or T < 0:
+        raise ValueError(f"T must be a non-negative int, got {T!r}")
+    if not isinstance(N, int) or N < 1:
+        raise ValueError(f"N must be a positive int, got {N!r}")
+    g = generator
+    if law == "distinct":
+        ids = torch.arange(T, dtype=torch.int64) % N
+    elif law == "uniform":
+        ids = torch.randint(0, N, (T,), generator=g, dtype=torch.int64)
+    elif law == "zipf":
+        ranks = torch.arange(1, N + 1, dtype=torch.float64)
+        p = ranks.pow(-ZIPF_ALPHA)
+        draws = torch.multinomial(p / p.sum(), T, replacement=True, generator=g) if T else torch.zeros(0, dtype=torch.int64)
+        perm = torch.randperm(N, generator=g)  # which user holds rank 1, 2, ...
+        ids = perm[draws]
+    elif law == "identical":
+        hot = int(torch.randint(0, N, (1,), generator=g))
+        ids = torch.full((T,), hot, dtype=torch.int64)
+    else:  # skewed
+        hot = int(torch.randint(0, N, (1,), generator=g))
+        n_hot = T // 2 + T % 2
+        rest = torch.randint(0, N, (T - n_hot,), generator=g, dtype=torch.int64)
+        ids = torch.cat([torch.full((n_hot,), hot, dtype=torch.int64), rest])
+        ids = ids[torch.randperm(T, generator=g)]
+    return ids.to(torch.int64).to(device)
+
+
+def make_mixture_inputs(
+    T: int, d_in: int, d_out: int, *, K: int = 4, r: int = 8, r_u: int = 8, N: int = 16,
+    law: str = "uniform", dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+    seed: int = 0, bias: bool = True, router: bool = True, user_bias: bool = True,
+    user_router: bool = True,
+) -> Dict[str, object]:
+    """Random, well-scaled inputs of one adapted linear, as ``lora_mixture`` keywords.
+
+    Every B matrix and the LoRA-aware router are non-zero (unlike a fresh layer), so
+    every term of the formula contributes and a wrong kernel shows. Output magnitudes
+    are O(1) for x ~ N(0, 1).
+
+    Returns a dict with ``x`` [T, d_in], ``weight`` [d_out, d_in], ``bias`` [d_out] or
+    None, ``expert_A`` [K, r, d_in], ``expert_B`` [K, d_out, r], ``router_weight``
+    [K, d_in], ``user_ids`` int64 [T], ``user_logit_bias`` [N, K], ``user_A`` [N, r_u, d_in],
+    ``user_B`` [N, d_out, r_u], ``user_router`` [N, K, r_u], ``expert_scale``,
+    ``user_scale`` (floats); absent parts (K=0, r_u=0, flags off) are None.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, std=1.0):
+        return (torch.randn(*shape, generator=g) * std).to(dtype=dtype, device=device)
+
+    out: Dict[str, object] = {
+        "x": rnd(T, d_in),
+        "weight": rnd(d_out, d_in, std=d_in ** -0.5),
+        "bias": rnd(d_out, std=0.1) if bias else None,
+        "expert_A": None, "expert_B": None, "router_weight": None,
+        "user_ids": sample_user_ids(T, N, law, generator=g, device=device),
+        "user_logit_bias": None, "user_A": None, "user_B": None, "user_router": None,
+        "expert_scale": 2.0, "user_scale": 2.0,
+    }
+    if K:
+        out["expert_A"] = rnd(K, r, d_in, std=d_in ** -0.5)
+        out["expert_B"] = rnd(K, d_out, r, std=0.5 * r ** -0.5)
+        if router:
+            out["router_weight"] = rnd(K, d_in, std=d_in ** -0.5)
+        if user_bias:
+            out["user_logit_bias"] = rnd(N, K, std=0.5)
+    if r_u:
+        out["user_A"] = rnd(N, r_u, d_in, std=d_in ** -0.5)
+        out["user_B"] = rnd(N, d_out, r_u, std=0.5 * r_u ** -0.5)
+        if K and user_router:
+            out["user_router"] = rnd(N, K, r_u, std=0.3 * r_u ** -0.5)
+    return out
