@@ -227,7 +227,7 @@ def _repeat_gates(g, R: tl.constexpr, K_PAD: tl.constexpr, KR_PAD: tl.constexpr)
 def _mixture_shrink_kernel(
     x_ptr, a_ptr, wr_ptr, au_ptr, order_ptr, uid_ptr, c_ptr, v_ptr,
     h_ptr, l_ptr, z_ptr, g_ptr, hg_ptr,
-    T, D_IN, K_PER_SPLIT,
+    T, D_IN, K_PER_SPLIT, s_g,
     stride_xt, stride_xd,
     stride_ar, stride_ad,
     stride_wk, stride_wd,
@@ -244,8 +244,8 @@ def _mixture_shrink_kernel(
 ):
     """h = x A_cat^T [T, KR], l = x W_r^T [T, K], z = A_u(t) x [T, RU] over one d_in slice.
 
-    GATES (no split-K): also finish the gates here, write g and the gated codes
-    G*h (in the dot dtype) for the expand, and skip l."""
+    GATES (no split-K): also finish the gates here, write g and the scaled gated
+    codes s_g G*h (in the dot dtype) for the expand, and skip l."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     tok, uid, row_ok, u_first, u_last = _tile_rows(order_ptr, uid_ptr, T, pid_m, BLOCK_M, HAS_USERS)
@@ -300,7 +300,7 @@ def _mixture_shrink_kernel(
                    stride_cn, stride_ck, stride_vn, stride_vk, stride_vr,
                    K, RU, K_PAD, RU_PAD, TOP_K, HAS_USER_BIAS, HAS_USER_ROUTER, BLOCK_M)
         tl.store(g_ptr + rows * stride_gt + offs_e[None, :], g, mask=row_ok[:, None] & (offs_e[None, :] < K))
-        hg = h * _repeat_gates(g, R, K_PAD, KR_PAD)
+        hg = h * _repeat_gates(g, R, K_PAD, KR_PAD) * s_g
         tl.store(hg_ptr + rows * stride_hgt + offs_kr[None, :], hg.to(hg_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & (offs_kr[None, :] < KR))
     elif HAS_ROUTER:
@@ -408,7 +408,7 @@ def _mixture_expand_kernel(
         offs_kr = tl.arange(0, KR_PAD)
         kr_ok = offs_kr < KR
         if GATED:
-            # The shrink finished the gates and wrote the gated codes G*h.
+            # The shrink finished the gates and wrote the scaled gated codes s_g G*h.
             hg = tl.load(hg_ptr + rows * stride_hgt + offs_kr[None, :], mask=row_ok[:, None] & kr_ok[None, :],
                          other=0.0).to(DOT_DTYPE)
         else:
@@ -430,25 +430,26 @@ def _mixture_expand_kernel(
             if pid_n == 0:
                 tl.store(g_ptr + rows * stride_gt + offs_e[None, :], g, mask=row_ok[:, None] & e_ok)
             h = tl.load(h_ptr + rows * stride_ht + offs_kr[None, :], mask=row_ok[:, None] & kr_ok[None, :], other=0.0)
-            hg = (h * _repeat_gates(g, R, K_PAD, KR_PAD)).to(DOT_DTYPE)
+            hg = (h * _repeat_gates(g, R, K_PAD, KR_PAD) * s_g).to(DOT_DTYPE)
         # B_cat^T block [KR_PAD, BN]: code c = k r + j reads B_g[k, n, j].
         bgt = tl.load(bg_ptr + (offs_kr // R)[:, None] * stride_bgk + (offs_kr % R)[:, None] * stride_bgr
                       + offs_n[None, :] * stride_bgn,
                       mask=kr_ok[:, None] & n_ok[None, :], other=0.0)
-        acc += s_g * tl.dot(hg, bgt.to(DOT_DTYPE), input_precision=PRECISION)
+        # Scales ride in the codes, so the rank-space products accumulate straight
+        # into the GEMM accumulator (no second BM x BN fp32 tile live).
+        acc = tl.dot(hg, bgt.to(DOT_DTYPE), acc, input_precision=PRECISION)
 
     if HAS_USER_B:
-        zd = z.to(DOT_DTYPE)
-        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        zs = z * s_u
         u = u_first
         while u <= u_last:
             but = tl.load(bu_ptr + u.to(tl.int64) * stride_bun + offs_ru[:, None] * stride_bur
                           + offs_n[None, :] * stride_bud,
                           mask=(offs_ru[:, None] < RU) & n_ok[None, :], other=0.0)
-            part = tl.dot(zd, but.to(DOT_DTYPE), input_precision=PRECISION)
-            acc_u += tl.where((uid == u)[:, None], part, 0.0)
+            # Only this user's rows of the code take part (the others are zeroed).
+            zu = tl.where((uid == u)[:, None], zs, 0.0).to(DOT_DTYPE)
+            acc = tl.dot(zu, but.to(DOT_DTYPE), acc, input_precision=PRECISION)
             u = _next_user(uid, row_ok, u)
-        acc += s_u * acc_u
 
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
@@ -581,7 +582,7 @@ def mixture_fwd(
         _mixture_shrink_kernel[grid](
             x, ptr(A_cat), ptr(router_weight), user_A if r_u else dummy, order_t, uid_t, ptr(c_t), ptr(v_t),
             h if has_e else dummy, ptr(lg), z if r_u else dummy, g if has_e else dummy, ptr(hg),
-            T, d_in, k_per_split,
+            T, d_in, k_per_split, float(expert_scale),
             *x.stride(), *_strides(A_cat, 2), *_strides(router_weight, 2), *_strides(user_A if r_u else None, 3),
             h.stride(0) if has_e else 0, lg.stride(0) if lg is not None else 0, z.stride(0) if r_u else 0,
             g.stride(0) if has_e else 0, hg.stride(0) if hg is not None else 0,
