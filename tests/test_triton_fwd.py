@@ -426,21 +426,6 @@ def _compile_and_check(a, N):
 
 
 @interp
-def test_torch_compile_fullgraph_traces_the_op(monkeypatch):
-    # ops/mixture.py probes backends with importlib.import_module, which dynamo
-    # refuses to trace; read already-imported modules from sys.modules instead so
-    # that this test checks the op and the launcher (see the xfail test below).
-    import proper_kernels.ops.fused  # noqa: F401
-    import proper_kernels.ops.mixture as dispatch
-
-    monkeypatch.setattr(dispatch, "_module", lambda name: sys.modules.get(name))
-    a, N = make_case(13, 24, 20, K=3, r=4, N=4, r_u=5, seed=12)
-    _compile_and_check(a, N)
-
-
-@interp
-@pytest.mark.xfail(reason="ops/mixture.py _module() calls importlib.import_module under dynamo "
-                          "(graph break); passes once it reads sys.modules first", strict=False)
 def test_torch_compile_fullgraph_public_api():
     a, N = make_case(13, 24, 20, K=3, r=4, N=4, r_u=5, seed=12)
     _compile_and_check(a, N)

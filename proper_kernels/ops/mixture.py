@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from typing import Optional
 
 import torch
@@ -18,6 +19,9 @@ BACKENDS = ("auto", "reference", "triton", "cuda")
 
 
 def _module(name: str):
+    # sys.modules first: torch.compile traces a dict lookup but not importlib.
+    if name in sys.modules:
+        return sys.modules[name]
     try:
         return importlib.import_module(name)
     except ImportError:

@@ -41,13 +41,13 @@ def _up(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
 def gates_from_logits(logits: Tensor, top_k: Optional[int]) -> Tensor:
     """softmax over the last dim; with top_k, over the top_k largest logits only.
 
-    Ties at the k-th value are broken by ``torch.topk`` (lowest index first on CPU);
-    the kept set always has exactly top_k members.
+    Ties at the k-th value keep the lower expert index (a stable descending sort, the
+    rule every kernel follows); the kept set always has exactly top_k members.
     """
     K = logits.shape[-1]
     if top_k is None or top_k >= K:
         return torch.softmax(logits, dim=-1)
-    idx = logits.topk(top_k, dim=-1).indices
+    idx = torch.sort(logits, dim=-1, descending=True, stable=True).indices[..., :top_k]
     keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, idx, True)
     masked = logits.masked_fill(~keep, float("-inf"))
     return torch.softmax(masked, dim=-1)
