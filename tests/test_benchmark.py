@@ -1,0 +1,263 @@
+"""benchmarks/run.py end to end on CPU, its byte/flop model, and the popularity sampler."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from proper_kernels.testing import POPULARITY_LAWS, make_mixture_inputs, sample_user_ids
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
+RUN = os.path.join(BENCH, "run.py")
+sys.path.insert(0, BENCH)
+
+import roofline  # noqa: E402
+
+
+def _cli(*args, timeout=300):
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, RUN, *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout, env=env)
+
+
+# --------------------------------------------------------------------------- sampler
+@pytest.mark.parametrize("law", POPULARITY_LAWS)
+@pytest.mark.parametrize("T,N", [(1, 1), (19, 4), (99, 16), (989, 64)])
+def test_sampler_range_dtype_reproducible(law, T, N):
+    ids = sample_user_ids(T, N, law, generator=torch.Generator().manual_seed(3))
+    assert ids.dtype == torch.int64 and ids.shape == (T,)
+    assert int(ids.min()) >= 0 and int(ids.max()) < N
+    again = sample_user_ids(T, N, law, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(ids, again)
+
+
+def test_sampler_laws_shape_the_batch():
+    g = torch.Generator().manual_seed(0)
+    d = sample_user_ids(10, 4, "distinct", generator=g)
+    assert d.tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
+    assert sample_user_ids(8, 64, "distinct").unique().numel() == 8
+    ident = sample_user_ids(50, 16, "identical", generator=g)
+    assert ident.unique().numel() == 1
+    sk = sample_user_ids(1001, 64, "skewed", generator=g)
+    hot_count = sk.bincount().max().item()
+    assert hot_count >= 501  # half of the tokens (rounded up) are one user, plus its uniform share
+    z = sample_user_ids(20000, 64, "zipf", generator=g)
+    counts = z.bincount(minlength=64).sort(descending=True).values.double()
+    # Zipf(1.5): the top user holds 1/zeta_64(1.5) ~ 43% of the draws, rank 2 about 2^-1.5 of that.
+    assert 0.38 < counts[0] / 20000 < 0.48
+    assert 0.28 < counts[1] / counts[0] < 0.43
+    u = sample_user_ids(20000, 8, "uniform", generator=g).bincount(minlength=8).double()
+    assert (u / 20000 - 1 / 8).abs().max() < 0.02
+    assert sample_user_ids(0, 5, "zipf").numel() == 0
+
+
+def test_sampler_rejects_bad_law():
+    with pytest.raises(ValueError, match="valid laws: distinct, uniform, zipf, identical, skewed"):
+        sample_user_ids(4, 2, "pareto")
+
+
+def test_make_mixture_inputs_runs_through_reference():
+    from proper_kernels import lora_mixture
+
+    inp = make_mixture_inputs(19, 24, 40, K=3, r=4, r_u=4, N=5, law="zipf")
+    y = lora_mixture(**inp, backend="reference")
+    assert y.shape == (19, 40) and torch.isfinite(y).all()
+
+
+# --------------------------------------------------------------------------- byte/flop model
+def test_cost_model_matches_kernels_md_section_12():
+    # KERNELS.md 12: 4096 -> 4096, K=8, r=16, r_u=16, 64 distinct users, bf16, T=64 decode,
+    # no base: ~18.9 MB of adapters (plus the routers), 0.151 GFLOP.
+    c = roofline.mixture_cost(64, 4096, 4096, K=8, r=16, r_u=16, n_active=64, elem_bytes=2,
+                              include_base=False, router=False, user_router=False)
+    assert abs(c["flops"] - 4 * 4096 * 144 * 64) < 1
+    # adapters: (8 + 64) rank-16 pairs of 2*4096*16 elements, 2 B each, + c_u (64 x 8)
+    assert c["adapter_bytes"] == 2 * (72 * 16 * 8192 + 64 * 8)
+    assert 18.8e6 < c["adapter_bytes"] < 19.0e6
+    act = 2 * 64 * 8192
+    assert c["bytes"] == c["adapter_bytes"] + act + 4 * 64
+    # Prefill T = 8192, write-only output: 19.3 GFLOP, ~153 MB.
+    p = roofline.mixture_cost(8192, 4096, 4096, K=8, r=16, r_u=16, n_active=64, elem_bytes=2,
+                              include_base=False, router=False, user_router=False)
+    assert abs(p["flops"] / 1e9 - 19.3) < 0.05
+    assert abs(p["bytes"] / 1e6 - 153.2) < 0.5
+
+
+def test_cost_model_terms():
+    kw = dict(K=4, r=8, r_u=8, n_active=3, elem_bytes=4)
+    base = roofline.mixture_cost(10, 32, 48, **kw, include_base=True)
+    nobase = roofline.mixture_cost(10, 32, 48, **kw, include_base=False)
+    assert base["flops"] - nobase["flops"] == 2 * 10 * 32 * 48
+    assert base["bytes"] - nobase["bytes"] == 4 * (32 * 48 + 48)
+    full = roofline.mixture_cost(10, 32, 48, **kw, include_base=False)
+    no_router = roofline.mixture_cost(10, 32, 48, **kw, include_base=False, router=False, user_router=False)
+    assert full["flops"] - no_router["flops"] == 2 * 10 * 4 * 32 + 2 * 10 * 4 * 8
+    bwd = roofline.mixture_cost(10, 32, 48, **kw, include_base=True, backward=True)
+    adapter_flops = nobase["flops"]
+    assert bwd["flops"] == base["flops"] + 2 * adapter_flops + 2 * 10 * 32 * 48
+    assert bwd["bytes"] > base["bytes"]
+    more_users = roofline.mixture_cost(10, 32, 48, K=4, r=8, r_u=8, n_active=5, elem_bytes=4)
+    assert more_users["bytes"] - base["bytes"] == 4 * 2 * (8 * 80 + 4 * 8 + 4)
+    ceil = roofline.DeviceCeiling("cpu", bandwidth=1e9, gemm_rate={"float32": 1e9})
+    assert roofline.roofline_ms({"bytes": 2e6, "flops": 1e6}, ceil, torch.float32) == pytest.approx(2.0)
+    assert roofline.roofline_ms({"bytes": 1e6, "flops": 3e6}, ceil, torch.float32) == pytest.approx(3.0)
+    m = roofline.mlp_cost(4, 16, 40, K=2, r=4, r_u=4, n_active=2, elem_bytes=2)
+    parts = (2 * roofline.mixture_cost(4, 16, 40, K=2, r=4, r_u=4, n_active=2, elem_bytes=2)["flops"]
+             + roofline.mixture_cost(4, 40, 16, K=2, r=4, r_u=4, n_active=2, elem_bytes=2)["flops"])
+    assert m["flops"] == parts + 5 * 4 * 40
+
+
+# --------------------------------------------------------------------------- CLI
+def _rows(prefix):
+    with open(prefix + ".csv") as f:
+        rows = list(csv.DictReader(f))
+    with open(prefix + ".jsonl") as f:
+        jrows = [json.loads(line) for line in f if line.strip()]
+    return rows, jrows
+
+
+def test_cli_cpu_small_end_to_end(tmp_path):
+    prefix = str(tmp_path / "out" / "cpu-small")
+    r = _cli("--preset", "cpu-small", "--op", "fwd,fwdbwd,decode,mlp",
+             "--providers", "base,reference,loop,torch,peft,triton,cuda", "--output", prefix + ".csv",
+             "--no-progress", "--rep-ms", "20")
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert "measured ceilings" in out and "median ms" in out
+    assert "triton: needs CUDA" in out and "cuda: needs a CUDA device" in out
+    rows, jrows = _rows(prefix)
+    assert len(rows) == len(jrows) > 0
+    assert set(rows[0]) >= {"op", "provider", "mode", "shape", "users", "median_ms", "p20_ms", "p80_ms", "tflops",
+                            "gbps", "roofline_pct", "peak_mem_mb", "gpu", "torch", "triton", "git_commit"}
+    ops = {r["op"] for r in rows}
+    assert ops == {"fwd", "fwdbwd", "decode", "mlp"}
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert {r["provider"] for r in ok} >= {"base", "reference", "loop", "torch", "peft"}
+    for row in ok:
+        assert row["refcheck"] == "pass"
+        med, p20, p80 = float(row["median_ms"]), float(row["p20_ms"]), float(row["p80_ms"])
+        assert 0 < p20 <= med <= p80
+        assert float(row["tflops"]) > 0 and float(row["gbps"]) > 0 and float(row["roofline_pct"]) > 0
+    # Training: the fwdbwd rows checked gradients and PEFT is skipped with its reason.
+    peft_train = [r for r in rows if r["provider"] == "peft" and r["mode"] == "train"]
+    assert peft_train and all("inference-only" in r["status"] for r in peft_train)
+    assert all(r["note"].startswith("PEFT") for r in rows if r["provider"] == "peft" and r["status"] == "ok")
+    for row in jrows:
+        assert row["torch"] == torch.__version__
+    assert not any(r["status"].startswith(("error", "refcheck failed")) for r in rows), \
+        [r["status"] for r in rows if r["status"].startswith(("error", "refcheck failed"))]
+
+
+def test_cli_bf16_refcheck_grads(tmp_path):
+    import run
+
+    prefix = str(tmp_path / "bf16")
+    rc = run.main(["--op", "fwdbwd", "--providers", "torch,loop,reference", "--dtype", "bfloat16",
+                   "--popularity", "skewed", "--output", prefix, "--no-progress", "--rep-ms", "5"])
+    assert rc == 0
+    rows, _ = _rows(prefix)
+    assert {r["popularity"] for r in rows} == {"skewed"}
+    assert all(r["status"] == "ok" and r["refcheck"] == "pass" and r["dtype"] == "bfloat16" for r in rows), rows
+
+
+def test_cli_torch_compile_decode(tmp_path):
+    import run
+
+    prefix = str(tmp_path / "compile")
+    rc = run.main(["--op", "decode", "--case", "4", "--providers", "torch-compile", "--dtype", "bfloat16",
+                   "--output", prefix, "--no-progress", "--rep-ms", "5"])
+    assert rc == 0
+    rows, _ = _rows(prefix)
+    assert len(rows) == 1 and rows[0]["status"] == "ok" and rows[0]["refcheck"] == "pass", rows
+
+
+def test_cli_refcheck_catches_a_wrong_provider(monkeypatch, capsys):
+    import providers
+    import run
+
+    class Wrong(providers.TorchProvider):
+        name = "torch"
+
+        def compose(self, case, layers, ids, plan):
+            fn = super().compose(case, layers, ids, plan)
+            return lambda x: fn(x) * 1.01
+
+    monkeypatch.setitem(providers.REGISTRY, "torch", Wrong())
+    monkeypatch.setitem(run.REGISTRY, "torch", providers.REGISTRY["torch"])
+    rc = run.main(["--op", "decode", "--case", "3", "--providers", "torch,reference", "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "refcheck failed: y: max err" in out
+
+
+@pytest.mark.parametrize("argv,bad,valid", [
+    (["--preset", "huge-9000"], "'huge-9000'", ("cpu-small", "square-4096", "llama-7b-mlp")),
+    (["--providers", "torch,fastest"], "'fastest'", ("reference", "triton", "torch-compile")),
+    (["--op", "fwdd"], "'fwdd'", ("fwdbwd", "decode", "e2e")),
+    (["--popularity", "pareto"], "'pareto'", ("zipf", "skewed")),
+    (["--dtype", "fp8"], "'fp8'", ("bfloat16",)),
+    (["--case", "999", "--no-refcheck"], "--case 999", ("valid: 0..",)),
+])
+def test_cli_rejects_unknown_values(capsys, argv, bad, valid):
+    import run
+
+    rc = run.main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert bad in err
+    for v in valid:
+        assert v in err
+
+
+def test_cli_rejects_unknown_preset_subprocess():
+    r = _cli("--preset", "huge-9000")
+    assert r.returncode == 2
+    assert "unknown preset 'huge-9000'; valid presets: cpu-small, square-4096, llama-7b-mlp, e2e" in r.stderr
+
+
+def test_cli_list_and_ncu(capsys):
+    import run
+
+    assert run.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    for word in ("cpu-small", "square-4096", "llama-7b-mlp", "e2e", "torch-compile", "peft", "zipf", "fwdbwd"):
+        assert word in out
+    assert run.main(["--ncu", "--preset", "square-4096", "--op", "fwd", "--providers", "triton", "--case", "1"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("ncu --nvtx") and 'proper_kernels::mixture_fwd/' in line
+    assert "--case 1" in line and "--providers triton" in line and "--preset square-4096" in line
+
+
+def test_cli_plot_without_matplotlib_fails_clearly(monkeypatch, capsys, tmp_path):
+    import run
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    rc = run.main(["--op", "decode", "--case", "3", "--providers", "base", "--plot", str(tmp_path / "p.png")])
+    assert rc == 2
+    assert "--plot needs matplotlib" in capsys.readouterr().err
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_cli_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    import run
+
+    rc = run.main(["--op", "decode", "--case", "3", "--providers", "base,torch", "--plot", str(tmp_path / "p.png"),
+                   "--no-progress", "--rep-ms", "5"])
+    assert rc == 0
+    assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_cli_imports_without_optional_packages():
+    # The CLI module imports neither triton, transformers nor peft at import time.
+    code = ("import sys; sys.path[:0] = [%r, %r]; import run; "
+            "bad = [m for m in ('triton', 'transformers', 'peft') if m in sys.modules]; "
+            "print(bad); assert not bad" % (BENCH, ROOT))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
