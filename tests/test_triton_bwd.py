@@ -460,3 +460,21 @@ def test_gpu_backward_memory_is_rank_space():
     dense_tmp = 2 * T * d * 2  # dy W0 in bf16 (becomes dx) + one GEMM workspace
     assert peak <= grads + rank_space + dense_tmp + (64 << 20), (peak, grads)
     assert before >= 0
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_opcheck_mixture_bwd(dtype):
+    """The bwd custom op vs its fake (shapes, dtypes: dx in x.dtype), schema, no aliasing."""
+    p, N, top_k = _case("uniform", dtype)
+    _, h, z, g = mixture_fwd_ref(p["x"], p["weight"], None, p["expert_A"], p["expert_B"], p["router_weight"],
+                                 p["user_ids"], p["user_logit_bias"], p["user_A"], p["user_B"], p["user_router"],
+                                 p["expert_scale"], p["user_scale"], top_k, p["dy"].shape[1])
+    uid, order, seg = _plan(p, N)
+    args = (p["dy"], p["x"], h, z, g, p["weight"], p["expert_A"], p["expert_B"], p["router_weight"], uid, order, seg,
+            p["user_A"], p["user_B"], p["user_router"], p["expert_scale"], p["user_scale"],
+            [True, False, True, True, True, True, True, True, True, True])
+    torch.library.opcheck(torch.ops.proper_kernels.mixture_bwd.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    out = torch.ops.proper_kernels.mixture_bwd(*args)
+    assert out[0].dtype == dtype and out[1].numel() == 0
