@@ -220,6 +220,7 @@ class Provider:
     note = ""
     grad = True       # supports fwdbwd
     decode_only = False
+    graph_safe = True  # no host syncs: may be timed under CUDA graphs
 
     def skip_reason(self, case, device: torch.device) -> Optional[str]:
         """None if this provider can run ``case`` on ``device``, else why not."""
@@ -263,6 +264,7 @@ class ReferenceProvider(Provider):
 
 class LoopProvider(Provider):
     name, doc = "loop", "PEFT/MixLoRA-style Python loop over users and experts"
+    graph_safe = False
 
     def setup(self, case, layers, ids, plan):
         active = plan.active_users.tolist() if plan is not None else sorted(set(ids.tolist()))
@@ -279,6 +281,7 @@ class TorchProvider(Provider):
         why = super().skip_reason(case, device)
         if why:
             return why
+        self.graph_safe = self.formulation(case) == "wide"
         self.note = ("one-hot rank space: shrink/expand over all N users' ranks" if self.formulation(case) == "wide"
                      else "group part dense, user part a loop over user segments")
         return None
@@ -318,6 +321,7 @@ class PeftProvider(Provider):
     name, doc, work = "peft", "HF PEFT mixed batch (adapter_names=), one LoRA per user", "users"
     note = "PEFT: users' LoRAs only (no gated experts, no router): less work than the others"
     grad = False
+    graph_safe = False
 
     def skip_reason(self, case, device):
         if case.grad:

@@ -99,6 +99,8 @@ def parse_args(argv=None):
     ap.add_argument("--ncu", action="store_true", help="print the ncu command line profiling each case, run nothing")
     ap.add_argument("--iters", type=int, help="run each case this many times untimed (for ncu/nsys) instead of timing")
     ap.add_argument("--rep-ms", type=float, default=None, help="time budget per measurement (GPU: do_bench rep; CPU: wall)")
+    ap.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's, or 1 when the machine "
+                    "is already busy: a loaded CPU makes multi-thread barriers dominate small ops)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     args = ap.parse_args(argv)
@@ -268,8 +270,14 @@ def _quantiles(times_ms: List[float]):
     return [float(v) for v in q]
 
 
-def time_fn(fn, device: torch.device, case: Case, rep_ms: Optional[float]):
-    """(median, p20, p80 in ms, timer name)."""
+def time_fn(fn, device: torch.device, case: Case, rep_ms: Optional[float], graph_safe: bool = True):
+    """(median, p20, p80 in ms, timer name).
+
+    GPU: ``triton.testing.do_bench``; tiny decode shapes (T <= 64) of providers without
+    host syncs under CUDA graphs (``do_bench_cudagraph``), so launch overhead is not
+    what is measured, falling back to do_bench when capture fails. CPU: wall clock
+    (warmup, then repeats within ``rep_ms``, at least 3).
+    """
     if case.op == "e2e":
         # Whole model steps: one warmup, then at least one and at most 5 steps within
         # the budget (default 2 s; --rep-ms raises it).
@@ -288,7 +296,7 @@ def time_fn(fn, device: torch.device, case: Case, rep_ms: Optional[float]):
         import triton.testing as tt
 
         rep = rep_ms or 100.0
-        if case.mode == "decode" and case.T <= 64:
+        if case.mode == "decode" and case.T <= 64 and graph_safe:
             try:
                 res = tt.do_bench_cudagraph(fn, rep=rep, quantiles=[0.5, 0.2, 0.8])
                 return (*res, "cudagraph")
@@ -340,9 +348,12 @@ def profile_case(fn, device, label: str, outdir: str) -> None:
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
     path = os.path.join(outdir, f"{safe}.json")
     prof.export_chrome_trace(path)
-    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    print(f"\n[profile] {label} -> {path}")
-    print(prof.key_averages().table(sort_by=key, row_limit=10))
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\n[profile] {label} -> {path}  (top kernels/ops by self time; '# of Calls' = launches over 3 calls)")
+    try:
+        print(prof.key_averages().table(sort_by=key, row_limit=12))
+    except Exception:  # noqa: BLE001 - an older/newer profiler without that key
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12))
 
 
 # --------------------------------------------------------------------------- output
@@ -511,13 +522,23 @@ def run(args) -> int:
         print("\n".join(ncu_lines(args, cases, preset, dtype_name)))
         return 0
 
+    threads_note = ""
+    if device.type == "cpu":
+        cores = os.cpu_count() or 1
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        elif torch.get_num_threads() > 1 and load > cores - 0.5:
+            torch.set_num_threads(1)
+            threads_note = f" (load average {load:.1f} on {cores} cores: 1 thread; --threads overrides)"
+        threads_note = f"  threads={torch.get_num_threads()}" + threads_note
     env = env_info(device)
     t_start = time.perf_counter()
     ceiling = roofline.measure_device(device)
     header_lines = [
         f"proper-kernels benchmark  preset={preset}  dtype={dtype_name}  device={device}"
         + (f" ({env['gpu']})" if env["gpu"] else "") + f"  torch={env['torch']}  triton={env['triton'] or '-'}"
-        + f"  commit={env['git_commit'] or '-'}",
+        + f"  commit={env['git_commit'] or '-'}" + threads_note,
         f"measured ceilings: copy {ceiling.bandwidth / 1e9:.1f} GB/s; GEMM "
         + ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" for k, v in ceiling.gemm_rate.items()),
         f"refcheck: {'on (fp32 reference; tol = 3x same-dtype torch error + 64 eps)' if args.refcheck else 'off'}",
@@ -620,7 +641,7 @@ def run_case(case: Case, args, device, dtype, dtype_name, elem, ceiling, env, sk
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats(device)
             with _nvtx(label, device):
-                med, p20, p80, timer = time_fn(step, device, case, args.rep_ms)
+                med, p20, p80, timer = time_fn(step, device, case, args.rep_ms, prov.graph_safe)
             if device.type == "cuda":
                 row["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
             cost = cost_of(case, prov.work, elem, n_active)
