@@ -472,12 +472,15 @@ def ncu_lines(args, cases, preset, dtype_name) -> List[str]:
         for prov in args.provider_list:
             if c.op == "e2e":
                 continue
-            ranges = ['--nvtx-include "proper_kernels::mixture_fwd/"']
-            if c.grad:
-                ranges.append('--nvtx-include "proper_kernels::mixture_bwd/"')
-            kern = "-k regex:mixture " if prov in ("triton", "cuda") else ""
-            if prov not in ("triton", "cuda"):
+            if prov == "triton":
+                # The fused ops push these NVTX ranges (proper_kernels/ops/fused.py).
+                ranges = ['--nvtx-include "proper_kernels::mixture_fwd/"']
+                if c.grad:
+                    ranges.append('--nvtx-include "proper_kernels::mixture_bwd/"')
+                kern = '-k "regex:mixture|seg_xty" '
+            else:
                 ranges = [f'--nvtx-include "{bench_label(c, prov)}/"']
+                kern = '-k "regex:lora_mixture" ' if prov == "cuda" else ""
             out.append(
                 f"ncu --nvtx {' '.join(ranges)} {kern}--set full -o ncu-{c.op}-case{c.index}-{prov} "
                 f"python benchmarks/run.py --preset {preset} --op {c.op} --providers {prov} --case {c.index} "
