@@ -177,6 +177,7 @@ def main():
     ap.add_argument("--oppu", action="store_true", help="also run population -> user without the group stage")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=5e-3, help="learning rate of the three stages")
+    ap.add_argument("--user-lr", type=float, default=1e-3, help="learning rate of the user stage (per-user data is tiny)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (tiny models run fastest on one)")
     args = ap.parse_args()
     random.seed(args.seed)
@@ -186,10 +187,10 @@ def main():
 
     if args.quick:
         corpus = make_corpus(num_users=32, generic_seqs=1500, seed=args.seed)
-        sched = dict(pretrain=300, pop=5, group=5, user=5)
+        sched = dict(pretrain=300, pop=5, group=5, user=3)
     else:
-        corpus = make_corpus(num_users=96, generic_seqs=4000, seed=args.seed)
-        sched = dict(pretrain=1000, pop=6, group=6, user=6)
+        corpus = make_corpus(num_users=192, generic_seqs=6000, seed=args.seed)
+        sched = dict(pretrain=1500, pop=6, group=6, user=3)
     buckets = {b: sum(bucket_of(h) == b for h in corpus.history) for b in ("sparse", "medium", "rich")}
     print(f"corpus: {len(corpus.history)} users in {max(corpus.user_group) + 1} groups, "
           f"{len(corpus.train)} training / {len(corpus.heldout)} held-out sequences of {corpus.seq_len} tokens; "
@@ -215,7 +216,7 @@ def main():
     rows.append(("+ group", summarize(heldout_loss(pm, corpus), corpus)))
 
     pm.set_stage("user")
-    train_stage(pm, corpus.train, sched["user"], args.lr, 32, "stage 3: user", wd=0.0)
+    train_stage(pm, corpus.train, sched["user"], args.user_lr, 32, "stage 3: user", wd=0.0)
     rows.append(("+ user (PROPER)", summarize(heldout_loss(pm, corpus), corpus)))
 
     if args.oppu:  # population -> user directly (no experts): OPPU-style
@@ -228,7 +229,7 @@ def main():
                 layer.population_B.copy_(pop_state[f"{name}.merged_population_B"])
         opm.merge_population()
         opm.set_stage("user")
-        train_stage(opm, corpus.train, sched["user"], args.lr, 32, "OPPU: user only")
+        train_stage(opm, corpus.train, sched["user"], args.user_lr, 32, "OPPU: user only")
         rows.append(("pop + user (no group)", summarize(heldout_loss(opm, corpus), corpus)))
 
     print()
