@@ -122,3 +122,17 @@ def test_bad_constructor_args():
         ProperLinear(nn.Linear(4, 4), num_experts=2, top_k=3)
     with pytest.raises(ValueError, match="num_users"):
         ProperLinear(nn.Linear(4, 4), num_users=-1)
+
+
+def test_add_users_creates_bank_from_none():
+    base = nn.Linear(12, 7)
+    m = ProperLinear(base, num_experts=2, expert_rank=2, user_embed_dim=3, num_users=0, user_rank=2)
+    assert m.user_A is None and m.user_embedding is None
+    m.add_users(2)
+    assert m.user_A.shape == (2, 2, 12) and m.user_router.shape == (2, 2, 2) and m.user_embedding.shape == (2, 3)
+    assert m.use_user_lora and m.use_user_bias and m.use_user_router
+    x = torch.randn(4, 12)
+    y = m(x, user_ids=torch.tensor([0, 1, -1, 1]))
+    torch.testing.assert_close(y, base(x))  # fresh users start at the group-level output
+    y.sum().backward()
+    assert m.user_A.grad is not None

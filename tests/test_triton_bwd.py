@@ -471,10 +471,65 @@ def test_opcheck_mixture_bwd(dtype):
                                  p["user_ids"], p["user_logit_bias"], p["user_A"], p["user_B"], p["user_router"],
                                  p["expert_scale"], p["user_scale"], top_k, p["dy"].shape[1])
     uid, order, seg = _plan(p, N)
-    args = (p["dy"], p["x"], h, z, g, p["weight"], p["expert_A"], p["expert_B"], p["router_weight"], uid, order, seg,
+    args = (p["dy"], p["x"], h, z, g, torch.randn_like(g), p["weight"], p["expert_A"], p["expert_B"],
+            p["router_weight"], uid, order, seg,
             p["user_A"], p["user_B"], p["user_router"], p["expert_scale"], p["user_scale"],
             [True, False, True, True, True, True, True, True, True, True])
     torch.library.opcheck(torch.ops.proper_kernels.mixture_bwd.default, args,
                           test_utils=("test_schema", "test_faketensor"))
     out = torch.ops.proper_kernels.mixture_bwd(*args)
     assert out[0].dtype == dtype and out[1].numel() == 0
+
+
+@interp
+@pytest.mark.parametrize("law", ["uniform", "skewed_top1_d111", "user_bias_no_vrouter"])
+def test_gate_gradient_joins_softmax_backward(law):
+    """The gates' own gradient (balance loss) reaches W_r, c, V, A_u and x, as in autograd."""
+    p, N, top_k = _case(law, torch.float32)
+    _, h, z, g = mixture_fwd_ref(p["x"], p["weight"], None, p["expert_A"], p["expert_B"], p["router_weight"],
+                                 p["user_ids"], p["user_logit_bias"], p["user_A"], p["user_B"], p["user_router"],
+                                 p["expert_scale"], p["user_scale"], top_k, p["dy"].shape[1])
+    uid, order, seg = _plan(p, N)
+    dg = torch.randn_like(g)
+    needs = (True,) * 10
+    tail = (p["expert_scale"], p["user_scale"], needs)
+    out = MB.mixture_bwd(p["dy"], p["x"], h, z, g, p["weight"], p["expert_A"], p["expert_B"], p["router_weight"],
+                         uid, order, seg, p["user_A"], p["user_B"], p["user_router"], *tail, dg_ext=dg)
+    ref = mixture_bwd_ref(p["dy"], p["x"], h, z, g, p["weight"], p["expert_A"], p["expert_B"], p["router_weight"],
+                          p["user_ids"], p["user_A"], p["user_B"], p["user_router"], *tail, dg_ext=dg)
+    for name, a, b in zip(["dx", "dW0", "db", "dA_g", "dB_g", "dW_r", "dc", "dA_u", "dB_u", "dV"], out, ref):
+        if b is None:
+            continue
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-5, atol=2e-5 * max(1.0, b.abs().max().item()), msg=name)
+
+
+@interp
+def test_balance_loss_trains_router_through_kernels():
+    from proper_kernels import balance_loss, lora_mixture
+
+    p, N, top_k = _case("uniform", torch.float32)
+    names = ["router_weight", "user_logit_bias", "user_A", "user_router", "expert_A"]
+    grads = {}
+    for backend in ("reference", "triton"):
+        leaves = {k: p[k].detach().clone().requires_grad_(True) for k in names}
+        kw = {k: p[k] for k in ("expert_B", "user_B", "expert_scale", "user_scale", "user_ids")}
+        y, g = lora_mixture(p["x"], p["weight"], expert_A=leaves["expert_A"], router_weight=leaves["router_weight"],
+                            user_logit_bias=leaves["user_logit_bias"], user_A=leaves["user_A"],
+                            user_router=leaves["user_router"], top_k=top_k, return_gates=True, backend=backend, **kw)
+        (y.square().mean() + balance_loss(g)).backward()
+        grads[backend] = {k: v.grad for k, v in leaves.items()}
+        # gates alone: the balance loss by itself still reaches the router
+        leaves2 = {k: p[k].detach().clone().requires_grad_(True) for k in names}
+        _, g2 = lora_mixture(p["x"], p["weight"], expert_A=leaves2["expert_A"], router_weight=leaves2["router_weight"],
+                             user_logit_bias=leaves2["user_logit_bias"], user_A=leaves2["user_A"],
+                             user_router=leaves2["user_router"], top_k=top_k, return_gates=True, backend=backend, **kw)
+        balance_loss(g2).backward()
+        grads[backend + "-gates"] = {k: v.grad for k, v in leaves2.items()}
+    for key in ("", "-gates"):
+        for k in names:
+            a, b = grads["triton" + key][k], grads["reference" + key][k]
+            if b is None:
+                assert a is None or a.abs().max() == 0, k
+                continue
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(1.0, b.abs().max().item()), msg=k + key)
+    assert grads["triton-gates"]["router_weight"].abs().sum() > 0

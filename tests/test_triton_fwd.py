@@ -478,3 +478,17 @@ def test_gpu_fp32_top_k_and_no_weight():
     ref = run_ref(a)
     for o, rf in zip(run_fwd(a, N), ref):
         torch.testing.assert_close(o, rf, rtol=1e-4, atol=1e-4)
+
+
+@interp
+def test_strided_bias():
+    """A non-contiguous bias (weight None: the 'mixture' variant) reads the right elements."""
+    import proper_kernels as pk
+
+    torch.manual_seed(0)
+    x, A, B = torch.randn(5, 16), torch.randn(2, 3, 16), torch.randn(2, 12, 3)
+    b = torch.randn(24)[::2]
+    for w in (None, torch.randn(12, 16)):
+        y = pk.lora_mixture(x, w, b, expert_A=A, expert_B=B, backend="triton")
+        torch.testing.assert_close(y, pk.lora_mixture(x, w, b, expert_A=A, expert_B=B, backend="reference"),
+                                   rtol=2e-5, atol=2e-5)

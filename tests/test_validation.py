@@ -86,3 +86,22 @@ def test_no_output_size():
 def test_backend_unavailable_is_clear():
     with pytest.raises(RuntimeError, match="backend='cuda' is not usable"):
         call(backend="cuda")
+
+
+def test_tensor_scale_rejected():
+    with pytest.raises(TypeError, match="expert_scale must be a real number"):
+        call(expert_scale=torch.tensor(2.0, requires_grad=True))
+
+
+def test_zero_width_input_with_tokens():
+    y = pk.lora_mixture(torch.randn(3, 0), torch.randn(4, 0), torch.ones(4))
+    torch.testing.assert_close(y, torch.ones(3, 4))
+
+
+def test_plan_ids_are_the_routing():
+    kw = good()
+    x, w, b = kw.pop("x"), kw.pop("weight"), kw.pop("bias")
+    ids = kw.pop("user_ids")
+    p = pk.plan(ids, N)
+    y_plan = pk.lora_mixture(x, w, b, user_ids=torch.zeros_like(ids), plan=p, **kw)
+    torch.testing.assert_close(y_plan, pk.lora_mixture(x, w, b, user_ids=ids, **kw))

@@ -161,6 +161,8 @@ class ProperLinear(nn.Module):
             if user_router and num_experts:
                 self.user_router = nn.Parameter(torch.zeros(num_users, num_experts, user_rank, dtype=dt, device=dev))
 
+        self._router_embed_wanted = bool(num_experts and user_embed_dim)
+        self._user_router_wanted = bool(num_experts and user_router)
         self.use_population = population_rank > 0
         self.use_experts = num_experts > 0
         self.use_user_bias = self.user_embedding is not None
@@ -246,19 +248,25 @@ class ProperLinear(nn.Module):
         d_in = self.in_features
         dev, dt = self.weight.device, self._dtype
 
-        def grow(p: Optional[nn.Parameter], fresh: Tensor) -> Optional[nn.Parameter]:
+        def grow(p: Optional[nn.Parameter], fresh: Tensor) -> nn.Parameter:
+            # A layer built with num_users=0 has no bank yet: the first users create it.
             if p is None:
-                return None
-            q = nn.Parameter(torch.cat([p.data, fresh.to(p.dtype)], 0), requires_grad=p.requires_grad)
-            return q
+                return nn.Parameter(fresh)
+            return nn.Parameter(torch.cat([p.data, fresh.to(p.dtype)], 0), requires_grad=p.requires_grad)
 
-        if self.user_embedding is not None:
+        if self._router_embed_wanted:
+            if self.user_embed_proj is None:
+                self.user_embed_proj = nn.Parameter(
+                    _kaiming((self.num_experts, self.user_embed_dim), self.user_embed_dim, dt, dev))
             self.user_embedding = grow(self.user_embedding, torch.randn(n, self.user_embed_dim, device=dev, dtype=dt) * 0.02)
-        if self.user_A is not None:
+        if self.user_rank:
             self.user_A = grow(self.user_A, _kaiming((n, self.user_rank, d_in), d_in, dt, dev))
             self.user_B = grow(self.user_B, torch.zeros(n, self.out_features, self.user_rank, device=dev, dtype=dt))
-        if self.user_router is not None:
-            self.user_router = grow(self.user_router, torch.zeros(n, self.num_experts, self.user_rank, device=dev, dtype=dt))
+            if self._user_router_wanted:
+                self.user_router = grow(self.user_router, torch.zeros(n, self.num_experts, self.user_rank, device=dev, dtype=dt))
+        self.use_user_bias = self.use_user_bias or (self.num_users == 0 and self.user_embedding is not None)
+        self.use_user_lora = self.use_user_lora or (self.num_users == 0 and self.user_A is not None)
+        self.use_user_router = self.use_user_router or (self.num_users == 0 and self.user_router is not None)
         self.num_users += n
 
     def extra_repr(self) -> str:

@@ -108,6 +108,34 @@ def _fmt(t: Tensor) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
+def unsupported_reason(x, weight, bias, *, expert_A=None, expert_B=None, router_weight=None,
+                       user_ids=None, user_logit_bias=None, user_A=None, user_B=None,
+                       user_router=None) -> Optional[str]:
+    """Why the decode kernel cannot take these (already validated) arguments, or None.
+
+    No host sync: the dispatcher's ``auto`` mode asks this before choosing the kernel,
+    and falls back to Triton/reference on a reason instead of raising.
+    """
+    if x.dtype not in _DTYPE_CODES:
+        return f"dtype {x.dtype} (needs float16, bfloat16 or float32)"
+    if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_TOKENS:
+        return f"T = {x.shape[0]} outside [1, {MAX_TOKENS}]"
+    tensors = (x, weight, bias, expert_A, expert_B, router_weight, user_logit_bias, user_A, user_B, user_router)
+    for t in tensors:
+        if t is not None and t.dtype != x.dtype:
+            return "mixed dtypes"
+        if t is not None and not t.is_contiguous():
+            return "non-contiguous tensor"
+    if user_ids is not None and user_ids.dtype not in (torch.int32, torch.int64):
+        return f"user_ids dtype {user_ids.dtype}"
+    K = expert_A.shape[0] if expert_A is not None else 0
+    rank = (K * expert_A.shape[1] if expert_A is not None else 0) + (user_A.shape[1] if user_A is not None else 0)
+    rank += K if router_weight is not None else 0
+    if K > MAX_EXPERTS or rank > MAX_RANK_TOTAL:
+        return f"K = {K} or total rank {rank} above the kernel's limits ({MAX_EXPERTS}, {MAX_RANK_TOTAL})"
+    return None
+
+
 def check_decode_args(
     x,
     weight,

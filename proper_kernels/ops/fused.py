@@ -102,6 +102,7 @@ def mixture_bwd_op(
     h: Tensor,
     z: Tensor,
     g: Tensor,
+    dg: Optional[Tensor],
     weight: Optional[Tensor],
     expert_A: Optional[Tensor],
     expert_B: Optional[Tensor],
@@ -119,7 +120,8 @@ def mixture_bwd_op(
     """The 10 gradients (dx, dW0, db, dA_g, dB_g, dW_r, dc, dA_u, dB_u, dV): dx in
     x.dtype (its only consumer casts it there anyway; the kernel writes it once, with
     no [T, d_in] fp32 temporary), the others in the compute dtype; an entry not needed
-    (or whose parameter is absent) is an empty tensor of shape [0]."""
+    (or whose parameter is absent) is an empty tensor of shape [0]. ``dg`` [T, K] is
+    the gradient that reaches the gates directly (None when they were not used)."""
     with _nvtx("proper_kernels::mixture_bwd"):
         if _use_triton(x):
             from ..triton.mixture_bwd import mixture_bwd
@@ -127,12 +129,13 @@ def mixture_bwd_op(
             grads = mixture_bwd(
                 dy, x, h, z, g, weight, expert_A, expert_B, router_weight, user_ids, order,
                 seg_offsets, user_A, user_B, user_router, expert_scale, user_scale, tuple(needs),
-                dx_dtype=x.dtype,
+                dx_dtype=x.dtype, dg_ext=dg,
             )
         else:
             grads = mixture_bwd_ref(
                 dy, x, h, z, g, weight, expert_A, expert_B, router_weight, user_ids, user_A,
-                user_B, user_router, expert_scale, user_scale, tuple(needs),
+                user_B, user_router, expert_scale, user_scale, tuple(needs), dg_ext=dg,
+                num_users=seg_offsets.shape[0] - 2 if seg_offsets is not None else None,
             )
     # One fresh empty per absent entry: a custom op's outputs may not alias each other.
     cd = compute_dtype(x.dtype)
@@ -158,7 +161,7 @@ def _grad_shapes(x, weight, expert_A, router_weight, user_A, user_B, user_router
 
 
 @mixture_bwd_op.register_fake
-def _(dy, x, h, z, g, weight, expert_A, expert_B, router_weight, user_ids, order, seg_offsets,
+def _(dy, x, h, z, g, dg, weight, expert_A, expert_B, router_weight, user_ids, order, seg_offsets,
       user_A, user_B, user_router, expert_scale, user_scale, needs):
     cd = compute_dtype(x.dtype)
     d_out = dy.shape[1]
@@ -221,18 +224,27 @@ class LoraMixtureFunction(torch.autograd.Function):
         ctx.scales = (expert_scale, user_scale)
         params = (x, weight, bias, expert_A, expert_B, router_weight, user_logit_bias, user_A, user_B, user_router)
         ctx.dtypes = [p.dtype if p is not None else None for p in params]
-        ctx.mark_non_differentiable(g)
+        ctx.y_meta = (y.shape, y.dtype)
+        # The gates stay differentiable: their gradient (e.g. from the balance loss)
+        # joins dg before the softmax backward. Unused outputs arrive as None.
+        ctx.set_materialize_grads(False)
         return y, g
 
     @staticmethod
-    def backward(ctx, dy, _dg):
+    def backward(ctx, dy, dg):
         (x, h, z, g, weight, expert_A, expert_B, router_weight,
          user_ids, order, seg_offsets, user_A, user_B, user_router) = ctx.saved_tensors
         needs = list(ctx.needs_input_grad[:_NUM_GRADS])
-        if not any(needs):
+        if not any(needs) or (dy is None and (dg is None or g.numel() == 0)):
             return (None,) * 17
+        if dy is None:  # only the gates were used
+            dy = x.new_zeros(ctx.y_meta[0], dtype=ctx.y_meta[1])
+        if dg is not None and g.numel() > 0:
+            dg = dg.contiguous()
+        else:
+            dg = None
         grads = mixture_bwd_op(
-            dy.contiguous(), x, h, z, g, weight, expert_A, expert_B, router_weight, user_ids,
+            dy.contiguous(), x, h, z, g, dg, weight, expert_A, expert_B, router_weight, user_ids,
             order, seg_offsets, user_A, user_B, user_router, ctx.scales[0], ctx.scales[1], needs,
         )
         # ctx.needs_input_grad follows forward's argument order: x, weight, bias,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import numbers
 import os
 import sys
 from typing import Optional
@@ -10,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ..reference.mixture import lora_mixture_ref
+from . import cuda_decode
 from .plan import RoutingPlan
 from .validate import MixtureSpec, check_mixture_args
 
@@ -133,7 +135,8 @@ def lora_mixture(
         user_router:     V [N, K, r_u] (LoRA-aware router).
         top_k:           None (dense softmax) or an int in [1, K].
         plan:            a :class:`RoutingPlan` of user_ids, built once per batch and
-                         shared by all layers (built here when omitted).
+                         shared by all layers (built here when omitted). When both are
+                         given the plan's ids are used (its range was checked once).
         return_gates:    also return the gates g [..., K] (float32; None without experts).
         backend:         "auto", "reference", "triton" or "cuda"; None (default) reads
                          $PROPER_KERNELS_BACKEND, else "auto".
@@ -148,12 +151,17 @@ def lora_mixture(
         user_ids=user_ids, user_logit_bias=user_logit_bias, user_A=user_A, user_B=user_B,
         user_router=user_router, top_k=top_k, plan=plan,
     )
+    for name, scale in (("expert_scale", expert_scale), ("user_scale", user_scale)):
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            raise TypeError(f"{name} must be a real number (python float; a tensor scale would get no "
+                            f"gradient), got {type(scale).__name__}")
     lead = tuple(x.shape[:-1])
     x2 = x.reshape(spec.T, spec.d_in)
-    if user_ids is not None:
-        ids = user_ids.reshape(spec.T)
-    elif plan is not None:
+    # The plan, when given, is the routing of the batch: every backend reads its ids.
+    if plan is not None:
         ids = plan.user_ids
+    elif user_ids is not None:
+        ids = user_ids.reshape(spec.T)
     else:
         ids = None
     if spec.top_k is not None and spec.top_k >= spec.K:
@@ -161,6 +169,14 @@ def lora_mixture(
 
     params = (x, weight, bias, expert_A, expert_B, router_weight, user_logit_bias, user_A, user_B, user_router)
     which = choose_backend(x, spec, backend, params) if spec.T > 0 else "reference"
+    if which == "cuda" and (backend or os.environ.get("PROPER_KERNELS_BACKEND") or "auto") == "auto":
+        # auto only: a case the decode kernel does not cover (mixed dtypes, fp64, strided
+        # parameters, K > 64, ...) falls back instead of raising.
+        why = cuda_decode.unsupported_reason(
+            x2, weight, bias, expert_A=expert_A, expert_B=expert_B, router_weight=router_weight,
+            user_ids=ids, user_logit_bias=user_logit_bias, user_A=user_A, user_B=user_B, user_router=user_router)
+        if why is not None:
+            which = "triton" if _triton_usable(x.device) else "reference"
     kwargs = dict(
         expert_A=expert_A, expert_B=expert_B, expert_scale=float(expert_scale),
         router_weight=router_weight, user_ids=ids, user_logit_bias=user_logit_bias,
@@ -176,9 +192,7 @@ def lora_mixture(
             plan = RoutingPlan(ids, spec.N, check=False)  # ids were range-checked above
         y, gates = lora_mixture_fused(x2, weight, bias, spec=spec, plan=plan, return_gates=return_gates, **kwargs)
     else:
-        from .cuda_decode import lora_mixture_decode_cuda
-
-        y, gates = lora_mixture_decode_cuda(x2, weight, bias, return_gates=True, **kwargs)
+        y, gates = cuda_decode.lora_mixture_decode_cuda(x2, weight, bias, return_gates=True, **kwargs)
     y = y.reshape(*lead, spec.d_out)
     if not return_gates:
         return y

@@ -79,7 +79,9 @@ def check_mixture_args(
     if x.dim() < 1:
         raise ValueError("x must have at least 1 dim ([..., d_in]), got a 0-dim tensor")
     d_in = x.shape[-1]
-    T = x.numel() // d_in if d_in else 0
+    T = 1
+    for n in x.shape[:-1]:
+        T *= n
 
     named = {
         "weight": weight, "bias": bias, "expert_A": expert_A, "expert_B": expert_B,

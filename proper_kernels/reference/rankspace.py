@@ -95,9 +95,13 @@ def mixture_fwd_ref(
 def mixture_bwd_ref(
     dy: Tensor, x: Tensor, h: Tensor, z: Tensor, g: Tensor, weight, expert_A, expert_B,
     router_weight, user_ids, user_A, user_B, user_router, expert_scale: float, user_scale: float,
-    needs: Tuple[bool, ...],
+    needs: Tuple[bool, ...], *, dg_ext: Optional[Tensor] = None, num_users: Optional[int] = None,
 ):
     """Gradients of :func:`mixture_fwd_ref` from the saved codes.
+
+    ``dg_ext`` [T, K] is the gradient that reaches the gates directly (when the
+    caller uses them, e.g. in the balance loss); it joins dg before the softmax
+    backward. ``num_users`` sizes dc when no other user tensor does.
 
     ``needs`` has 10 flags, in the order of the result: (dx, dweight, dbias, dexpert_A,
     dexpert_B, drouter_weight, duser_logit_bias, duser_A, duser_B, duser_router).
@@ -108,7 +112,7 @@ def mixture_bwd_ref(
     cd = compute_dtype(x.dtype)
     dyc, xc = dy.to(cd), x.to(cd)
     T, d_out = dyc.shape
-    N = next((t.shape[0] for t in (user_A, user_router) if t is not None), None)
+    N = next((t.shape[0] for t in (user_A, user_router) if t is not None), num_users)
     segs = _segments(user_ids)
     dx = dyc @ weight.to(cd) if (n_x and weight is not None) else xc.new_zeros(xc.shape)
     dW0 = dyc.t() @ xc if n_w else None
@@ -124,6 +128,8 @@ def mixture_bwd_ref(
         e = expert_scale * (dyc @ B_cat)
         dh = G * e
         dg = (e * h).reshape(T, K, r).sum(-1)
+        if dg_ext is not None:
+            dg = dg + dg_ext.to(cd)
         dl = g * (dg - (g * dg).sum(-1, keepdim=True))
         if n_Ag:
             dA_g = (dh.t() @ xc).reshape(K, r, -1)

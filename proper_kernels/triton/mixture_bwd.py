@@ -50,17 +50,18 @@ __all__ = ["mixture_bwd"]
 
 @triton.jit
 def _mixture_bwd_rank_kernel(
-    DY, H, G, BG, BU, V, CODE, TILE_BUCKET, TILE_START, ORDER, SEG,
+    DY, H, G, DGX, BG, BU, V, CODE, TILE_BUCKET, TILE_START, ORDER, SEG,
     d_out, K, R, RU, expert_scale, user_scale,
     stride_dyt, stride_dyn,
     stride_ht, stride_hc,
     stride_gt, stride_gk,
+    stride_dgt, stride_dgk,
     stride_bgk, stride_bgn, stride_bgj,
     stride_buu, stride_bun, stride_buj,
     stride_vu, stride_vk, stride_vj,
     stride_ct, stride_cc,
     DH_OFF, DL_OFF, DZ_OFF,
-    HAS_ORDER: tl.constexpr, HAS_E: tl.constexpr, HAS_BU: tl.constexpr, HAS_V: tl.constexpr,
+    HAS_ORDER: tl.constexpr, HAS_DGX: tl.constexpr, HAS_E: tl.constexpr, HAS_BU: tl.constexpr, HAS_V: tl.constexpr,
     WRITE_DH: tl.constexpr, WRITE_DL: tl.constexpr, WRITE_DZ: tl.constexpr, LOWP: tl.constexpr,
     F64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     K_PAD: tl.constexpr, R_PAD: tl.constexpr, RU_PAD: tl.constexpr,
@@ -128,6 +129,9 @@ def _mixture_bwd_rank_kernel(
         gx = tl.reshape(tl.broadcast_to(gk[:, :, None], (BLOCK_M, K_PAD, R_PAD)), (BLOCK_M, K_PAD * R_PAD))
         dh = gx * e
         dg = tl.sum(tl.reshape(e * hm, (BLOCK_M, K_PAD, R_PAD)), axis=2)
+        if HAS_DGX:  # the gates' own gradient (e.g. from the balance loss)
+            dg += tl.load(DGX + tok[:, None] * stride_dgt + kk[None, :] * stride_dgk,
+                          mask=row_ok[:, None] & (kk[None, :] < K), other=0.0).to(dg.dtype)
         # softmax backward; top_k needs nothing more: g is 0 off the kept set.
         dl = gk * (dg - tl.sum(gk * dg, axis=1)[:, None])
         if WRITE_DH:
@@ -367,7 +371,7 @@ def mixture_bwd(
     router_weight: Optional[Tensor], user_ids: Optional[Tensor], order: Optional[Tensor],
     seg_offsets: Optional[Tensor], user_A: Optional[Tensor], user_B: Optional[Tensor],
     user_router: Optional[Tensor], expert_scale: float, user_scale: float, needs: Tuple[bool, ...],
-    *, dx_dtype: Optional[torch.dtype] = None,
+    *, dx_dtype: Optional[torch.dtype] = None, dg_ext: Optional[Tensor] = None,
 ):
     """All gradients of the mixture from the saved codes (contract: ``mixture_bwd_ref``).
 
@@ -380,6 +384,8 @@ def mixture_bwd(
         RoutingPlan; None when no user-indexed tensor exists); user_A [N, r_u, d_in];
         user_B [N, d_out, r_u]; user_router [N, K, r_u]; needs: 10 bools.
         dx_dtype: dtype of dx (default: the compute dtype, as the contract says).
+        dg_ext [T, K]: gradient reaching the gates directly; joins dg before the
+        softmax backward (None: the gates were not used).
 
     Returns (dx, dW0, db, dA_g, dB_g, dW_r, dc, dA_u, dB_u, dV), each in the compute
     dtype (dx in ``dx_dtype``), None where not needed or not applicable. Mutates
@@ -439,19 +445,21 @@ def mixture_bwd(
         if G > 0:
             eA = expert_B if has_e else code
             _mixture_bwd_rank_kernel[(G,)](
-                dy, h if has_e else code, g if has_e else code, eA,
+                dy, h if has_e else code, g if has_e else code,
+                dg_ext if dg_ext is not None else code, eA,
                 user_B if has_bu else code, user_router if has_v else code, code,
                 tb, ts, order_arg, seg,
                 d_out, K, r, r_u, float(expert_scale), float(user_scale),
                 dy.stride(0), dy.stride(1),
                 h.stride(0) if has_e else 0, h.stride(1) if has_e else 0,
                 g.stride(0) if has_e else 0, g.stride(1) if has_e else 0,
+                *(dg_ext.stride() if dg_ext is not None else (0, 0)),
                 *(expert_B.stride() if has_e else (0, 0, 0)),
                 *(user_B.stride() if has_bu else (0, 0, 0)),
                 *(user_router.stride() if has_v else (0, 0, 0)),
                 code.stride(0), code.stride(1),
                 dh_off, dl_off, dz_off,
-                HAS_ORDER=has_order, HAS_E=has_e and (need_dl or need_dh), HAS_BU=has_bu and need_dz,
+                HAS_ORDER=has_order, HAS_DGX=dg_ext is not None and has_e, HAS_E=has_e and (need_dl or need_dh), HAS_BU=has_bu and need_dz,
                 HAS_V=has_v and need_dz, WRITE_DH=need_dh, WRITE_DL=need_dl, WRITE_DZ=need_dz, LOWP=lowp,
                 F64=cd == torch.float64,
                 BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], K_PAD=c["K_PAD"], R_PAD=c["R_PAD"],

@@ -511,6 +511,8 @@ def mixture_fwd(
                                user_logit_bias, user_A, user_B, user_router, expert_scale,
                                user_scale, top_k, d_out)
     x = x.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()  # the kernels index it with unit stride
     T, d_in = x.shape
     dev = x.device
     f32 = torch.float32
