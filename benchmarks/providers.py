@@ -231,7 +231,8 @@ class Provider:
         return None
 
     def setup(self, case, layers: List[Dict[str, object]], ids: Tensor, plan) -> List[Callable[[Tensor], Tensor]]:
-        raise NotImplementedError
+        """One function of x per projection of the case; every concrete provider defines it."""
+        raise NotImplementedError(f"provider {self.name!r} defines no setup()")
 
     def compose(self, case, layers, ids, plan) -> Callable[[Tensor], Tensor]:
         """The op as a function of x: one linear, or the gated MLP over gate/up/down."""

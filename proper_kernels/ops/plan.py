@@ -15,6 +15,8 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..triton.tiles import segment_tiles
+
 __all__ = ["RoutingPlan", "plan"]
 
 
@@ -83,8 +85,9 @@ class RoutingPlan:
         the user id). G is a host-side upper bound, a function of (T, N, block_m)
         only, so kernels launched over it never recompile or sync per batch.
         """
-        if block_m in self._tiles:
-            return self._tiles[block_m]
+        if block_m not in self._tiles:
+            self._tiles[block_m] = segment_tiles(self.seg_offsets, self.num_tokens, block_m)
+        return self._tiles[block_m]
         T, nb = self.num_tokens, self.num_users + 1
         G = min(T, -(-T // block_m) + nb) if T else 0
         off = self.seg_offsets.long()

@@ -42,6 +42,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .tiles import segment_tiles
+
 __all__ = ["mixture_bwd"]
 
 
@@ -318,25 +320,6 @@ def _mm(a: Tensor, b: Tensor, dt: torch.dtype, out: torch.dtype) -> Tensor:
     return torch.mm(a.to(dt), b.to(dt)).to(out)
 
 
-def _tile_table(seg_offsets: Tensor, T: int, block_m: int) -> Tuple[Tensor, Tensor, int]:
-    """Tiles of <= block_m sorted tokens within one bucket; same rule as
-    ``RoutingPlan.tile_table`` (the triton layer does not import ops)."""
-    nb = seg_offsets.numel() - 1
-    G = min(T, -(-T // block_m) + nb) if T else 0
-    off = seg_offsets.long()
-    counts = off[1:] - off[:-1]
-    tiles = (counts + block_m - 1) // block_m
-    cum = torch.cumsum(tiles, 0)
-    i = torch.arange(G, device=seg_offsets.device)
-    b = torch.searchsorted(cum, i, right=True)
-    valid = b < nb
-    b = b.clamp(max=nb - 1)
-    start = off[b] + (i - (cum[b] - tiles[b])) * block_m
-    tile_bucket = torch.where(valid, b, torch.full_like(b, -1)).to(torch.int32)
-    tile_start = torch.where(valid, start, torch.zeros_like(start)).to(torch.int32)
-    return tile_bucket, tile_start, G
-
-
 def _seg_xty(X: Tensor, Y: Optional[Tensor], out: Tensor, order: Tensor, seg: Tensor, scale: float,
              lowp: bool, cfg: dict) -> Tensor:
     """out[u] = scale * X_seg(u)^T Y_seg(u) for every user u (out [N, M, Nn]); Y None: ones."""
@@ -441,7 +424,7 @@ def mixture_bwd(
     if need_dl or need_dh or need_dz:
         code = torch.empty(T, KR + K + r_u, device=dev, dtype=cd)
         c = cfg["rank"]
-        tb, ts, G = _tile_table(seg, T, c["BLOCK_M"])
+        tb, ts, G = segment_tiles(seg, T, c["BLOCK_M"])
         if G > 0:
             eA = expert_B if has_e else code
             _mixture_bwd_rank_kernel[(G,)](
@@ -485,7 +468,7 @@ def mixture_bwd(
         else:
             c = cfg["dx"]
             dx = base if (base is not None and base.dtype == dx_dtype) else torch.empty(T, d_in, device=dev, dtype=dx_dtype)
-            tb, ts, G = _tile_table(seg, T, c["BLOCK_M"])
+            tb, ts, G = segment_tiles(seg, T, c["BLOCK_M"])
             A_cat = expert_A.reshape(KR, d_in) if has_e else code
             grid = (G, triton.cdiv(d_in, c["BLOCK_N"]))
             if G > 0:
