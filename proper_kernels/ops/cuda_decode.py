@@ -154,6 +154,7 @@ def check_decode_args(
     top_k=None,
     out=None,
     require_cuda: bool = True,
+    plan=None,
 ):
     """Validate every argument of :func:`lora_mixture_decode_cuda` (no CUDA call).
 
@@ -186,7 +187,7 @@ def check_decode_args(
     spec = check_mixture_args(
         x, weight, bias, expert_A=expert_A, expert_B=expert_B, router_weight=router_weight,
         user_ids=user_ids, user_logit_bias=user_logit_bias, user_A=user_A, user_B=user_B,
-        user_router=user_router, top_k=top_k,
+        user_router=user_router, top_k=top_k, plan=plan,
     )
 
     shapes = {
@@ -275,6 +276,7 @@ def lora_mixture_decode_cuda(
     top_k: Optional[int] = None,
     out: Optional[Tensor] = None,
     return_gates: bool = False,
+    plan=None,
 ) -> Union[Tensor, Tuple[Tensor, Optional[Tensor]]]:
     """y = x W0^T + b + s_g sum_k g_k B_k A_k x + s_u B_u A_u x, decode forward on CUDA.
 
@@ -291,6 +293,8 @@ def lora_mixture_decode_cuda(
             logits, the others 0 (ties: lower expert index wins).
         out: optional preallocated y [T, d_out] (x's dtype); it is overwritten.
         return_gates: also return the gates.
+        plan: the batch's RoutingPlan; its ids were range-checked when it was built,
+            so passing it skips the per-call host sync of that check.
 
     Returns:
         y [T, d_out] in x.dtype; with return_gates, (y, gates [T, K] float32 or None
@@ -298,7 +302,7 @@ def lora_mixture_decode_cuda(
 
     Mutates only ``out`` (when given). Forward only: raises ValueError when autograd
     would need a graph (call under torch.no_grad() / inference_mode()). Validating
-    user_ids costs one host sync. Accumulation is fp32; the base GEMM runs in x's
+    user_ids costs one host sync, unless ``plan`` is given. Accumulation is fp32; the base GEMM runs in x's
     dtype through torch, the adapter delta is added to it in fp32 and rounded once.
     """
     ext = _load()
@@ -308,7 +312,7 @@ def lora_mixture_decode_cuda(
         x, weight, bias, expert_A=expert_A, expert_B=expert_B, expert_scale=expert_scale,
         router_weight=router_weight, user_ids=user_ids, user_logit_bias=user_logit_bias,
         user_A=user_A, user_B=user_B, user_scale=user_scale, user_router=user_router,
-        top_k=top_k, out=out, require_cuda=True,
+        top_k=top_k, out=out, require_cuda=True, plan=plan,
     )
     if torch.is_grad_enabled() and any(
         t is not None and t.requires_grad

@@ -192,7 +192,7 @@ def lora_mixture(
             plan = RoutingPlan(ids, spec.N, check=False)  # ids were range-checked above
         y, gates = lora_mixture_fused(x2, weight, bias, spec=spec, plan=plan, return_gates=return_gates, **kwargs)
     else:
-        y, gates = cuda_decode.lora_mixture_decode_cuda(x2, weight, bias, return_gates=True, **kwargs)
+        y, gates = cuda_decode.lora_mixture_decode_cuda(x2, weight, bias, return_gates=True, plan=plan, **kwargs)
     y = y.reshape(*lead, spec.d_out)
     if not return_gates:
         return y

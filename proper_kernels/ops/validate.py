@@ -93,16 +93,16 @@ def check_mixture_args(
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all tensors must share x's device")
 
     # Base linear.
-    d_out = None
+    d_out, d_out_src = None, None  # d_out and the argument that fixed it
     if weight is not None:
         _tensor("weight", weight, 2, "[d_out, d_in]")
         _dim("weight", weight, 1, d_in, "d_in = x.shape[-1]", "[d_out, d_in]")
-        d_out = weight.shape[0]
+        d_out, d_out_src = weight.shape[0], "weight.shape[0]"
     if bias is not None:
         _tensor("bias", bias, 1, "[d_out]")
         if d_out is not None:
-            _dim("bias", bias, 0, d_out, "d_out = weight.shape[0]", "[d_out]")
-        d_out = bias.shape[0]
+            _dim("bias", bias, 0, d_out, f"d_out = {d_out_src}", "[d_out]")
+        d_out, d_out_src = bias.shape[0], d_out_src or "bias.shape[0]"
 
     # Group experts.
     if (expert_A is None) != (expert_B is None):
@@ -118,8 +118,8 @@ def check_mixture_args(
         _dim("expert_B", expert_B, 0, K, "K = expert_A.shape[0]", "[K, d_out, r]")
         _dim("expert_B", expert_B, 2, r, "r = expert_A.shape[1]", "[K, d_out, r]")
         if d_out is not None:
-            _dim("expert_B", expert_B, 1, d_out, "d_out = weight.shape[0]", "[K, d_out, r]")
-        d_out = expert_B.shape[1]
+            _dim("expert_B", expert_B, 1, d_out, f"d_out = {d_out_src}", "[K, d_out, r]")
+        d_out, d_out_src = expert_B.shape[1], d_out_src or "expert_B.shape[1]"
     if K == 0:
         for name in ("router_weight", "user_logit_bias", "user_router"):
             if named[name] is not None:
@@ -160,7 +160,7 @@ def check_mixture_args(
         _users("user_B", user_B)
         _dim("user_B", user_B, 2, r_u, "r_u = user_A.shape[1]", "[N, d_out, r_u]")
         if d_out is not None:
-            _dim("user_B", user_B, 1, d_out, "d_out of weight/expert_B", "[N, d_out, r_u]")
+            _dim("user_B", user_B, 1, d_out, f"d_out = {d_out_src}", "[N, d_out, r_u]")
         d_out = user_B.shape[1]
     if user_router is not None:
         if user_A is None:
