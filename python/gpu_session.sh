@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The GPU checks of proper-kernels in a few calls of the device tool, each under its
+# 10-minute limit, all writing under $OUT (what comes back to the session):
+#
+#   bash python/gpu_session.sh tests      # install + build csrc/ + the whole suite (GPU tests run)
+#   bash python/gpu_session.sh decode     # square-4096 decode T in {1,16,64,256}: every provider
+#   bash python/gpu_session.sh prefill    # square-4096 fwd + fwdbwd T in {1024,8192} (peak memory too)
+#   bash python/gpu_session.sh mlp        # llama-7b-mlp
+#   bash python/gpu_session.sh e2e        # tokens/s of a stage-3 step and of generation
+#   bash python/gpu_session.sh all        # tests + decode in one call (first call of a session)
+#
+# Files follow benchmarks/results/README.md: <gpu>-<date>-<preset>[-<op>].{csv,jsonl,txt};
+# copy them to benchmarks/results/ and commit them with the session's note.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/out}
+mkdir -p "$OUT"
+stage=${1:-all}
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr 'A-Z' 'a-z' | sed -E 's/nvidia //; s/[^a-z0-9]+/-/g; s/-$//')
+gpu=${gpu:-nogpu}
+day=$(date +%F)
+prefix="$OUT/$gpu-$day"
+
+install() {
+    # build/ is git-ignored, so the device machine keeps it between calls: install once.
+    if [ ! -f build/.gpu-installed ]; then
+        mkdir -p build
+        python -m pip install --no-deps --no-build-isolation -e . > build/install.log 2>&1 \
+            || { tail -20 build/install.log; return 1; }
+        touch build/.gpu-installed
+    fi
+    cp build/install.log "$OUT/install.log"
+    { nvidia-smi; python -m proper_kernels.env; } > "$prefix-env.txt" 2>&1
+    cat "$prefix-env.txt" | tail -12
+}
+
+bench() {  # bench NAME ARGS...: one benchmark run, its command kept in the .txt
+    local name=$1; shift
+    echo "\$ python benchmarks/run.py $* --output $prefix-$name" > "$prefix-$name.cmd"
+    timeout 560 python benchmarks/run.py "$@" --no-progress --output "$prefix-$name" 2>&1 | tail -60
+}
+
+case "$stage" in
+    tests)   install && timeout 560 python -m pytest tests -q -x -rs 2>&1 | tee "$prefix-tests.txt" | tail -30 ;;
+    decode)  install && bench square-4096-decode --preset square-4096 --op decode ;;
+    prefill) install && bench square-4096-prefill --preset square-4096 --op fwd,fwdbwd ;;
+    mlp)     install && bench llama-7b-mlp --preset llama-7b-mlp ;;
+    e2e)     install && bench e2e --preset e2e ;;
+    all)     install && timeout 330 python -m pytest tests -q -x -rs 2>&1 | tee "$prefix-tests.txt" | tail -30
+             bench square-4096-decode --preset square-4096 --op decode ;;
+    *) echo "usage: $0 {tests|decode|prefill|mlp|e2e|all}" >&2; exit 2 ;;
+esac
