@@ -99,11 +99,28 @@ def fwd_config(T: int, d_in: int, d_out: int, rank: int, variant: str) -> FwdCon
     H100 choices (not measured here; tune with python/ sweeps):
     * decode (T <= 256): BM = next pow2 of T in [16, 64]; the shrink splits d_in so
       that m_tiles * SPLIT_K ~ 1-2 waves of 132 SMs (each slice >= one BK=32/64 step);
-      the expand uses BN = 32/64 so cdiv(d_out, BN) * m_tiles >= 132.
+      the expand uses BN = 32/64 so cdiv(d_out, BN) * m_tiles >= 132, with 8 warps
+      once BM = 64 (see the register note below).
     * prefill: shrink BM=64, BK=64, 8 warps when K r >= 128 (h acc is 64 x K r fp32);
       fused GEMM 128 x 128 x 64, 8 warps, 3 stages, GROUP_M=8 (the base GEMM
       dominates: ~275 GFLOP vs 19 for the mixture at d=4096, T=8192);
       standalone expand 64 x 128 (only the rank-space K-dim, ~144 deep).
+
+    Registers (ptxas, sm_90, bf16, K=8 r=16 r_u=16; check with python/aot_check.py
+    --fail-on-spill, enforced by tests/test_aot.py):
+    * decode expand at BM = 64 finishes the gates in its epilogue (split-K shrink):
+      the h tile [64, K r] fp32, the one-hot gate repeat and the V_u loop sit next to
+      the [64, BN] accumulator. With 4 warps that is 255 registers and spills
+      (16-56 B, BN = 64; 4 B standalone at BN = 32); 8 warps spread the same tiles
+      over twice the threads (130-188 registers, no spill). Decode is bandwidth
+      bound, so the extra warps cost nothing and add loads in flight; the tile shape
+      (and so the grid that fills 132 SMs) is unchanged. BM = 16 keeps 4 warps
+      (~100 registers).
+    * prefill fused GEMM keeps 128 x 128 x 64, 8 warps, 3 stages (168 registers, no
+      spill since the shrink finishes the gates and writes s_g G*h): the base GEMM
+      is ~93% of the FLOPs, and a 64-wide BN or 4 warps would cost tensor-core tile
+      efficiency against cuBLAS for no register gain. If the epilogue grows again,
+      prefer moving work to the shrink over shrinking this tile.
     """
     decode = T <= DECODE_MAX_T
     regime = "decode" if decode else "prefill"
@@ -123,7 +140,8 @@ def fwd_config(T: int, d_in: int, d_out: int, rank: int, variant: str) -> FwdCon
         split = max(1, min(triton.cdiv(d_in, bk), want))
         bn = 64 if m_tiles * triton.cdiv(d_out, 64) >= _NUM_SMS_H100 else 32
         bk_base = 128 if variant == "fused" else 64
-        return FwdConfig(regime, bm, bk, split, 4, 3, bn, bk_base, 1, 4, 4)
+        ew = 8 if bm >= 64 else 4  # 4 warps at BM = 64 spill (gates in the epilogue)
+        return FwdConfig(regime, bm, bk, split, 4, 3, bn, bk_base, 1, ew, 4)
     shrink_warps = 8 if rank >= 128 else 4
     if variant == "fused":
         # The shrink keeps a 64-row tile (its h accumulator is BM x K r fp32).
