@@ -11,13 +11,27 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "lora_mixture_decode.h"
+
+#ifdef PROPER_KERNELS_EMULATE
+#include "emu/cuda_emu.h"
+// csrc/emu/selftest.cpp
+std::vector<std::string> pk_emu_run_selftest(const std::string& name, std::vector<float>* out);
+std::vector<std::string> pk_emu_selftest_names();
+#endif
 
 namespace py = pybind11;
 using proper_kernels::DecodeArgs;
 
-PYBIND11_MODULE(_C, m) {
+// proper_kernels._C on a GPU build; the CPU emulation build (python/build_cuda.py
+// --emulate) names it _C_emu and adds configure() / launches().
+#ifndef PROPER_KERNELS_MODULE_NAME
+#define PROPER_KERNELS_MODULE_NAME _C
+#endif
+
+PYBIND11_MODULE(PROPER_KERNELS_MODULE_NAME, m) {
   m.doc() =
       "CUDA decode kernel of the PROPER LoRA mixture (raw pointers, no torch). "
       "Use proper_kernels.ops.cuda_decode, which validates arguments.";
@@ -93,6 +107,10 @@ PYBIND11_MODULE(_C, m) {
           err = proper_kernels::decode_launch(a);
         }
         if (!err.empty()) throw std::runtime_error(err);
+#ifdef PROPER_KERNELS_EMULATE
+        const std::string fault = pk_emu::take_fault();
+        if (!fault.empty()) throw std::runtime_error("proper_kernels._C_emu: kernel fault: " + fault);
+#endif
       },
       py::arg("dtype"), py::arg("device"), py::arg("stream"), py::arg("T"), py::arg("d_in"),
       py::arg("d_out"), py::arg("K"), py::arg("r"), py::arg("top_k"), py::arg("N"),
@@ -103,4 +121,51 @@ PYBIND11_MODULE(_C, m) {
       py::arg("workspace_bytes"),
       "Enqueue y_out = (y_in or 0) + delta on `stream` (see csrc/lora_mixture_decode.h). "
       "Pointers are ints; 0 means absent. user_ids must be int32.");
+
+#ifdef PROPER_KERNELS_EMULATE
+  m.attr("EMULATED") = true;
+  m.def(
+      "configure",
+      [](int sms, int cc_major, bool reverse, bool fail_pdl, bool capturing, int64_t max_dynamic_smem) {
+        if (sms < 1) throw std::invalid_argument("sms must be >= 1");
+        if (max_dynamic_smem < 0) throw std::invalid_argument("max_dynamic_smem must be >= 0");
+        pk_emu::config.max_dynamic_smem = static_cast<size_t>(max_dynamic_smem);
+        pk_emu::config.sms = sms;
+        pk_emu::config.cc_major = cc_major;
+        pk_emu::config.reverse = reverse;
+        pk_emu::config.fail_pdl = fail_pdl;
+        pk_emu::config.capturing = capturing;
+      },
+      py::arg("sms") = 132, py::arg("cc_major") = 9, py::arg("reverse") = false,
+      py::arg("fail_pdl") = false, py::arg("capturing") = false,
+      py::arg("max_dynamic_smem") = 48 * 1024,
+      "Set the emulated device: SM count, compute capability major (>= 9 takes the PDL "
+      "path), thread order within a block, a failing PDL launch, a capturing stream, the "
+      "dynamic shared memory a launch may ask for. Every call resets what it omits.");
+  m.def(
+      "launches",
+      [](bool clear) {
+        py::list out;
+        for (const auto& r : pk_emu::launches)
+          out.append(py::dict(py::arg("kernel") = r.kernel,
+                              py::arg("grid") = py::make_tuple(r.grid.x, r.grid.y, r.grid.z),
+                              py::arg("block") = py::make_tuple(r.block.x, r.block.y, r.block.z),
+                              py::arg("smem") = r.smem, py::arg("pdl") = r.pdl));
+        if (clear) pk_emu::launches.clear();
+        return out;
+      },
+      py::arg("clear") = true, "The launches made since the last clear, as dicts.");
+  m.def("selftest_names", &pk_emu_selftest_names, "Names of the emulator's self-test kernels.");
+  m.def(
+      "selftest",
+      [](const std::string& name) {
+        std::vector<float> out;
+        const std::vector<std::string> res = pk_emu_run_selftest(name, &out);
+        return py::make_tuple(res[0], res[1], out);
+      },
+      py::arg("name"),
+      "Run one self-test kernel: (launch error name or '', fault or '', 64 outputs).");
+#else
+  m.attr("EMULATED") = false;
+#endif
 }

@@ -37,9 +37,17 @@
 // griddepcontrol.launch_dependents at its start, expand blocks get resident early,
 // prefetch their B tiles into L2, then block in griddepcontrol.wait until the shrink
 // has finished and flushed. On older GPUs it is a plain stream-ordered launch.
+#ifdef PROPER_KERNELS_EMULATE
+#include "emu/cuda_emu.h"  // CPU emulation build for CI (python/build_cuda.py --emulate)
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+// Hooks of the emulation build; nothing on a GPU.
+#define PK_DYNAMIC_SMEM(type, name) extern __shared__ type name[]
+#define PK_CHECK_ALIGNED(ptr) ((void)0)
+#define PK_KERNEL_NAME(name) ((void)0)
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -121,10 +129,12 @@ template <typename T, int VEC, bool kReadOnly>
 __device__ __forceinline__ void load_vec(const T* ptr, float (&out)[VEC]) {
   using Raw = typename RawVec<VEC * sizeof(T)>::type;
   Raw raw;
+  const Raw* src = reinterpret_cast<const Raw*>(ptr);
   if (kReadOnly) {
-    raw = __ldg(reinterpret_cast<const Raw*>(ptr));
+    raw = __ldg(src);
   } else {
-    raw = *reinterpret_cast<const Raw*>(ptr);
+    PK_CHECK_ALIGNED(src);
+    raw = *src;
   }
   const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
@@ -138,7 +148,9 @@ __device__ __forceinline__ void load_smem(const float* ptr, float (&out)[VEC]) {
   if constexpr (VEC % 4 == 0) {
 #pragma unroll
     for (int i = 0; i < VEC; i += 4) {
-      const float4 v = *reinterpret_cast<const float4*>(ptr + i);
+      const float4* src = reinterpret_cast<const float4*>(ptr + i);
+      PK_CHECK_ALIGNED(src);
+      const float4 v = *src;
       out[i] = v.x;
       out[i + 1] = v.y;
       out[i + 2] = v.z;
@@ -184,7 +196,11 @@ __device__ __forceinline__ void pdl_wait() {
 }
 
 __device__ __forceinline__ void prefetch_l2(const void* ptr) {
+#if defined(__CUDA_ARCH__)
   asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr));
+#else
+  (void)ptr;
+#endif
 }
 
 // ---- kernel 1: shrink -----------------------------------------------------------
@@ -311,7 +327,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
     _lora_mixture_expand_kernel(const KernelParams p) {
-  extern __shared__ float4 smem_raw[];
+  PK_DYNAMIC_SMEM(float4, smem_raw);
   float* s_v = reinterpret_cast<float*>(smem_raw);  // [kTokTile][Rp] rank vectors
   float* s_g = s_v + kTokTile * p.Rp;                // [kTokTile][Kp] logits, then gates
   int* s_uid = reinterpret_cast<int*>(s_g + kTokTile * p.Kp);  // [kTokTile]
@@ -588,33 +604,37 @@ bool pdl_disabled_by_env() {
   return v != nullptr && v[0] != '\0' && std::strcmp(v, "0") != 0;
 }
 
+// One launch through cudaLaunchKernelEx, with the programmatic-serialization
+// attribute when `pdl` (the kernel may then start before the previous one ends and
+// must call pdl_wait before reading its output). Returns the launch's error.
+cudaError_t launch_kernel(void (*kernel)(KernelParams), const char* name, dim3 grid, size_t smem,
+                          cudaStream_t stream, bool pdl, const KernelParams& p) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  PK_KERNEL_NAME(name);
+  return cudaLaunchKernelEx(&cfg, kernel, p);
+}
+
 template <typename T, int VEC>
 std::string launch_typed(const KernelParams& p, dim3 grid1, dim3 grid2, size_t smem,
                          cudaStream_t stream, bool pdl) {
-  _lora_mixture_shrink_kernel<T, VEC><<<grid1, kThreads, 0, stream>>>(p);
-  cudaError_t e = cudaGetLastError();
+  cudaError_t e = launch_kernel(_lora_mixture_shrink_kernel<T, VEC>, "shrink", grid1, 0, stream, false, p);
   if (e != cudaSuccess) return cuda_msg("shrink kernel launch", e);
-  if (pdl) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = grid2;
-    cfg.blockDim = dim3(kThreads);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    e = cudaLaunchKernelEx(&cfg, _lora_mixture_expand_kernel<T, VEC>, p);
-    if (e == cudaSuccess) return "";
-    cudaGetLastError();  // clear, fall back to a plain launch
+  e = launch_kernel(_lora_mixture_expand_kernel<T, VEC>, "expand", grid2, smem, stream, pdl, p);
+  if (e != cudaSuccess && pdl) {
+    cudaGetLastError();  // clear; fall back to a plain stream-ordered launch
     KernelParams q = p;
     q.prefetch = 0;
-    _lora_mixture_expand_kernel<T, VEC><<<grid2, kThreads, smem, stream>>>(q);
-  } else {
-    _lora_mixture_expand_kernel<T, VEC><<<grid2, kThreads, smem, stream>>>(p);
+    e = launch_kernel(_lora_mixture_expand_kernel<T, VEC>, "expand", grid2, smem, stream, false, q);
   }
-  e = cudaGetLastError();
   if (e != cudaSuccess) return cuda_msg("expand kernel launch", e);
   return "";
 }
@@ -782,6 +802,9 @@ std::string decode_launch(const DecodeArgs& a) {
 
 std::vector<std::string> built_archs() {
   std::vector<std::string> out;
+#ifdef PROPER_KERNELS_EMULATE
+  out.push_back("cpu-emulation");
+#endif
 #ifdef __CUDA_ARCH_LIST__
   const int archs[] = {__CUDA_ARCH_LIST__};
   for (int a : archs) out.push_back("sm_" + std::to_string(a / 10));

@@ -22,6 +22,12 @@ as new as the toolkit it was built with.
 Standalone: `python python/build_cuda.py --check` builds the extension into a temp
 directory through the same setuptools path, imports it and prints its architectures
 (exit 0 on success, 1 on a build failure, 2 when nvcc or pybind11 is missing).
+
+CPU emulation: `python python/build_cuda.py --emulate` compiles the same csrc/ sources
+with the host C++ compiler against csrc/emu/cuda_emu.h (no nvcc, no GPU) into the
+module `_C_emu`, cached under build/emu/ by a hash of the sources and flags, and
+prints its path. `proper_kernels.ops.cuda_decode.run_extension(mod, ...)` runs the
+decode kernel through it on CPU tensors: that is how CI executes the CUDA kernel.
 """
 from __future__ import annotations
 
@@ -39,6 +45,9 @@ EXT_NAME = "proper_kernels._C"
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 CU_SOURCES = ["csrc/lora_mixture_decode.cu"]
 CPP_SOURCES = ["csrc/bindings.cpp"]
+EMU_SOURCES = ["csrc/emu/cuda_emu.cpp", "csrc/emu/selftest.cpp"]
+EMU_HEADERS = ["csrc/emu/cuda_emu.h", "csrc/lora_mixture_decode.h"]
+EMU_NAME = "_C_emu"
 
 
 def _say(msg: str) -> None:
@@ -245,14 +254,90 @@ def check(repo_root: str) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _host_cxx() -> str | None:
+    for cand in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if cand and shutil.which(cand):
+            return shutil.which(cand)
+    return None
+
+
+def build_emulator(repo_root: str, out_dir: str | None = None, verbose: bool = False) -> str:
+    """Compile the CPU emulation module `_C_emu` and return the path of the .so.
+
+    Cached: the file name carries a hash of the sources, the compiler and the flags,
+    so an unchanged tree reuses the previous build (about 10 s otherwise). Raises
+    RuntimeError naming what is missing (a C++17 compiler, pybind11) or the compiler's
+    output on an error.
+    """
+    cxx = _host_cxx()
+    if cxx is None:
+        raise RuntimeError("no host C++ compiler (g++, c++ or clang++; or set CXX)")
+    try:
+        import pybind11
+    except ImportError as exc:
+        raise RuntimeError("pybind11 is not importable (pip install pybind11)") from exc
+    import hashlib
+
+    root = os.path.abspath(repo_root)
+    sources = [os.path.join(root, p) for p in CPP_SOURCES + CU_SOURCES + EMU_SOURCES]
+    flags = ["-std=c++17", "-O1", "-g0", "-fPIC", "-shared", "-fvisibility=hidden", "-Wall",
+             "-DPROPER_KERNELS_EMULATE", f"-DPROPER_KERNELS_MODULE_NAME={EMU_NAME}",
+             "-I" + os.path.join(root, "csrc"), "-I" + pybind11.get_include(),
+             "-I" + sysconfig.get_paths()["include"]]
+    h = hashlib.sha256()
+    for path in sources + [os.path.join(root, p) for p in EMU_HEADERS]:
+        with open(path, "rb") as f:
+            h.update(f.read())
+    h.update(" ".join([cxx] + flags).encode())
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    out_dir = out_dir or os.path.join(root, "build", "emu", h.hexdigest()[:16])
+    so = os.path.join(out_dir, EMU_NAME + suffix)
+    if os.path.isfile(so):
+        return so
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = so + f".tmp{os.getpid()}"
+    # Each source as C++ (the .cu too: the emulation header replaces the CUDA parts).
+    cmd = [cxx] + flags + [a for src in sources for a in ("-x", "c++", src)] + ["-o", tmp]
+    if verbose:
+        _say("emulator: " + " ".join(cmd))
+    t0 = time.time()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"compiling the CPU emulation failed ({cxx}):\n{res.stderr[-6000:]}")
+    os.replace(tmp, so)
+    if verbose:
+        _say(f"built {so} in {time.time() - t0:.1f} s")
+    return so
+
+
+def load_emulator(repo_root: str):
+    """Build (if needed) and import the CPU emulation module; returns the module."""
+    import importlib.util
+
+    so = build_emulator(repo_root)
+    spec = importlib.util.spec_from_file_location(EMU_NAME, so)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true",
                     help="compile the extension into a temp dir and import it")
+    ap.add_argument("--emulate", action="store_true",
+                    help="compile the CPU emulation module _C_emu (host compiler) and print its path")
     args = ap.parse_args()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if args.check:
         sys.exit(check(root))
+    if args.emulate:
+        try:
+            print(build_emulator(root, verbose=True))
+        except RuntimeError as exc:
+            print(f"EMULATOR BUILD FAILED: {exc}")
+            sys.exit(1)
+        sys.exit(0)
     ap.print_help()

@@ -4,13 +4,18 @@
 * the build: `python python/build_cuda.py --check` compiles and imports the
   extension (skipped without nvcc / pybind11);
 * the kernel: against a per-token fp32 loop of DESIGN.md section 1, for
-  bf16/fp16/fp32 and T in {1, 7, 64, 257}; skipped without a GPU or the extension.
-  Low precision must stay within a small multiple of the error the same-dtype torch
-  computation makes against the fp32 loop (STYLE.md).
+  bf16/fp16/fp32 and T in {1, 7, 64, 257}, twice: in the CPU emulation of the csrc/
+  source (always; csrc/emu/cuda_emu.h) and on a GPU (skipped without one). Low
+  precision must stay within a small multiple of the error the same-dtype torch
+  computation makes against the fp32 loop (STYLE.md);
+* the emulation's own checks: its self-test kernels, NaN-guarded buffers for
+  out-of-bounds reads and writes, and the launch plans of several devices.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -78,6 +83,54 @@ def decode_loop_ref(x, weight, bias, *, expert_A=None, expert_B=None, expert_sca
         ys.append(y)
     gates = torch.stack(gs) if K else None
     return torch.stack(ys), gates
+
+
+def decode_batched_ref(x, weight, bias, *, expert_A=None, expert_B=None, expert_scale=1.0,
+                       router_weight=None, user_ids=None, user_logit_bias=None, user_A=None,
+                       user_B=None, user_scale=1.0, user_router=None, top_k=None, dtype=torch.float32):
+    """decode_loop_ref's formula for the whole batch at once, in `dtype` the way torch
+    on a GPU computes it: every tensor rounded to `dtype`, every product accumulated in
+    fp32 (as cuBLAS does) and rounded to `dtype`, sums in `dtype`. The baseline of the
+    low-precision tolerance (CPU half-precision matmuls are too slow for it)."""
+    c = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+
+    def mm(eq, *ops):
+        return torch.einsum(eq, *(o.float() for o in ops)).to(dtype)
+
+    x, weight, bias = c(x), c(weight), c(bias)
+    expert_A, expert_B, router_weight = c(expert_A), c(expert_B), c(router_weight)
+    user_logit_bias, user_A, user_B, user_router = c(user_logit_bias), c(user_A), c(user_B), c(user_router)
+    T = x.shape[0]
+    d_out = weight.shape[0] if weight is not None else (bias.shape[0] if bias is not None else
+                                                        (expert_B.shape[1] if expert_B is not None else user_B.shape[1]))
+    ids = user_ids.long() if user_ids is not None else torch.full((T,), -1, dtype=torch.long)
+    has = (ids >= 0).to(dtype)[:, None]
+    idc = ids.clamp(min=0)
+    y = torch.zeros(T, d_out, dtype=dtype)
+    if weight is not None:
+        y = y + mm("td,od->to", x, weight)
+    if bias is not None:
+        y = y + bias
+    z = None
+    if user_A is not None:
+        z = mm("td,trd->tr", x, user_A[idc]) * has
+    K = expert_A.shape[0] if expert_A is not None else 0
+    if K:
+        logit = torch.zeros(T, K)
+        if router_weight is not None:
+            logit = logit + mm("td,kd->tk", x, router_weight).float()
+        if user_logit_bias is not None:
+            logit = logit + (user_logit_bias[idc] * has).float()
+        if user_router is not None and z is not None:
+            logit = logit + mm("tkr,tr->tk", user_router[idc], z).float()
+        keep = torch.zeros(T, K, dtype=torch.bool)
+        keep.scatter_(1, logit.topk(K if top_k is None else top_k, dim=1).indices, True)
+        g = torch.softmax(logit.masked_fill(~keep, float("-inf")), dim=1).to(dtype)
+        for k in range(K):
+            y = y + expert_scale * g[:, k:k + 1] * mm("tr,or->to", mm("td,rd->tr", x, expert_A[k]), expert_B[k])
+    if z is not None:
+        y = y + user_scale * mm("tor,tr->to", user_B[idc], z) * has
+    return y
 
 
 def make_case(T=7, d_in=96, d_out=80, K=4, r=8, N=5, r_u=8, dtype=torch.float32, device="cpu",
@@ -223,6 +276,7 @@ def test_loop_ref_matches_package_reference(kw_case):
     y_loop, g_loop = decode_loop_ref(x, W, b, **kw)
     y_ref, g_ref = lora_mixture_ref(x, W, b, **kw)
     torch.testing.assert_close(y_loop, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(decode_batched_ref(x, W, b, **kw), y_ref, rtol=1e-5, atol=1e-5)
     if g_ref is not None:
         torch.testing.assert_close(g_loop, g_ref, rtol=1e-5, atol=1e-6)
 
@@ -270,7 +324,12 @@ def test_arch_list_parsing():
         bc.parse_arch_list("banana")
 
 
-# ---- the kernel on a GPU -------------------------------------------------------------
+# ---- the kernel: on a GPU, and in the CPU emulation -----------------------------------
+#
+# Every kernel test runs twice: "emulated" executes the csrc/ source itself on CPU
+# tensors through the emulation build (python/build_cuda.py --emulate, see
+# csrc/emu/cuda_emu.h), so CI runs the kernel's indexing, barriers and shuffles on
+# every change; "cuda" runs the built extension on a GPU and skips without one.
 
 needs_kernel = pytest.mark.skipif(
     not (torch.cuda.is_available() and cd.available()),
@@ -279,32 +338,66 @@ needs_kernel = pytest.mark.skipif(
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
+@pytest.fixture(scope="session")
+def emu():
+    """The CPU emulation module, built once per session (cached under build/emu/)."""
+    bc = _load_build_cuda()
+    try:
+        return bc.load_emulator(ROOT)
+    except RuntimeError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must execute the CUDA kernel in emulation, but the build failed: {exc}")
+        pytest.skip(f"cannot build the CPU emulation: {exc}")
+
+
+class Runner:
+    """Runs the decode kernel on `device` under no_grad and waits for it."""
+
+    def __init__(self, device, fn, ext=None):
+        self.device, self.fn, self.ext = device, fn, ext
+
+    def __call__(self, x, W, b, **kw):
+        with torch.no_grad():
+            res = self.fn(x, W, b, **kw)
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        return res
+
+
+@pytest.fixture(params=[pytest.param("emulated"), pytest.param("cuda", marks=[pytest.mark.gpu, needs_kernel])])
+def run(request):
+    if request.param == "cuda":
+        return Runner("cuda", cd.lora_mixture_decode_cuda)
+    ext = request.getfixturevalue("emu")
+    ext.configure()  # an H100: 132 SMs, sm_90 (PDL path)
+    ext.launches(clear=True)
+    return Runner("cpu", functools.partial(cd.run_extension, ext), ext)
+
+
 def _assert_close_to_oracle(y, x, W, b, kw, name=""):
     y_ref, g_ref = decode_loop_ref(x, W, b, dtype=torch.float32, **kw)
+    assert torch.isfinite(y).all(), f"{name}: non-finite output"
     err = (y.float() - y_ref).abs().max().item()
     scale = y_ref.abs().max().item() + 1e-6
     if x.dtype == torch.float32:
         assert err <= 1e-4 * scale + 1e-5, f"{name}: fp32 max err {err} (|y| max {scale})"
     else:
-        y_same, _ = decode_loop_ref(x, W, b, dtype=x.dtype, **kw)
-        err_torch = (y_same.float() - y_ref).abs().max().item()
+        cpu = lambda t: t.cpu() if torch.is_tensor(t) else t  # noqa: E731
+        y_same = decode_batched_ref(cpu(x), cpu(W), cpu(b), dtype=x.dtype, **{k: cpu(v) for k, v in kw.items()})
+        err_torch = (y_same.float() - y_ref.cpu()).abs().max().item()
         # one rounding of the output is the floor: half an ulp of the largest value
         ulp = scale * (2 ** -8 if x.dtype == torch.bfloat16 else 2 ** -11)
         assert err <= 2 * err_torch + ulp, f"{name}: err {err} vs same-dtype torch {err_torch}"
     return g_ref
 
 
-@needs_kernel
-@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", [1, 7, 64, 257])
 @pytest.mark.parametrize("users", ["distinct", "identical", "with_none"])
-def test_kernel_full_mixture(dtype, T, users):
+def test_kernel_full_mixture(run, dtype, T, users):
     x, W, b, kw = make_case(T=T, d_in=256, d_out=192, K=4, r=8, N=5, r_u=8, dtype=dtype,
-                            device="cuda", users=users, seed=T)
-    with torch.no_grad():
-        y, gates = cd.lora_mixture_decode_cuda(x, W, b, return_gates=True, **kw)
-    torch.cuda.synchronize()
+                            device=run.device, users=users, seed=T)
+    y, gates = run(x, W, b, return_gates=True, **kw)
     assert y.dtype == dtype and y.shape == (T, 192)
     g_ref = _assert_close_to_oracle(y, x, W, b, kw, f"{dtype} T={T} {users}")
     assert gates.dtype == torch.float32 and gates.shape == (T, 4)
@@ -325,20 +418,20 @@ CONFIGS = {
     "odd sizes (scalar path)": dict(d_in=111, d_out=99, r=3, r_u=5),
     "8-byte vectors": dict(d_in=100, d_out=64, r=4, r_u=4),
     "large d, K=8 r=16": dict(d_in=2048, d_out=1024, K=8, r=16, r_u=16, N=3),
+    "K=40 (two logits per lane)": dict(K=40, r=2, top_k=7, d_in=64, d_out=48),
     "nothing but base": dict(experts=False, user_lora=False),
 }
 
 
-@needs_kernel
-@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", [1, 7, 64, 257])
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_kernel_configs(dtype, T, config):
-    x, W, b, kw = make_case(**dict(dict(T=T, d_in=128, d_out=160, dtype=dtype, device="cuda", seed=T), **CONFIGS[config]))
-    with torch.no_grad():
-        y, gates = cd.lora_mixture_decode_cuda(x, W, b, return_gates=True, **kw)
-    torch.cuda.synchronize()
+def test_kernel_configs(run, dtype, T, config):
+    if run.device == "cpu" and T == 257 and config.startswith("large"):
+        pytest.skip("emulated: the large shape is covered at T <= 64")
+    x, W, b, kw = make_case(**dict(dict(T=T, d_in=128, d_out=160, dtype=dtype, device=run.device, seed=T),
+                                   **CONFIGS[config]))
+    y, gates = run(x, W, b, return_gates=True, **kw)
     g_ref = _assert_close_to_oracle(y, x, W, b, kw, f"{config} {dtype} T={T}")
     if g_ref is None:
         assert gates is None
@@ -348,33 +441,35 @@ def test_kernel_configs(dtype, T, config):
             assert ((gates > 0).sum(-1) == kw["top_k"]).all()
 
 
-@needs_kernel
-@pytest.mark.gpu
-def test_kernel_out_and_int32_ids_and_stream():
-    x, W, b, kw = make_case(T=19, d_in=256, d_out=128, dtype=torch.bfloat16, device="cuda", users="with_none")
+def test_kernel_out_and_int32_ids(run):
+    x, W, b, kw = make_case(T=19, d_in=256, d_out=128, dtype=torch.bfloat16, device=run.device, users="with_none")
     kw["user_ids"] = kw["user_ids"].int()
-    out = torch.full((19, 128), float("nan"), dtype=torch.bfloat16, device="cuda")
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.no_grad(), torch.cuda.stream(s):
-        y = cd.lora_mixture_decode_cuda(x, W, b, out=out, **kw)
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
+    out = torch.full((19, 128), float("nan"), dtype=torch.bfloat16, device=run.device)
+    y = run(x, W, b, out=out, **kw)
     assert y.data_ptr() == out.data_ptr()
     _assert_close_to_oracle(y, x, W, b, kw, "out=")
 
 
+def test_kernel_misaligned_views(run):
+    """A view at an odd element offset forces the scalar load path."""
+    x, W, b, kw = make_case(T=5, d_in=128, d_out=64, dtype=torch.float16, device=run.device)
+    buf = torch.randn(5 * 128 + 1, dtype=torch.float16, device=run.device)
+    x = buf[1:].view(5, 128)
+    y = run(x, W, b, **kw)
+    _assert_close_to_oracle(y, x, W, b, kw, "misaligned")
+
+
 @needs_kernel
 @pytest.mark.gpu
-def test_kernel_misaligned_views():
-    """A view at an odd element offset forces the scalar load path."""
-    x, W, b, kw = make_case(T=5, d_in=128, d_out=64, dtype=torch.float16, device="cuda")
-    buf = torch.randn(5 * 128 + 1, dtype=torch.float16, device="cuda")
-    x = buf[1:].view(5, 128)
-    with torch.no_grad():
+def test_kernel_side_stream():
+    x, W, b, kw = make_case(T=19, d_in=256, d_out=128, dtype=torch.bfloat16, device="cuda", users="with_none")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(s):
         y = cd.lora_mixture_decode_cuda(x, W, b, **kw)
+    torch.cuda.current_stream().wait_stream(s)
     torch.cuda.synchronize()
-    _assert_close_to_oracle(y, x, W, b, kw, "misaligned")
+    _assert_close_to_oracle(y, x, W, b, kw, "side stream")
 
 
 @needs_kernel
@@ -396,3 +491,115 @@ def test_extension_reports():
     ext = cd._load()
     assert ext.MAX_TOKENS == cd.MAX_TOKENS and ext.MAX_EXPERTS == cd.MAX_EXPERTS
     assert ext.MAX_RANK_TOTAL == cd.MAX_RANK_TOTAL
+    assert ext.EMULATED is False
+
+
+# ---- what only the emulation can show -------------------------------------------------
+
+
+def test_emulator_selftests(emu):
+    """The emulator catches each bug class it claims to (csrc/emu/selftest.cpp)."""
+    emu.configure()
+    expect = {
+        "divergent_barrier": "deadlock",
+        "shuffle_after_exit": "live lanes",
+        "mixed_warp_ops": "divergent barrier",
+        "misaligned_load": "misaligned 16-byte",
+        "smem_overflow": "wrote past",
+    }
+    assert set(emu.selftest_names()) == set(expect) | {"reduce_ok", "missing_barrier", "too_much_smem"}
+    err, fault, out = emu.selftest("reduce_ok")
+    assert (err, fault) == ("", "")
+    assert out == [1520.0] * 32 + [496.0] * 32
+    for name, words in expect.items():
+        err, fault, _ = emu.selftest(name)
+        assert err == "" and words in fault, (name, fault)
+    assert emu.selftest("too_much_smem")[0] == "cudaErrorInvalidValue"
+    # A read without the barrier that orders it sees the poison, from either side.
+    for reverse, nan_at in ((False, 0), (True, 63)):
+        emu.configure(reverse=reverse)
+        _, fault, out = emu.selftest("missing_barrier")
+        assert fault == "" and math.isnan(out[nan_at]), (reverse, out[:4], out[-4:])
+    emu.configure()
+
+
+def _padded(t, offset, pad=64, fill=float("nan")):
+    """A copy of t living `offset` elements into a buffer padded with `fill` on both sides."""
+    buf = torch.full((offset + t.numel() + pad,), fill if t.is_floating_point() else -7, dtype=t.dtype)
+    view = buf[offset: offset + t.numel()].view(t.shape)
+    view.copy_(t)
+    return buf, view
+
+
+@pytest.mark.parametrize("offset", [64, 1], ids=["aligned", "odd-offset"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_emulated_no_out_of_bounds(emu, offset, dtype):
+    """Every input sits in a NaN-padded buffer (a read past any edge makes the output
+    NaN), the output in a sentinel-padded one (a write past it shows)."""
+    emu.configure()
+    x, W, b, kw = make_case(T=11, d_in=72, d_out=40, K=3, r=4, N=4, r_u=4, dtype=dtype, users="with_none", top_k=2)
+    keep = []
+    x = _padded(x, offset)[1]
+    for name in ("expert_A", "expert_B", "router_weight", "user_logit_bias", "user_A", "user_B", "user_router"):
+        buf, kw[name] = _padded(kw[name], offset)
+        keep.append(buf)
+    ids_buf, kw["user_ids"] = _padded(kw["user_ids"].int(), offset)
+    out_buf = torch.full((offset + 11 * 40 + 64,), 123.0, dtype=dtype)
+    out = out_buf[offset: offset + 11 * 40].view(11, 40)
+    y, gates = cd.run_extension(emu, x, W, b, out=out, return_gates=True, **kw)
+    _assert_close_to_oracle(y, x, W, b, kw, f"padded offset={offset}")
+    assert (out_buf[:offset] == 123.0).all() and (out_buf[offset + 11 * 40:] == 123.0).all()
+    assert torch.isfinite(gates).all()
+
+
+@pytest.mark.parametrize("device", [
+    dict(sms=132, cc_major=9),
+    dict(sms=132, cc_major=9, reverse=True),
+    dict(sms=108, cc_major=8),
+    dict(sms=3, cc_major=9),
+    dict(sms=1, cc_major=8, reverse=True),
+    dict(sms=132, cc_major=9, fail_pdl=True),
+    dict(sms=132, cc_major=9, capturing=True),
+], ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
+def test_emulated_device_variants(emu, device):
+    """The launch plan (d_in splits, lanes per output row, PDL or not) depends on the
+    device; every plan gives the same result, and the launch log shows which ran."""
+    emu.configure(**device)
+    emu.launches(clear=True)
+    x, W, b, kw = make_case(T=9, d_in=1536, d_out=96, K=4, r=8, N=3, r_u=8, dtype=torch.float32,
+                            users="with_none", top_k=3)
+    y, gates = cd.run_extension(emu, x, W, b, return_gates=True, **kw)
+    emu.configure()
+    g_ref = _assert_close_to_oracle(y, x, W, b, kw, str(device))
+    torch.testing.assert_close(gates, g_ref, rtol=1e-4, atol=1e-5)
+    log = emu.launches(clear=True)
+    assert [entry["kernel"] for entry in log] == ["shrink", "expand"]
+    shrink, expand = log
+    assert shrink["block"] == expand["block"] == (256, 1, 1)
+    assert shrink["grid"][1] == expand["grid"][1] == 2  # token tiles of 8
+    # d_in = 1536 is 6 units of 256; ~2 waves of blocks: 2 row blocks x 2 token tiles
+    # fill 3 SMs twice with 2 splits, 1 SM with 1; big GPUs take all 6.
+    assert shrink["grid"][2] == {1: 1, 3: 2}.get(device["sms"], 6)
+    pdl = device["cc_major"] >= 9 and not device.get("fail_pdl") and not device.get("capturing")
+    assert expand["pdl"] is pdl
+
+
+def test_emulated_launch_error_is_raised(emu):
+    """A launch the device refuses surfaces as RuntimeError naming the kernel."""
+    emu.configure(max_dynamic_smem=64)
+    try:
+        x, W, b, kw = make_case(T=3, dtype=torch.float32)
+        with pytest.raises(RuntimeError, match="expand kernel launch: cudaErrorInvalidValue"):
+            cd.run_extension(emu, x, W, b, **kw)
+    finally:
+        emu.configure()
+
+
+def test_emulated_rejects_non_cpu_and_grad(emu):
+    x, W, b, kw = make_case(T=3, dtype=torch.float32)
+    with pytest.raises(ValueError, match="CPU tensor"):
+        cd.run_extension(emu, x.to("meta"), W, b, **kw)
+    W.requires_grad_(True)
+    with pytest.raises(ValueError, match="forward-only"):
+        cd.run_extension(emu, x, W, b, **kw)
+    assert emu.EMULATED is True and emu.built_archs() == ["cpu-emulation"]

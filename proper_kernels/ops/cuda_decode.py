@@ -18,6 +18,7 @@ CUDA.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import numbers
 import os
@@ -30,7 +31,7 @@ from .validate import check_mixture_args
 
 __all__ = [
     "available", "built_archs", "unavailable_reason", "decode_threshold", "prefers_cuda_decode",
-    "check_decode_args", "lora_mixture_decode_cuda", "MAX_TOKENS", "MAX_EXPERTS", "MAX_RANK_TOTAL",
+    "check_decode_args", "lora_mixture_decode_cuda", "run_extension", "MAX_TOKENS", "MAX_EXPERTS", "MAX_RANK_TOTAL",
 ]
 
 # Limits of the kernel; they mirror csrc/lora_mixture_decode.h, which re-checks them.
@@ -308,11 +309,52 @@ def lora_mixture_decode_cuda(
     ext = _load()
     if ext is None:
         raise RuntimeError("lora_mixture_decode_cuda: " + unavailable_reason())
+    return run_extension(
+        ext, x, weight, bias, expert_A=expert_A, expert_B=expert_B, expert_scale=expert_scale,
+        router_weight=router_weight, user_ids=user_ids, user_logit_bias=user_logit_bias,
+        user_A=user_A, user_B=user_B, user_scale=user_scale, user_router=user_router,
+        top_k=top_k, out=out, return_gates=return_gates, plan=plan,
+    )
+
+
+def run_extension(
+    ext,
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor] = None,
+    *,
+    expert_A: Optional[Tensor] = None,
+    expert_B: Optional[Tensor] = None,
+    expert_scale: float = 1.0,
+    router_weight: Optional[Tensor] = None,
+    user_ids: Optional[Tensor] = None,
+    user_logit_bias: Optional[Tensor] = None,
+    user_A: Optional[Tensor] = None,
+    user_B: Optional[Tensor] = None,
+    user_scale: float = 1.0,
+    user_router: Optional[Tensor] = None,
+    top_k: Optional[int] = None,
+    out: Optional[Tensor] = None,
+    return_gates: bool = False,
+    plan=None,
+) -> Union[Tensor, Tuple[Tensor, Optional[Tensor]]]:
+    """:func:`lora_mixture_decode_cuda` through a given extension module ``ext``.
+
+    ``ext`` is either the built ``proper_kernels._C`` (CUDA tensors) or the CPU
+    emulation build of the same csrc/ source (``python python/build_cuda.py
+    --emulate``; it has ``EMULATED = True``), which takes CPU tensors. The emulation is
+    how CI executes the CUDA kernel without a GPU; under it the scratch workspace is
+    filled with NaN so that a read of a partial sum nobody wrote shows in the output.
+    Same arguments, checks and result as :func:`lora_mixture_decode_cuda`.
+    """
+    emulated = bool(getattr(ext, "EMULATED", False))
+    if emulated and isinstance(x, Tensor) and x.device.type != "cpu":
+        raise ValueError(f"x must be a CPU tensor for the emulated extension, got device {x.device}")
     spec = check_decode_args(
         x, weight, bias, expert_A=expert_A, expert_B=expert_B, expert_scale=expert_scale,
         router_weight=router_weight, user_ids=user_ids, user_logit_bias=user_logit_bias,
         user_A=user_A, user_B=user_B, user_scale=user_scale, user_router=user_router,
-        top_k=top_k, out=out, require_cuda=True, plan=plan,
+        top_k=top_k, out=out, require_cuda=not emulated, plan=plan,
     )
     if torch.is_grad_enabled() and any(
         t is not None and t.requires_grad
@@ -325,9 +367,13 @@ def lora_mixture_decode_cuda(
     d_out, K, r, r_u = spec.d_out, spec.K, spec.r, spec.r_u
     N = spec.N or 0
     device = x.device
-    dev_index = device.index if device.index is not None else torch.cuda.current_device()
+    if emulated:
+        dev_index, ctx = 0, contextlib.nullcontext()
+    else:
+        dev_index = device.index if device.index is not None else torch.cuda.current_device()
+        ctx = torch.cuda.device(device)
 
-    with torch.cuda.device(device):
+    with ctx:
         # Base part through cuBLAS, in x's dtype; the kernel then adds into it.
         y = out if out is not None else torch.empty(T, d_out, dtype=x.dtype, device=device)
         y_in = 0
@@ -351,8 +397,13 @@ def lora_mixture_decode_cuda(
 
         has_router = router_weight is not None
         ws_bytes = ext.workspace_bytes(dev_index, T, d_in, K, r, r_u, has_router)
-        ws = torch.empty(max(1, (ws_bytes + 3) // 4), dtype=torch.float32, device=device)
-        stream = torch.cuda.current_stream(device).cuda_stream
+        ws_numel = max(1, (ws_bytes + 3) // 4)
+        if emulated:
+            ws = torch.full((ws_numel,), float("nan"), dtype=torch.float32)
+            stream = 0
+        else:
+            ws = torch.empty(ws_numel, dtype=torch.float32, device=device)
+            stream = torch.cuda.current_stream(device).cuda_stream
 
         ext.lora_mixture_decode(
             dtype=_DTYPE_CODES[x.dtype], device=dev_index, stream=stream,

@@ -1,0 +1,491 @@
+// CPU emulation of the subset of CUDA that csrc/lora_mixture_decode.cu uses.
+//
+// Why: CI has no GPU, yet the decode kernel is hand-written CUDA whose indexing,
+// barriers and warp shuffles are the likeliest place for a bug. Built with the host
+// compiler and -DPROPER_KERNELS_EMULATE (python/build_cuda.py --emulate), the *same*
+// source runs on CPU tensors through the same host launch path (split planning,
+// vector width choice, the PDL launch and its fallback), so tests compare it with
+// the reference on awkward shapes without a GPU. Nothing of this is installed.
+//
+// Execution model. Blocks run one after another in launch order. The threads of a
+// block are cooperative fibers on the calling OS thread (a register-saving stack
+// switch in cuda_emu.cpp on x86-64, ucontext elsewhere): a thread runs
+// until it reaches a barrier (__syncthreads, __syncwarp, or a warp shuffle, which is
+// a warp barrier around a slot exchange) or returns, then the next runnable thread
+// runs. So every thread finishes its whole phase before the threads after it start
+// theirs: a read of shared memory that another thread has not yet written, because a
+// barrier is missing, reads the poison the buffer was filled with (NaN) instead of
+// racing silently. configure(reverse=true) runs the threads in the opposite order to
+// expose the other direction of such a dependency.
+//
+// Faults are recorded, never aborted on, and reported by the binding as a Python
+// exception: a block whose live threads all wait at barriers that cannot complete
+// (deadlock, divergent barrier), threads of one warp meeting at different warp-level
+// operations, a full-mask shuffle in a warp whose lanes exited early, a vector load
+// that is not aligned to its size (a "misaligned address" fault on a GPU), a write
+// past the end of the dynamic shared memory, and dynamic shared memory above the
+// 48 KiB a launch gets without cudaFuncSetAttribute.
+//
+// Not emulated: memory ordering between blocks (blocks never overlap here), the
+// real throughput, and anything the decode kernel does not use.
+#pragma once
+
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define CUDART_VERSION 0
+
+using std::max;
+using std::min;
+
+// ---- vector and element types ----------------------------------------------------
+
+struct dim3 {
+  unsigned int x, y, z;
+  constexpr dim3(unsigned int x_ = 1, unsigned int y_ = 1, unsigned int z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct alignas(8) uint2 { unsigned int x, y; };
+struct alignas(16) uint4 { unsigned int x, y, z, w; };
+struct alignas(16) float4 { float x, y, z, w; };
+
+struct __half { _Float16 v; };
+struct __nv_bfloat16 { std::uint16_t bits; };
+static_assert(sizeof(__half) == 2 && sizeof(__nv_bfloat16) == 2, "16-bit element types");
+
+inline float __half2float(__half h) { return static_cast<float>(h.v); }
+inline __half __float2half_rn(float f) { return __half{static_cast<_Float16>(f)}; }
+inline float __bfloat162float(__nv_bfloat16 b) {
+  const std::uint32_t u = static_cast<std::uint32_t>(b.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {  // round to nearest even, NaN stays NaN
+  std::uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return __nv_bfloat16{static_cast<std::uint16_t>((u >> 16) | 0x40u)};
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return __nv_bfloat16{static_cast<std::uint16_t>(u >> 16)};
+}
+
+// ---- runtime types ---------------------------------------------------------------
+
+enum cudaError_t {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorInvalidConfiguration = 9,
+  cudaErrorInvalidDevice = 101,
+  cudaErrorNotSupported = 801,
+  cudaErrorLaunchFailure = 719,
+};
+typedef struct pk_emu_stream* cudaStream_t;
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrComputeCapabilityMajor = 75 };
+enum cudaMemcpyKind { cudaMemcpyDeviceToDevice = 3 };
+enum cudaStreamCaptureStatus { cudaStreamCaptureStatusNone = 0, cudaStreamCaptureStatusActive = 1 };
+enum cudaLaunchAttributeID { cudaLaunchAttributeProgrammaticStreamSerialization = 5 };
+union cudaLaunchAttributeValue {
+  int programmaticStreamSerializationAllowed;
+  char pad[64];
+};
+struct cudaLaunchAttribute {
+  cudaLaunchAttributeID id;
+  cudaLaunchAttributeValue val;
+};
+struct cudaLaunchConfig_t {
+  dim3 gridDim;
+  dim3 blockDim;
+  size_t dynamicSmemBytes;
+  cudaStream_t stream;
+  cudaLaunchAttribute* attrs;
+  unsigned int numAttrs;
+};
+
+#if defined(__x86_64__) && !defined(PK_EMU_USE_UCONTEXT)
+#define PK_EMU_FAST_SWITCH 1
+// csrc/emu/cuda_emu.cpp: saves the callee-saved registers, *save_sp = rsp, rsp = load_sp.
+extern "C" void pk_emu_switch(void** save_sp, void* load_sp);
+#endif
+
+namespace pk_emu {
+
+// The emulated device; python/build_cuda.py's emulator module exposes it as
+// configure(...). Defaults: an H100 SXM (132 SMs, sm_90, so the PDL path is taken).
+struct Config {
+  int sms = 132;
+  int cc_major = 9;
+  bool reverse = false;       // run a block's threads last to first
+  bool fail_pdl = false;      // make the programmatic-dependent launch fail (fallback path)
+  bool capturing = false;     // report the stream as being captured into a graph
+  size_t max_dynamic_smem = 48 * 1024;
+};
+inline Config config;
+
+struct LaunchRecord {
+  std::string kernel;
+  dim3 grid, block;
+  size_t smem = 0;
+  bool pdl = false;
+};
+inline std::vector<LaunchRecord> launches;  // every launch since the last clear
+inline std::string fault;                   // first fault since the last take_fault()
+inline cudaError_t last_error = cudaSuccess;
+
+inline void record_fault(const std::string& msg) {
+  if (fault.empty()) fault = msg;
+}
+inline std::string take_fault() {
+  std::string f;
+  f.swap(fault);
+  return f;
+}
+
+struct Barrier {
+  int expected = 0;
+  int arrived = 0;
+  std::uint64_t gen = 0;
+  const char* site = nullptr;  // the operation the waiting threads are in
+};
+
+struct Fiber {
+#ifdef PK_EMU_FAST_SWITCH
+  void* sp = nullptr;
+#else
+  ucontext_t ctx;
+#endif
+  std::vector<char> stack;
+  unsigned shuffles = 0;  // parity picks the shuffle slot bank
+  dim3 thread_idx;
+  int linear = 0, lane = 0, warp = 0;
+  bool done = false;
+  Barrier* waiting = nullptr;
+  std::uint64_t wait_gen = 0;
+};
+
+struct Block {
+  dim3 block_idx, block_dim, grid_dim;
+  Barrier block_bar;
+  std::vector<Barrier> warp_bar;
+  std::vector<int> warp_live;
+  std::vector<std::uint64_t> slot[2];  // one shuffle slot per thread, two banks
+  std::vector<unsigned char> smem;  // dynamic shared memory + guard
+  size_t smem_bytes = 0;
+  const std::function<void()>* body = nullptr;
+};
+
+constexpr size_t kStackBytes = 256 * 1024;
+constexpr size_t kSmemGuard = 256;
+constexpr unsigned char kPoison = 0xff;  // float NaN, int -1
+
+inline thread_local Block* cur_block = nullptr;
+inline thread_local Fiber* cur_fiber = nullptr;
+inline thread_local std::vector<Fiber> fibers;
+#ifdef PK_EMU_FAST_SWITCH
+inline thread_local void* sched_sp = nullptr;
+inline void to_scheduler(Fiber* f) { pk_emu_switch(&f->sp, sched_sp); }
+inline void to_fiber(Fiber* f) { pk_emu_switch(&sched_sp, f->sp); }
+#else
+inline thread_local ucontext_t sched_ctx;
+inline void to_scheduler(Fiber* f) { swapcontext(&f->ctx, &sched_ctx); }
+inline void to_fiber(Fiber* f) { swapcontext(&sched_ctx, &f->ctx); }
+#endif
+
+inline std::string where() {
+  if (cur_block == nullptr || cur_fiber == nullptr) return "host";
+  const Block& b = *cur_block;
+  return "block (" + std::to_string(b.block_idx.x) + "," + std::to_string(b.block_idx.y) + "," +
+         std::to_string(b.block_idx.z) + ") thread " + std::to_string(cur_fiber->linear);
+}
+
+inline void release(Barrier& bar) {
+  bar.arrived = 0;
+  bar.site = nullptr;
+  ++bar.gen;
+}
+
+// Arrive at `bar` and wait until every live thread it counts has arrived.
+inline void arrive_and_wait(Barrier& bar, const char* site) {
+  Fiber* f = cur_fiber;
+  if (bar.arrived > 0 && bar.site != site)
+    record_fault(where() + " reached " + site + " while other threads of its group wait at " + bar.site +
+                 " (divergent barrier)");
+  if (bar.arrived == 0) bar.site = site;
+  if (++bar.arrived == bar.expected) {
+    release(bar);
+    return;
+  }
+  f->waiting = &bar;
+  f->wait_gen = bar.gen;
+  to_scheduler(f);
+  f->waiting = nullptr;
+}
+
+inline void drop(Barrier& bar) {  // an exited thread no longer counts
+  --bar.expected;
+  if (bar.arrived > 0 && bar.arrived == bar.expected) release(bar);
+}
+
+inline void fiber_main() {
+  (*cur_block->body)();
+  Fiber* f = cur_fiber;
+  f->done = true;
+  drop(cur_block->block_bar);
+  drop(cur_block->warp_bar[f->warp]);
+  --cur_block->warp_live[f->warp];
+#ifdef PK_EMU_FAST_SWITCH
+  to_scheduler(f);  // never resumed
+  __builtin_unreachable();
+#endif
+  // ucontext: returning resumes uc_link, the scheduler
+}
+
+// A fresh fiber starts in fiber_main on its own stack.
+inline void start_fiber(Fiber& f) {
+#ifdef PK_EMU_FAST_SWITCH
+  std::uintptr_t top = reinterpret_cast<std::uintptr_t>(f.stack.data() + f.stack.size()) & ~std::uintptr_t{15};
+  void** sp = reinterpret_cast<void**>(top);
+  *--sp = nullptr;                                   // fiber_main's return address: never used
+  *--sp = reinterpret_cast<void*>(&fiber_main);      // where pk_emu_switch returns to
+  for (int i = 0; i < 6; ++i) *--sp = nullptr;       // rbp rbx r12 r13 r14 r15
+  f.sp = sp;
+#else
+  getcontext(&f.ctx);
+  f.ctx.uc_stack.ss_sp = f.stack.data();
+  f.ctx.uc_stack.ss_size = f.stack.size();
+  f.ctx.uc_link = &sched_ctx;
+  makecontext(&f.ctx, fiber_main, 0);
+#endif
+}
+
+template <typename V>
+inline void check_aligned(const V* ptr, const char* what) {
+  if (reinterpret_cast<std::uintptr_t>(ptr) % sizeof(V) != 0)
+    record_fault(where() + ": misaligned " + std::to_string(sizeof(V)) + "-byte " + what + " at address " +
+                 std::to_string(reinterpret_cast<std::uintptr_t>(ptr)));
+}
+
+inline void run_block(Block& b, int nthreads) {
+  if (static_cast<int>(fibers.size()) < nthreads) fibers.resize(nthreads);
+  const int nwarps = (nthreads + 31) / 32;
+  b.block_bar = Barrier{};
+  b.block_bar.expected = nthreads;
+  b.warp_bar.assign(nwarps, Barrier{});
+  b.warp_live.assign(nwarps, 0);
+  b.slot[0].assign(nthreads, 0);
+  b.slot[1].assign(nthreads, 0);
+  for (int i = 0; i < nthreads; ++i) {
+    Fiber& f = fibers[i];
+    if (f.stack.empty()) f.stack.resize(kStackBytes);
+    f.linear = i;
+    f.thread_idx = dim3(i % b.block_dim.x, (i / b.block_dim.x) % b.block_dim.y, i / (b.block_dim.x * b.block_dim.y));
+    f.warp = i / 32;
+    f.lane = i % 32;
+    f.done = false;
+    f.waiting = nullptr;
+    f.shuffles = 0;
+    ++b.warp_bar[f.warp].expected;
+    ++b.warp_live[f.warp];
+    start_fiber(f);
+  }
+  cur_block = &b;
+  int live = nthreads;
+  while (live > 0) {
+    bool ran = false;
+    for (int n = 0; n < nthreads; ++n) {
+      Fiber& f = fibers[config.reverse ? nthreads - 1 - n : n];
+      if (f.done || (f.waiting != nullptr && f.waiting->gen == f.wait_gen)) continue;
+      cur_fiber = &f;
+      to_fiber(&f);
+      ran = true;
+      if (f.done) --live;
+    }
+    if (!ran) {
+      const Fiber* w = nullptr;
+      for (int i = 0; i < nthreads && w == nullptr; ++i)
+        if (!fibers[i].done) w = &fibers[i];
+      cur_fiber = const_cast<Fiber*>(w);
+      record_fault(where() + ": deadlock, " + std::to_string(live) + " live threads wait at barriers that cannot " +
+                   "complete (first waits at " + (w->waiting->site ? w->waiting->site : "?") + ")");
+      break;  // the waiting fibers are abandoned; their stacks are reused
+    }
+  }
+  cur_fiber = nullptr;
+  cur_block = nullptr;
+  for (size_t i = 0; i < kSmemGuard; ++i) {
+    if (b.smem[b.smem.size() - kSmemGuard + i] != kPoison) {
+      record_fault("block (" + std::to_string(b.block_idx.x) + "," + std::to_string(b.block_idx.y) + "," +
+                   std::to_string(b.block_idx.z) + ") wrote past its " + std::to_string(b.smem_bytes) +
+                   " bytes of dynamic shared memory");
+      break;
+    }
+  }
+}
+
+inline cudaError_t run_grid(const cudaLaunchConfig_t& cfg, const std::function<void()>& body) {
+  const dim3 g = cfg.gridDim, bd = cfg.blockDim;
+  const long long nthreads = static_cast<long long>(bd.x) * bd.y * bd.z;
+  if (nthreads < 1 || nthreads > 1024 || bd.z > 64 || g.x < 1 || g.y < 1 || g.z < 1 || g.y > 65535 ||
+      g.z > 65535 || g.x > 2147483647u)
+    return cudaErrorInvalidConfiguration;
+  if (cfg.dynamicSmemBytes > config.max_dynamic_smem) return cudaErrorInvalidValue;
+  Block b;
+  b.block_dim = bd;
+  b.grid_dim = g;
+  b.body = &body;
+  b.smem_bytes = cfg.dynamicSmemBytes;
+  for (unsigned z = 0; z < g.z; ++z)
+    for (unsigned y = 0; y < g.y; ++y)
+      for (unsigned x = 0; x < g.x; ++x) {
+        b.block_idx = dim3(x, y, z);
+        b.smem.assign(((cfg.dynamicSmemBytes + 15) / 16) * 16 + kSmemGuard, kPoison);
+        run_block(b, static_cast<int>(nthreads));
+        if (!fault.empty()) return cudaSuccess;  // reported through take_fault()
+      }
+  return cudaSuccess;
+}
+
+// Name of the next launch, for the launch log (set by PK_KERNEL_NAME in the launcher).
+inline thread_local const char* next_kernel_name = nullptr;
+
+}  // namespace pk_emu
+
+// ---- device built-ins --------------------------------------------------------------
+
+#define threadIdx (::pk_emu::cur_fiber->thread_idx)
+#define blockIdx (::pk_emu::cur_block->block_idx)
+// blockDim / gridDim are not provided: the kernel does not use them, and as macros
+// they would clash with the cudaLaunchConfig_t fields of the same names.
+
+// Dynamic shared memory of the running block (extern __shared__ T name[] on a GPU).
+#define PK_DYNAMIC_SMEM(type, name) \
+  type* name = reinterpret_cast<type*>(::pk_emu::cur_block->smem.data())
+
+// Vector loads check their alignment (a GPU faults on a misaligned one).
+#define PK_CHECK_ALIGNED(ptr) ::pk_emu::check_aligned((ptr), "load")
+
+inline void __syncthreads() { ::pk_emu::arrive_and_wait(::pk_emu::cur_block->block_bar, "__syncthreads"); }
+
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  if (mask != 0xffffffffu) ::pk_emu::record_fault(::pk_emu::where() + ": only full-mask __syncwarp is emulated");
+  ::pk_emu::arrive_and_wait(::pk_emu::cur_block->warp_bar[::pk_emu::cur_fiber->warp], "__syncwarp");
+}
+
+template <typename V>
+inline V __shfl_xor_sync(unsigned mask, V v, int lane_mask) {
+  static_assert(sizeof(V) <= 8 && std::is_trivially_copyable<V>::value, "shuffle of a 4- or 8-byte value");
+  pk_emu::Block& b = *pk_emu::cur_block;
+  pk_emu::Fiber& f = *pk_emu::cur_fiber;
+  if (mask != 0xffffffffu)
+    pk_emu::record_fault(pk_emu::where() + ": only full-mask __shfl_xor_sync is emulated");
+  if (b.warp_live[f.warp] != 32)
+    pk_emu::record_fault(pk_emu::where() + ": __shfl_xor_sync(0xffffffff) in warp " + std::to_string(f.warp) +
+                         " with only " + std::to_string(b.warp_live[f.warp]) + " live lanes");
+  // Two slot banks, alternating: a lane writes bank (n % 2) at its n-th shuffle only
+  // after every lane passed the barrier of shuffle n - 1, i.e. finished reading
+  // shuffle n - 2 from that bank. One barrier per shuffle.
+  std::vector<std::uint64_t>& bank = b.slot[f.shuffles++ & 1u];
+  std::uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(V));
+  bank[f.linear] = bits;
+  pk_emu::arrive_and_wait(b.warp_bar[f.warp], "__shfl_xor_sync");
+  const int src = f.warp * 32 + ((f.lane ^ lane_mask) & 31);
+  V out;
+  std::memcpy(&out, &bank[src], sizeof(V));
+  return out;
+}
+
+template <typename V>
+inline V __ldg(const V* ptr) {
+  pk_emu::check_aligned(ptr, "read-only load");
+  return *ptr;
+}
+
+// ---- runtime API ---------------------------------------------------------------------
+
+inline cudaError_t cudaGetDevice(int* d) {
+  *d = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaSetDevice(int d) { return d == 0 ? cudaSuccess : cudaErrorInvalidDevice; }
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int device) {
+  if (device != 0) return cudaErrorInvalidDevice;
+  *v = attr == cudaDevAttrMultiProcessorCount ? pk_emu::config.sms : pk_emu::config.cc_major;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDriverGetVersion(int* v) {
+  *v = 0;
+  return cudaSuccess;
+}
+inline const char* cudaGetErrorName(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "cudaSuccess";
+    case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
+    case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
+    case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
+    case cudaErrorNotSupported: return "cudaErrorNotSupported";
+    default: return "cudaErrorLaunchFailure";
+  }
+}
+inline const char* cudaGetErrorString(cudaError_t e) { return cudaGetErrorName(e); }
+inline cudaError_t cudaGetLastError() {
+  const cudaError_t e = pk_emu::last_error;
+  pk_emu::last_error = cudaSuccess;
+  return e;
+}
+inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind, cudaStream_t) {
+  std::memmove(dst, src, n);
+  return cudaSuccess;
+}
+inline cudaError_t cudaMemsetAsync(void* dst, int value, size_t n, cudaStream_t) {
+  std::memset(dst, value, n);
+  return cudaSuccess;
+}
+inline cudaError_t cudaStreamIsCapturing(cudaStream_t, cudaStreamCaptureStatus* s) {
+  *s = pk_emu::config.capturing ? cudaStreamCaptureStatusActive : cudaStreamCaptureStatusNone;
+  return cudaSuccess;
+}
+
+// Runs the whole grid before returning (a launch is synchronous here). Kernel faults
+// are left in pk_emu::fault for the binding to raise.
+template <typename... Params, typename... Args>
+inline cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* cfg, void (*kernel)(Params...), Args&&... args) {
+  bool pdl = false;
+  for (unsigned i = 0; i < cfg->numAttrs; ++i)
+    if (cfg->attrs[i].id == cudaLaunchAttributeProgrammaticStreamSerialization &&
+        cfg->attrs[i].val.programmaticStreamSerializationAllowed)
+      pdl = true;
+  if (pdl && pk_emu::config.fail_pdl) {
+    pk_emu::last_error = cudaErrorNotSupported;
+    return cudaErrorNotSupported;
+  }
+  pk_emu::LaunchRecord rec;
+  rec.kernel = pk_emu::next_kernel_name != nullptr ? pk_emu::next_kernel_name : "kernel";
+  pk_emu::next_kernel_name = nullptr;
+  rec.grid = cfg->gridDim;
+  rec.block = cfg->blockDim;
+  rec.smem = cfg->dynamicSmemBytes;
+  rec.pdl = pdl;
+  pk_emu::launches.push_back(rec);
+  std::tuple<std::decay_t<Params>...> held(std::forward<Args>(args)...);  // by value, as CUDA copies them
+  const std::function<void()> body = [&]() { std::apply(kernel, held); };
+  const cudaError_t e = pk_emu::run_grid(*cfg, body);
+  if (e != cudaSuccess) pk_emu::last_error = e;
+  return e;
+}
+
+#define PK_KERNEL_NAME(name) (::pk_emu::next_kernel_name = (name))
