@@ -29,6 +29,7 @@ setup(
     long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["proper_kernels", "proper_kernels.*"]),
+    package_data={"proper_kernels.ops": ["decode_table.json"]},
     python_requires=">=3.9",
     # torch>=2.4 admits the torch the user already has (the CPU 2.13.0 file on our
     # machines, any CUDA build elsewhere); triton only where it ships wheels.

@@ -103,7 +103,11 @@ def parse_args(argv=None):
                     "is already busy: a loaded CPU makes multi-thread barriers dominate small ops)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    ap.add_argument("--decode-table", metavar="JSON",
+                    help="after a GPU run with decode rows of providers cuda and triton, write this GPU's entry "
+                    "(the largest T at which cuda won) into JSON, e.g. proper_kernels/ops/decode_table.json")
     args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.preset is not None and args.preset not in PRESETS:
         raise UsageError(f"unknown preset {args.preset!r}; valid presets: {', '.join(PRESETS)}")
     args.ops = _split(args.op)
@@ -116,6 +120,8 @@ def parse_args(argv=None):
     _check_choices("popularity law", args.laws, LAWS)
     if args.dtype is not None and args.dtype not in DTYPES:
         raise UsageError(f"unknown dtype {args.dtype!r}; valid dtypes: {', '.join(DTYPES)}")
+    if args.decode_table and not {"cuda", "triton"} <= set(args.provider_list):
+        raise UsageError("--decode-table compares providers cuda and triton: include both in --providers")
     return args
 
 
@@ -589,7 +595,69 @@ def run(args) -> int:
         path = args.plot if args.plot != "auto" else ((prefix or "benchmark") + ".png")
         plot(rows, path)
     failed = any(r["status"].startswith("refcheck failed") for r in rows)
+    if args.decode_table:
+        if device.type != "cuda":
+            print("error: --decode-table needs a CUDA device (it times the cuda and triton providers)", file=sys.stderr)
+            return 2
+        try:
+            major, minor = torch.cuda.get_device_capability(device)
+            entry = update_decode_table(args.decode_table, rows, f"sm_{major}{minor}", env, args.argv)
+        except ValueError as exc:
+            print(f"error: --decode-table: {exc}", file=sys.stderr)
+            return 2
+        print(f"decode table {args.decode_table}: {entry['arch']} {entry['dtype']} max_T = {entry['max_T']}")
     return 1 if failed else 0
+
+
+def decode_crossover(rows: List[dict]) -> Dict[str, Dict[str, object]]:
+    """Per dtype, from the decode rows: the largest measured T at which provider cuda
+    was at least as fast as triton on every case of that T (all shapes and
+    popularity laws) and at every smaller measured T (0 if it lost at the smallest),
+    with the median times behind it."""
+    times: Dict[tuple, Dict[str, float]] = {}
+    for r in rows:
+        if r["op"] == "decode" and r["status"] == "ok" and r["provider"] in ("cuda", "triton"):
+            times.setdefault((r["dtype"], r["T"], r["case"]), {})[r["provider"]] = r["median_ms"]
+    per_dtype: Dict[str, Dict[int, List[tuple]]] = {}
+    for (dtype, T, _case), t in times.items():
+        if {"cuda", "triton"} <= set(t):
+            per_dtype.setdefault(dtype, {}).setdefault(T, []).append((t["cuda"], t["triton"]))
+    out = {}
+    for dtype, by_T in per_dtype.items():
+        max_T = 0
+        for T in sorted(by_T):
+            if not all(c <= tr for c, tr in by_T[T]):
+                break
+            max_T = T
+        evidence = {str(T): [[round(c, 5), round(tr, 5)] for c, tr in by_T[T]] for T in sorted(by_T)}
+        out[dtype] = {"max_T": max_T, "evidence_ms_cuda_triton": evidence}
+    return out
+
+
+def update_decode_table(path: str, rows: List[dict], arch: str, env: Dict[str, str], argv: List[str]) -> dict:
+    """Write the entry (arch, dtype) of this run into the dispatch table at `path`
+    (proper_kernels/ops/decode_table.json format), replacing an older one; returns it."""
+    found = decode_crossover(rows)
+    if not found:
+        raise ValueError("no decode case has timed rows of both providers cuda and triton "
+                         "(see the skipped providers above)")
+    table = {"about": "", "entries": []}
+    if os.path.exists(path):
+        with open(path) as f:
+            table = json.load(f)
+    entry = None
+    for dtype, res in sorted(found.items()):
+        entry = {
+            "arch": arch, "dtype": dtype, "max_T": res["max_T"], "measured": True,
+            "source": f"python benchmarks/run.py {' '.join(argv)} on {env['gpu']} (torch {env['torch']}, "
+                      f"triton {env['triton']}, commit {env['git_commit'] or '-'}, {env['timestamp']})",
+            "evidence_ms_cuda_triton": res["evidence_ms_cuda_triton"],
+        }
+        table["entries"] = [e for e in table["entries"] if (e["arch"], e["dtype"]) != (arch, dtype)] + [entry]
+    with open(path, "w") as f:
+        json.dump(table, f, indent=2)
+        f.write("\n")
+    return entry
 
 
 def run_case(case: Case, args, device, dtype, dtype_name, elem, ceiling, env, skipped) -> List[dict]:

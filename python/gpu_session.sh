@@ -3,14 +3,16 @@
 # 10-minute limit, all writing under $OUT (what comes back to the session):
 #
 #   bash python/gpu_session.sh tests      # install + build csrc/ + the whole suite (GPU tests run)
-#   bash python/gpu_session.sh decode     # square-4096 decode T in {1,16,64,256}: every provider
+#   bash python/gpu_session.sh decode     # square-4096 decode T in {1,16,64,256}: every provider;
+#                                         # writes this GPU's row of the decode dispatch table
 #   bash python/gpu_session.sh prefill    # square-4096 fwd + fwdbwd T in {1024,8192} (peak memory too)
 #   bash python/gpu_session.sh mlp        # llama-7b-mlp
 #   bash python/gpu_session.sh e2e        # tokens/s of a stage-3 step and of generation
 #   bash python/gpu_session.sh all        # tests + decode in one call (first call of a session)
 #
 # Files follow benchmarks/results/README.md: <gpu>-<date>-<preset>[-<op>].{csv,jsonl,txt};
-# copy them to benchmarks/results/ and commit them with the session's note.
+# copy them to benchmarks/results/ and commit them with the session's note. The decode
+# stage also returns $OUT/decode_table.json: copy it over proper_kernels/ops/ and commit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out}
@@ -40,13 +42,18 @@ bench() {  # bench NAME ARGS...: one benchmark run, its command kept in the .txt
     timeout 560 python benchmarks/run.py "$@" --no-progress --output "$prefix-$name" 2>&1 | tail -60
 }
 
+decode_bench() {  # the decode cases, then this GPU's entry of the dispatch table
+    bench square-4096-decode --preset square-4096 --op decode --decode-table proper_kernels/ops/decode_table.json
+    cp proper_kernels/ops/decode_table.json "$OUT/decode_table.json"
+}
+
 case "$stage" in
     tests)   install && timeout 560 python -m pytest tests -q -x -rs 2>&1 | tee "$prefix-tests.txt" | tail -30 ;;
-    decode)  install && bench square-4096-decode --preset square-4096 --op decode ;;
+    decode)  install && decode_bench ;;
     prefill) install && bench square-4096-prefill --preset square-4096 --op fwd,fwdbwd ;;
     mlp)     install && bench llama-7b-mlp --preset llama-7b-mlp ;;
     e2e)     install && bench e2e --preset e2e ;;
     all)     install && timeout 330 python -m pytest tests -q -x -rs 2>&1 | tee "$prefix-tests.txt" | tail -30
-             bench square-4096-decode --preset square-4096 --op decode ;;
+             decode_bench ;;
     *) echo "usage: $0 {tests|decode|prefill|mlp|e2e|all}" >&2; exit 2 ;;
 esac

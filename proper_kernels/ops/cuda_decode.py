@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import numbers
 import os
 from typing import List, Optional, Tuple, Union
@@ -30,7 +31,7 @@ from torch import Tensor
 from .validate import check_mixture_args
 
 __all__ = [
-    "available", "built_archs", "unavailable_reason", "decode_threshold", "prefers_cuda_decode",
+    "available", "built_archs", "unavailable_reason", "decode_table", "decode_threshold", "prefers_cuda_decode",
     "check_decode_args", "lora_mixture_decode_cuda", "run_extension", "MAX_TOKENS", "MAX_EXPERTS", "MAX_RANK_TOTAL",
 ]
 
@@ -39,11 +40,13 @@ MAX_TOKENS = 4096  # T
 MAX_EXPERTS = 64  # K
 MAX_RANK_TOTAL = 1024  # K*r + r_u + K (the router rows, when router_weight is given)
 
-# The one place that says for which T the CUDA decode kernel is preferred over the
-# Triton kernels. Not measured yet (no GPU where this was written): a conservative
-# guess, to be set from `python benchmarks/run.py` on H100/A100. Env override:
+# The one table that says for which T the CUDA decode kernel is preferred over the
+# Triton kernels, per GPU architecture and dtype: decode_table.json beside this file,
+# written by benchmarks/run.py --decode-table (see its "about"). Env override:
 # PROPER_KERNELS_CUDA_DECODE_MAX_T.
-_DEFAULT_DECODE_MAX_T = 16
+_TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "decode_table.json")
+_table_cache: Optional[List[dict]] = None
+_table_index: Optional[dict] = None  # (arch, dtype) -> max_T
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -86,23 +89,57 @@ def built_archs() -> List[str]:
     return list(ext.built_archs()) if ext is not None else []
 
 
-def decode_threshold() -> int:
+def decode_table() -> List[dict]:
+    """The dispatch table's entries (a copy): dicts with arch ("sm_90", or "default"),
+    dtype ("bfloat16", ..., or "*"), max_T, measured, source."""
+    global _table_cache, _table_index
+    if _table_cache is None:
+        with open(_TABLE_PATH) as f:
+            entries = json.load(f)["entries"]
+        for e in entries:
+            if not {"arch", "dtype", "max_T"} <= set(e) or not isinstance(e["max_T"], int) or e["max_T"] < 0:
+                raise ValueError(f"{_TABLE_PATH}: bad entry {e!r} (needs arch, dtype and an int max_T >= 0)")
+        _table_cache = entries
+        _table_index = {(e["arch"], e["dtype"]): e["max_T"] for e in entries}
+    return [dict(e) for e in _table_cache]
+
+
+def _arch_of(device) -> str:
+    if device is None:
+        return "default"
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return "default"
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
+def decode_threshold(device=None, dtype: Optional[torch.dtype] = None) -> int:
     """Largest T (tokens per call) for which the CUDA decode kernel is preferred.
 
-    Default 16 (a conservative guess until benchmarks/run.py measures the crossover);
-    PROPER_KERNELS_CUDA_DECODE_MAX_T overrides it."""
+    From decode_table.json for the device's architecture and the dtype (the
+    "default" entry for architectures not measured, and when device/dtype are not
+    given); PROPER_KERNELS_CUDA_DECODE_MAX_T overrides it."""
     env = os.environ.get("PROPER_KERNELS_CUDA_DECODE_MAX_T")
     if env:
         try:
             return max(0, min(int(env), MAX_TOKENS))
         except ValueError:
             pass
-    return _DEFAULT_DECODE_MAX_T
+    if _table_index is None:
+        decode_table()
+    table = _table_index
+    arch = _arch_of(device)
+    name = str(dtype).replace("torch.", "") if dtype is not None else "*"
+    for key in ((arch, name), (arch, "*"), ("default", name), ("default", "*")):
+        if key in table:
+            return min(table[key], MAX_TOKENS)
+    return 0
 
 
-def prefers_cuda_decode(T: int) -> bool:
+def prefers_cuda_decode(T: int, device=None, dtype: Optional[torch.dtype] = None) -> bool:
     """Whether a dispatcher should send a batch of T tokens to this path."""
-    return available() and 1 <= T <= decode_threshold()
+    return available() and 1 <= T <= decode_threshold(device, dtype)
 
 
 def _fmt(t: Tensor) -> str:

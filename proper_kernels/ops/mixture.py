@@ -87,7 +87,7 @@ def choose_backend(x: Tensor, spec: MixtureSpec, requested: Optional[str], tenso
     # auto
     if _cuda_usable(x.device) and not _needs_grad(tensors):
         mod = _module("proper_kernels.ops.cuda_decode")
-        if spec.T <= mod.decode_threshold():
+        if spec.T <= mod.decode_threshold(x.device, x.dtype):
             return "cuda"
     if _triton_usable(x.device):
         return "triton"
