@@ -4,10 +4,13 @@
 Needs no GPU: the launchers (``mixture_fwd``, ``mixture_bwd``) run on ``meta``
 tensors with their kernels swapped for recorders, so the kernels, the configs and
 the specializations checked are exactly the ones the launchers would use (the
-config tables are never duplicated here). Each distinct launch is then compiled
+config tables are never duplicated here). The launchers pick their configs for the
+checked arch through ``proper_kernels.triton.target.target_arch`` (on meta tensors
+they would otherwise pick the default, sm_90's). Each distinct launch is then compiled
 with triton's AOT API (``triton.compile(ASTSource(...), target=GPUTarget(...))``)
 for the chosen target, and ptxas' resource report (``-v``) gives registers, spill
-stores / loads and stack; triton's metadata gives the shared memory.
+stores / loads and stack; triton's metadata gives the shared memory, which is
+checked against the arch's per-block limit (a launch over it fails at run time).
 
 Usage::
 
@@ -71,6 +74,7 @@ except ImportError as e:  # another triton layout
 
 from proper_kernels.triton import mixture_bwd as mb  # noqa: E402
 from proper_kernels.triton import mixture_fwd as mf  # noqa: E402
+from proper_kernels.triton.target import max_shared_memory, target_arch  # noqa: E402
 
 
 def aot_unavailable(arch: int = 90) -> Optional[str]:
@@ -96,7 +100,7 @@ DIMS = ((4096, 4096), (4096, 11008), (11008, 4096))
 DECODE_T = (1, 16, 64, 256)
 PREFILL_T = (1024, 8192)
 VARIANTS = ("fused", "standalone", "mixture")
-_DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 
 
 # ----------------------------------------------------------------------------- recording
@@ -154,14 +158,16 @@ def _problem(T, d_in, d_out, dtype, K=8, r=16, r_u=16, n_users=64, weight=True):
 
 
 def record(dims=DIMS, decode_t=DECODE_T, prefill_t=PREFILL_T, variants=VARIANTS, dtypes=("bf16",),
-           backward=True) -> List[_Launch]:
-    """Every kernel launch the launchers make for these shapes (run on meta tensors)."""
+           backward=True, arch: int = 90) -> List[_Launch]:
+    """Every kernel launch the launchers make for these shapes on compute capability
+    ``arch`` (run on meta tensors; fp64 has backward launches only: its forward is
+    the torch reference)."""
     sink: List[_Launch] = []
     case = [""]
-    with _recording(sink, case):
+    with _recording(sink, case), target_arch(arch):
         for dt in dtypes:
             for d_in, d_out in dims:
-                for T in tuple(decode_t) + tuple(prefill_t):
+                for T in (tuple(decode_t) + tuple(prefill_t)) if dt != "fp64" else ():
                     regime = "decode" if T <= mf.DECODE_MAX_T else "prefill"
                     for var in variants:
                         p = _problem(T, d_in, d_out, _DT[dt], weight=var != "mixture")
@@ -173,7 +179,7 @@ def record(dims=DIMS, decode_t=DECODE_T, prefill_t=PREFILL_T, variants=VARIANTS,
                 if backward:
                     T = (tuple(prefill_t) or tuple(decode_t))[-1]
                     p = _problem(T, d_in, d_out, _DT[dt])
-                    f32 = torch.float32
+                    f32 = torch.float64 if dt == "fp64" else torch.float32  # the codes' compute dtype
                     K, r, r_u = 8, 16, 16
                     case[0] = f"bwd {dt} T={T} {d_in}->{d_out}"
                     mb.mixture_bwd(torch.empty(T, d_out, device="meta", dtype=_DT[dt]), p["x"],
@@ -319,11 +325,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability (default 90)")
     ap.add_argument("--warp-size", type=int, default=32)
-    ap.add_argument("--dtypes", default="bf16", help="comma list of bf16,fp16,fp32 (default bf16)")
+    ap.add_argument("--dtypes", default="bf16", help="comma list of bf16,fp16,fp32,fp64 (default bf16)")
     ap.add_argument("--quick", action="store_true",
                     help="reduced set: d=4096 only, T in {64, 256, 8192}, fused + mixture, backward")
     ap.add_argument("--no-backward", action="store_true")
-    ap.add_argument("--fail-on-spill", action="store_true", help="exit 1 if any kernel spills (or fails)")
+    ap.add_argument("--fail-on-spill", action="store_true",
+                    help="exit 1 if any kernel spills (or fails, or exceeds the shared memory)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compilations")
     ap.add_argument("--json", help="also write the rows to this file")
     ap.add_argument("-v", "--verbose", action="store_true", help="list every case of each compilation")
@@ -334,7 +341,7 @@ def main(argv=None) -> int:
     if why:
         print(f"aot_check: unavailable: {why}", file=sys.stderr)
         return EXIT_UNAVAILABLE
-    kw = dict(dtypes=tuple(a.dtypes.split(",")), backward=not a.no_backward)
+    kw = dict(dtypes=tuple(a.dtypes.split(",")), backward=not a.no_backward, arch=a.arch)
     if a.quick:
         kw.update(dims=((4096, 4096),), decode_t=(64, 256), prefill_t=(8192,), variants=("fused", "mixture"))
     launches = record(**kw)
@@ -349,7 +356,9 @@ def main(argv=None) -> int:
         rows.append(dict(kernel=job.kernel.lstrip("_").replace("_kernel", ""), config=job.shown,
                          cases=_summarize(cases) if not a.verbose else " | ".join(cases), **res))
     hdr = f"{'kernel':<22} {'regs':>4} {'spill st/ld':>11} {'stack':>5} {'smem':>6}  config / cases"
-    print(f"# Triton AOT check: cuda sm_{a.arch}, {len(launches)} launches -> {len(rows)} compilations")
+    smem_max = max_shared_memory(a.arch)
+    print(f"# Triton AOT check: cuda sm_{a.arch}, {len(launches)} launches -> {len(rows)} compilations"
+          f" (shared memory limit {smem_max} B per block)")
     print(hdr)
     bad = 0
     for r in rows:
@@ -359,12 +368,15 @@ def main(argv=None) -> int:
             continue
         st, ld = r.get("spill_st") or 0, r.get("spill_ld") or 0
         spill = f"{st}/{ld}"
-        if st or ld:
+        smem = f"{r['shared']}"
+        r["smem_over"] = r["shared"] > smem_max
+        if st or ld or r["smem_over"]:
             bad += 1
-            spill += "!"
-        print(f"{r['kernel']:<22} {r['regs']:>4} {spill:>11} {r.get('stack') or 0:>5} {r['shared']:>6}  "
+            spill += "!" if (st or ld) else ""
+            smem += "!" if r["smem_over"] else ""
+        print(f"{r['kernel']:<22} {r['regs']:>4} {spill:>11} {r.get('stack') or 0:>5} {smem:>6}  "
               f"{r['config']}  <- {r['cases']}")
-    print(f"# {bad} of {len(rows)} compilations spill or fail; {time.time() - t0:.1f} s")
+    print(f"# {bad} of {len(rows)} compilations spill, exceed the shared memory or fail; {time.time() - t0:.1f} s")
     if a.json:
         with open(a.json, "w") as f:
             json.dump([{k: v for k, v in r.items()} for r in rows], f, indent=1)

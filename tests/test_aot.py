@@ -1,5 +1,7 @@
 """Ahead-of-time compile of the Triton kernels for sm_90 (no GPU needed): every kernel
-compiles and the prefill / decode target configs do not spill registers.
+compiles and the prefill / decode target configs do not spill registers; the fp32
+configs on sm_90 and the bf16 / fp32 ones on sm_80 (the launchers pick them per dot
+dtype and compute capability) do not spill either and fit the shared memory.
 
 Runs ``python/aot_check.py --quick`` in a fresh process (this suite imports triton in
 interpreter mode, the check needs real JITFunctions). Skipped when triton's AOT API or
@@ -33,20 +35,29 @@ def _prereqs():
     return None
 
 
-@pytest.fixture(scope="module")
-def aot_rows(tmp_path_factory):
+def _aot(tmp_path_factory, arch, dtypes):
     why = _prereqs()
     if why:
         pytest.skip(why)
     out = tmp_path_factory.mktemp("aot") / "rows.json"
     env = dict(os.environ, TRITON_INTERPRET="0")
-    p = subprocess.run([sys.executable, SCRIPT, "--arch", "90", "--quick", "--json", str(out)],
+    p = subprocess.run([sys.executable, SCRIPT, "--arch", str(arch), "--dtypes", dtypes, "--quick", "--json", str(out)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if p.returncode == EXIT_UNAVAILABLE:
         pytest.skip(p.stderr.strip() or "AOT compile unavailable")
     assert p.returncode == 0, p.stdout + p.stderr
     rows = json.loads(out.read_text())
     return rows, p.stdout
+
+
+@pytest.fixture(scope="module")
+def aot_rows(tmp_path_factory):
+    return _aot(tmp_path_factory, 90, "bf16")
+
+
+@pytest.fixture(scope="module", params=[(90, "fp32"), (80, "bf16,fp32")], ids=["sm90-fp32", "sm80-bf16-fp32"])
+def aot_rows_other(request, tmp_path_factory):
+    return _aot(tmp_path_factory, *request.param)
 
 
 def _find(rows, kernel, *needles):
@@ -71,3 +82,39 @@ def test_target_configs_do_not_spill(aot_rows):
     assert _find(rows, "mixture_expand", "HAS_W=1", "GATED=0", "BM=64 BN=64", "decode"), out  # fused decode
     assert _find(rows, "mixture_shrink", "GATES=1", "prefill"), out
     assert _find(rows, "mixture_shrink", "ATOMIC=1", "decode"), out
+
+
+def test_fp32_and_sm80_configs_do_not_spill(aot_rows_other):
+    rows, out = aot_rows_other
+    assert not [r for r in rows if "error" in r], out
+    bad = [r for r in rows if (r.get("spill_st") or 0) or (r.get("spill_ld") or 0) or r.get("smem_over")]
+    assert not bad, out
+    # The checker really ran the launchers for that arch / dtype (not the sm_90 bf16 table).
+    assert _find(rows, "mixture_bwd_rank", "bwd fp32"), out
+    if "# Triton AOT check: cuda sm_80" in out:
+        assert _find(rows, "mixture_bwd_rank", "BM=32 BN=32", "bwd bf16"), out
+    else:
+        assert _find(rows, "mixture_expand", "fwd mixture fp32 decode", "BN=32"), out
+
+
+def test_config_choice_per_dtype_and_arch(monkeypatch):
+    """No ptxas needed: bf16 / fp16 on sm_90 is the default table (what CPU / meta
+    launches get), fp32 and sm_80 pick their own, and target_arch reaches the launchers."""
+    import torch
+    from proper_kernels.triton.mixture_bwd import _configs
+    from proper_kernels.triton.mixture_fwd import fwd_config
+    from proper_kernels.triton.target import DEFAULT_ARCH, device_arch, target_arch
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the real tables, not the interpreter's small config
+    assert DEFAULT_ARCH == 90 and device_arch(torch.device("meta")) == 90 and device_arch(torch.device("cpu")) == 90
+    with target_arch(80):
+        assert device_arch(torch.device("meta")) == 80
+    assert device_arch(torch.device("meta")) == 90
+    for T in (1, 64, 8192):
+        for v in ("fused", "standalone"):
+            ref = fwd_config(T, 4096, 4096, 144, v)
+            assert fwd_config(T, 4096, 4096, 144, v, dtype=torch.float16, arch=90) == ref
+            assert fwd_config(T, 4096, 4096, 144, v, dtype=torch.bfloat16, arch=100) == ref
+            assert fwd_config(T, 4096, 4096, 144, v, dtype=torch.float32) != ref
+    assert fwd_config(64, 4096, 4096, 144, "fused", arch=80) != fwd_config(64, 4096, 4096, 144, "fused")
+    assert _configs(8, 16, 16) == _configs(8, 16, 16, torch.float16, 90)

@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .target import DEFAULT_ARCH, device_arch
 from .tiles import segment_tiles
 
 __all__ = ["mixture_bwd"]
@@ -278,8 +279,10 @@ def _p2(n: int, lo: int = 1) -> int:
     return max(lo, triton.next_power_of_2(max(int(n), 1)))
 
 
-def _configs(K: int, r: int, r_u: int) -> dict:
-    """Block sizes (first guesses for H100 bf16, untuned; see the module docstring).
+def _configs(K: int, r: int, r_u: int, dtype: torch.dtype = torch.bfloat16, arch: int = DEFAULT_ARCH) -> dict:
+    """Block sizes (first guesses for H100 bf16, untuned; see the module docstring),
+    keyed on the ranks, the activations' dtype and the compute capability (``arch``,
+    ``major * 10 + minor``; the launcher passes the device's, 90 for CPU / meta).
 
     The rank kernel holds an fp32 tile [BLOCK_M, K_PAD * R_PAD] (+ [BLOCK_M, RU_PAD]) in
     registers across its d_out loop, so BLOCK_M shrinks as the stacked rank grows.
@@ -290,6 +293,16 @@ def _configs(K: int, r: int, r_u: int) -> dict:
     d_out loop) take 255 registers and spill 360 B with 4 warps on sm_90; 8 warps
     bring it to ~228 registers, no spill (python/aot_check.py). The kernel streams
     dy once, so the extra warps only add loads in flight.
+
+    Deltas from that 16-bit sm_90 table (python/aot_check.py --dtypes fp32 / --arch 80;
+    fp32 dots are IEEE FMA dots whose operands take several times the registers):
+    * fp32 (and fp64), sm_90: the rank kernel with 2 stages (3 spill 32 B).
+    * sm_80, every dtype: the rank kernel at BM = 32, BN = 32, 2 stages (sm_80's
+      ptxas spills 130-740 B at 64 x 64), with 16 warps in fp32.
+    * fp32 (and fp64), sm_80: the dx kernel's rank chunk BLOCK_C = 16 (64: 600 B of
+      spill) and the per-user reductions in 32-token steps with 8 warps (3 KB).
+    * fp64, both: the rank kernel at BM = 32, BN = 32, 8 warps, 2 stages (its e tile
+      takes two registers per element; 16 warps spill at 128 registers).
     """
     k_pad = _p2(K)
     r_pad = _p2(r)
@@ -297,7 +310,7 @@ def _configs(K: int, r: int, r_u: int) -> dict:
         r_pad = 16 // k_pad
     kr = k_pad * r_pad
     rank_bm = 64 if kr <= 128 else (32 if kr <= 256 else 16)
-    return dict(
+    cfg = dict(
         rank=dict(BLOCK_M=rank_bm, BLOCK_N=64, K_PAD=k_pad, R_PAD=r_pad, RU_PAD=_p2(r_u, 16),
                   num_warps=8, num_stages=3),
         dx=dict(BLOCK_M=64, BLOCK_N=128, BLOCK_C=64, K_PAD=_p2(K, 16), RU_PAD=_p2(r_u, 16),
@@ -306,6 +319,19 @@ def _configs(K: int, r: int, r_u: int) -> dict:
         xty_small_m=dict(BLOCK_T=64, BLOCK_N=128, num_warps=4, num_stages=3),
         xty_large_m=dict(BLOCK_T=64, BLOCK_M=128, num_warps=4, num_stages=3),
     )
+    wide = dtype not in (torch.float16, torch.bfloat16)  # fp32 / fp64: IEEE FMA dots
+    if arch >= 90:
+        if wide:
+            cfg["rank"].update(num_stages=2)
+    else:
+        cfg["rank"].update(BLOCK_M=min(rank_bm, 32), BLOCK_N=32, num_stages=2, num_warps=16 if wide else 8)
+        if wide:
+            cfg["dx"].update(BLOCK_C=16)
+            for c in (cfg["xty_small_m"], cfg["xty_large_m"]):
+                c.update(BLOCK_T=32, num_warps=8)
+    if dtype == torch.float64:  # two registers per accumulator element
+        cfg["rank"].update(BLOCK_M=min(rank_bm, 32), BLOCK_N=32, num_stages=2, num_warps=8)
+    return cfg
 
 
 # The dense reductions over all tokens (dW0 = dy^T x, dA_g = dh^T x, dW_r = dl^T x,
@@ -415,7 +441,7 @@ def mixture_bwd(
     if need_dl or need_dh or need_dz:
         if N is None and has_u:
             raise ValueError("user tensors need order/seg_offsets (a RoutingPlan)")
-    cfg = _configs(max(K, 1), max(r, 1), max(r_u, 1))
+    cfg = _configs(max(K, 1), max(r, 1), max(r_u, 1), x.dtype, device_arch(dev))
 
     if seg_offsets is None:
         seg = torch.tensor([0, T], dtype=torch.int32, device=dev)

@@ -37,7 +37,8 @@ user counts and the plan are runtime values, never constexprs (no recompilation 
 batch). d_in, d_out, K, r, r_u, top_k are constexprs or masked runtime sizes.
 
 Regimes and variants are picked in one place each: :func:`fwd_config` (launch
-configs keyed on a T bucket, the dims and the rank) and :func:`forward_variant`.
+configs keyed on a T bucket, the dims, the rank, the dot dtype and the compute
+capability) and :func:`forward_variant`.
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference.rankspace import mixture_fwd_ref
+from .target import DEFAULT_ARCH, device_arch
 
 __all__ = ["mixture_fwd", "forward_variant", "fwd_config", "FwdConfig", "DECODE_MAX_T"]
 
@@ -57,6 +59,7 @@ __all__ = ["mixture_fwd", "forward_variant", "fwd_config", "FwdConfig", "DECODE_
 # narrow d_out tiles): the grid must still fill 132 SMs from a handful of tokens.
 DECODE_MAX_T = 256
 _NUM_SMS_H100 = 132
+_NUM_SMS_A100 = 108
 _BIG = tl.constexpr(2147483647)  # 'no user' sentinel of the user loops
 
 
@@ -89,8 +92,16 @@ class FwdConfig(NamedTuple):
     shrink_block_m: int = 0  # token tile of the shrink; 0 = block_m
 
 
-def fwd_config(T: int, d_in: int, d_out: int, rank: int, variant: str) -> FwdConfig:
-    """The launch-config table, keyed on (T bucket, d_in, d_out, effective rank K r + r_u).
+def fwd_config(T: int, d_in: int, d_out: int, rank: int, variant: str,
+               dtype: torch.dtype = torch.bfloat16, arch: int = DEFAULT_ARCH) -> FwdConfig:
+    """The launch-config table, keyed on (T bucket, d_in, d_out, effective rank K r + r_u,
+    dot dtype, compute capability).
+
+    ``dtype`` is the dtype the kernels' dots run in (x's dtype when every parameter
+    shares it, else fp32); ``arch`` is ``major * 10 + minor`` (see
+    :mod:`proper_kernels.triton.target`: the launcher passes the device's, 90 for
+    CPU / meta tensors). The 16-bit sm_90 table below is the reference; fp32 and
+    sm_80 take the deltas of :func:`_fp32_config` / :func:`_sm80_16bit_config`.
 
     Never keyed on exact T or on the plan: one compiled kernel per (dims, bucket).
     Under TRITON_INTERPRET=1 one small config per regime (the interpreter is slow and
@@ -129,15 +140,18 @@ def fwd_config(T: int, d_in: int, d_out: int, rank: int, variant: str) -> FwdCon
         bk = 16
         split = max(1, min(triton.cdiv(d_in, bk), 4)) if decode else 1
         return FwdConfig(regime, bm, bk, split, 4, 1, 16 if decode else 32, 16, 2, 4, 1)
+    if dtype not in (torch.float16, torch.bfloat16):
+        return _fp32_config(T, d_in, d_out, rank, variant, arch)
+    if arch < 90:
+        return _sm80_16bit_config(T, d_in, d_out, rank, variant)
     if decode:
         bm = min(64, max(16, triton.next_power_of_2(T)))
         m_tiles = triton.cdiv(T, bm)
-        want = max(1, (2 * _NUM_SMS_H100) // m_tiles)
         # BK=64 slices when d_in has enough of them, else BK=32 (d=4096, T=64: 128
         # slices of 32 -> 128 CTAs, each reading a 32-wide column block of every
         # adapter once).
         bk = 64 if triton.cdiv(d_in, 64) * m_tiles >= _NUM_SMS_H100 else 32
-        split = max(1, min(triton.cdiv(d_in, bk), want))
+        split = _decode_split(T, bm, d_in, bk, _NUM_SMS_H100)
         bn = 64 if m_tiles * triton.cdiv(d_out, 64) >= _NUM_SMS_H100 else 32
         bk_base = 128 if variant == "fused" else 64
         ew = 8 if bm >= 64 else 4  # 4 warps at BM = 64 spill (gates in the epilogue)
@@ -147,6 +161,70 @@ def fwd_config(T: int, d_in: int, d_out: int, rank: int, variant: str) -> FwdCon
         # The shrink keeps a 64-row tile (its h accumulator is BM x K r fp32).
         return FwdConfig(regime, 128, 64, 1, shrink_warps, 3, 128, 64, 8, 8, 3, 64)
     return FwdConfig(regime, 64, 64, 1, shrink_warps, 3, 128, 64, 8, 4, 3)
+
+
+def _num_sms(arch: int) -> int:
+    """SMs the decode grids aim to fill: H100 SXM for sm_90+, A100 below."""
+    return _NUM_SMS_H100 if arch >= 90 else _NUM_SMS_A100
+
+
+def _decode_split(T: int, shrink_bm: int, d_in: int, bk: int, num_sms: int) -> int:
+    """SPLIT_K of the decode shrink: m_tiles * SPLIT_K ~ 2 waves, each slice >= one BK step."""
+    want = max(1, (2 * num_sms) // triton.cdiv(T, shrink_bm))
+    return max(1, min(triton.cdiv(d_in, bk), want))
+
+
+def _fp32_config(T: int, d_in: int, d_out: int, rank: int, variant: str, arch: int) -> FwdConfig:
+    """fp32 dots (fp32 inputs, or mixed dtypes), sm_80 and sm_90.
+
+    An IEEE fp32 tl.dot runs on the FMA units, and its operands sit in registers in
+    a layout that repeats them across the threads of the output tile: per thread it
+    takes several times the registers of a bf16 tensor-core tile of the same shape
+    (the 16-bit table spills 0.1-40 KB per thread in fp32; python/aot_check.py
+    --dtypes fp32). So: token tiles of at most 32 rows in the shrink (its h
+    accumulator is BM x K r fp32) and at decode, 8 warps everywhere, K steps of
+    16-32, 16-32 wide d_out tiles at decode (BN = 16 at BM = 16: 4 warps or BN = 32
+    spill there), and the prefill expand at 64 x 64 (sm_90; 16 warps without the
+    base GEMM) or 32 x 32 (sm_80, whose ptxas spills at 64 x 64 with 8 or 16 warps). fp32 is not where the
+    throughput is (bf16 and cuBLAS are), so these stay simple and spill-free.
+    """
+    num_sms = _num_sms(arch)
+    if T <= DECODE_MAX_T:
+        bm = min(32, max(16, triton.next_power_of_2(T)))
+        bk = 16 if bm == 16 else 32
+        bn = 16 if bm == 16 else 32
+        split = _decode_split(T, bm, d_in, bk, num_sms)
+        return FwdConfig("decode", bm, bk, split, 8, 3, bn, 64, 1, 8, 3)
+    tile = 64 if arch >= 90 else 32
+    # sm_90's ptxas spills the standalone 64 x 64 expand with 8 warps (9 KB), not with 16.
+    ew = 16 if (arch >= 90 and variant != "fused") else 8
+    return FwdConfig("prefill", tile, 32, 1, 8, 3, tile, 32, 8, ew, 3, 32)
+
+
+def _sm80_16bit_config(T: int, d_in: int, d_out: int, rank: int, variant: str) -> FwdConfig:
+    """fp16 / bf16 on sm_80 (A100: 108 SMs, 163 KB shared memory per block).
+
+    The sm_90 table with one change: the shrink runs 8 warps on token tiles of at
+    most 32 rows (sm_80's ptxas spills the 4-warp decode shrinks at BM = 16 and 64:
+    8-72 B; sm_86 / sm_89's the prefill one at BM = 64: 24 B). The expand tiles are
+    sm_90's (no spill; at most 96 KB of shared memory on sm_8x, within sm_86 /
+    sm_89's 99 KB too).
+    """
+    decode = T <= DECODE_MAX_T
+    if not decode:
+        if variant == "fused":
+            return FwdConfig("prefill", 128, 64, 1, 8, 3, 128, 64, 8, 8, 3, 32)
+        return FwdConfig("prefill", 64, 64, 1, 8, 3, 128, 64, 8, 4, 3, 32)
+    num_sms = _NUM_SMS_A100
+    bm = min(64, max(16, triton.next_power_of_2(T)))
+    sbm = min(bm, 32)
+    m_tiles = triton.cdiv(T, bm)
+    bk = 64 if triton.cdiv(d_in, 64) * triton.cdiv(T, sbm) >= num_sms else 32
+    split = _decode_split(T, sbm, d_in, bk, num_sms)
+    bn = 64 if m_tiles * triton.cdiv(d_out, 64) >= num_sms else 32
+    bk_base = 128 if variant == "fused" else 64
+    ew = 8 if bm >= 64 else 4
+    return FwdConfig("decode", bm, bk, split, 8, 3, bn, bk_base, 1, ew, 4, sbm)
 
 
 def forward_variant(T: int, d_in: int, d_out: int, *, has_weight: bool = True,
@@ -558,8 +636,9 @@ def mixture_fwd(
         variant = "mixture"
     elif variant == "mixture":
         raise ValueError("variant='mixture' needs weight=None")
-    cfg = config or fwd_config(T, d_in, d_out, KR + r_u, variant)
     dot_dtype = _TL_DTYPES[x.dtype] if same else tl.float32
+    cfg = config or fwd_config(T, d_in, d_out, KR + r_u, variant, dtype=x.dtype if same else torch.float32,
+                               arch=device_arch(dev))
     precision = "ieee" if dot_dtype == tl.float32 else "tf32"
 
     y = torch.empty(T, d_out, device=dev, dtype=x.dtype)
