@@ -17,6 +17,8 @@ they cannot run with :class:`Skip`.
 * ``peft``          HF PEFT's mixed batch (``adapter_names=``): users only, no experts
 * ``triton``        ``lora_mixture(..., backend="triton")``
 * ``cuda``          ``lora_mixture(..., backend="cuda")``: decode only, no grad
+* ``cuda-one``      the same CUDA decode kernel in its single cooperative launch
+                    (``lora_mixture_decode_cuda(..., launch="one")``)
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-PROVIDERS = ("base", "reference", "loop", "torch", "torch-compile", "peft", "triton", "cuda")
+PROVIDERS = ("base", "reference", "loop", "torch", "torch-compile", "peft", "triton", "cuda", "cuda-one")
 
 # The tensors of one adapted linear that get gradients in ``fwdbwd`` (W0 and b are frozen,
 # as in every PROPER stage after the population merge).
@@ -443,6 +445,26 @@ class CudaProvider(Provider):
         return [lambda x, p=p: _call_op(x, p, ids, plan, "cuda") for p in layers]
 
 
+class CudaOneProvider(CudaProvider):
+    name, doc = "cuda-one", 'lora_mixture_decode_cuda(..., launch="one"): the decode kernel as one cooperative launch'
+
+    def skip_reason(self, case, device):
+        why = super().skip_reason(case, device)
+        return why.replace("cuda:", "cuda-one:", 1) if why else None
+
+    def setup(self, case, layers, ids, plan):
+        from proper_kernels.ops.cuda_decode import lora_mixture_decode_cuda
+
+        def call(x, p):
+            return lora_mixture_decode_cuda(
+                x, p["weight"], p["bias"], expert_A=p["expert_A"], expert_B=p["expert_B"],
+                expert_scale=p["expert_scale"], router_weight=p["router_weight"], user_ids=ids,
+                user_logit_bias=p["user_logit_bias"], user_A=p["user_A"], user_B=p["user_B"],
+                user_scale=p["user_scale"], user_router=p["user_router"], plan=plan, launch="one")
+
+        return [lambda x, p=p: call(x, p) for p in layers]
+
+
 def _call_op(x, p, ids, plan, backend):
     from proper_kernels import lora_mixture
 
@@ -474,6 +496,6 @@ def _triton_variant_note(case, dtype) -> str:
 
 REGISTRY: Dict[str, Provider] = {
     p.name: p for p in (BaseProvider(), ReferenceProvider(), LoopProvider(), TorchProvider(),
-                        TorchCompileProvider(), PeftProvider(), TritonProvider(), CudaProvider())
+                        TorchCompileProvider(), PeftProvider(), TritonProvider(), CudaProvider(), CudaOneProvider())
 }
 assert tuple(REGISTRY) == PROVIDERS

@@ -486,7 +486,7 @@ def ncu_lines(args, cases, preset, dtype_name) -> List[str]:
                 kern = '-k "regex:mixture|seg_xty" '
             else:
                 ranges = [f'--nvtx-include "{bench_label(c, prov)}/"']
-                kern = '-k "regex:lora_mixture" ' if prov == "cuda" else ""
+                kern = '-k "regex:lora_mixture" ' if prov.startswith("cuda") else ""
             out.append(
                 f"ncu --nvtx {' '.join(ranges)} {kern}--set full -o ncu-{c.op}-case{c.index}-{prov} "
                 f"python benchmarks/run.py --preset {preset} --op {c.op} --providers {prov} --case {c.index} "
@@ -605,32 +605,39 @@ def run(args) -> int:
         except ValueError as exc:
             print(f"error: --decode-table: {exc}", file=sys.stderr)
             return 2
-        print(f"decode table {args.decode_table}: {entry['arch']} {entry['dtype']} max_T = {entry['max_T']}")
+        print(f"decode table {args.decode_table}: {entry['arch']} {entry['dtype']} max_T = {entry['max_T']}, "
+              f"launch = {entry['launch']}")
     return 1 if failed else 0
 
 
 def decode_crossover(rows: List[dict]) -> Dict[str, Dict[str, object]]:
-    """Per dtype, from the decode rows: the largest measured T at which provider cuda
-    was at least as fast as triton on every case of that T (all shapes and
-    popularity laws) and at every smaller measured T (0 if it lost at the smallest),
-    with the median times behind it."""
+    """Per dtype, from the decode rows: the largest measured T at which the CUDA
+    kernel (its faster launch mode, providers cuda / cuda-one) was at least as fast as
+    triton on every case of that T (all shapes and popularity laws) and at every
+    smaller measured T (0 if it lost at the smallest); the launch mode ("two" or
+    "one") with the lower summed time over those cases (over all cases when
+    max_T = 0); and the median times behind it."""
+    mode_of = {"cuda": "two", "cuda-one": "one"}
     times: Dict[tuple, Dict[str, float]] = {}
     for r in rows:
-        if r["op"] == "decode" and r["status"] == "ok" and r["provider"] in ("cuda", "triton"):
+        if r["op"] == "decode" and r["status"] == "ok" and r["provider"] in ("cuda", "cuda-one", "triton"):
             times.setdefault((r["dtype"], r["T"], r["case"]), {})[r["provider"]] = r["median_ms"]
-    per_dtype: Dict[str, Dict[int, List[tuple]]] = {}
+    per_dtype: Dict[str, Dict[int, List[Dict[str, float]]]] = {}
     for (dtype, T, _case), t in times.items():
-        if {"cuda", "triton"} <= set(t):
-            per_dtype.setdefault(dtype, {}).setdefault(T, []).append((t["cuda"], t["triton"]))
+        if "triton" in t and set(t) & set(mode_of):
+            per_dtype.setdefault(dtype, {}).setdefault(T, []).append(t)
     out = {}
     for dtype, by_T in per_dtype.items():
         max_T = 0
         for T in sorted(by_T):
-            if not all(c <= tr for c, tr in by_T[T]):
+            if not all(min(t[p] for p in mode_of if p in t) <= t["triton"] for t in by_T[T]):
                 break
             max_T = T
-        evidence = {str(T): [[round(c, 5), round(tr, 5)] for c, tr in by_T[T]] for T in sorted(by_T)}
-        out[dtype] = {"max_T": max_T, "evidence_ms_cuda_triton": evidence}
+        cases = [t for T in sorted(by_T) if max_T == 0 or T <= max_T for t in by_T[T]]
+        totals = {mode_of[p]: sum(t[p] for t in cases) for p in mode_of if all(p in t for t in cases)}
+        launch = min(totals, key=totals.get) if totals else "two"
+        evidence = {str(T): [{p: round(v, 5) for p, v in sorted(t.items())} for t in by_T[T]] for T in sorted(by_T)}
+        out[dtype] = {"max_T": max_T, "launch": launch, "evidence_ms": evidence}
     return out
 
 
@@ -648,10 +655,10 @@ def update_decode_table(path: str, rows: List[dict], arch: str, env: Dict[str, s
     entry = None
     for dtype, res in sorted(found.items()):
         entry = {
-            "arch": arch, "dtype": dtype, "max_T": res["max_T"], "measured": True,
+            "arch": arch, "dtype": dtype, "max_T": res["max_T"], "launch": res["launch"], "measured": True,
             "source": f"python benchmarks/run.py {' '.join(argv)} on {env['gpu']} (torch {env['torch']}, "
                       f"triton {env['triton']}, commit {env['git_commit'] or '-'}, {env['timestamp']})",
-            "evidence_ms_cuda_triton": res["evidence_ms_cuda_triton"],
+            "evidence_ms": res["evidence_ms"],
         }
         table["entries"] = [e for e in table["entries"] if (e["arch"], e["dtype"]) != (arch, dtype)] + [entry]
     with open(path, "w") as f:

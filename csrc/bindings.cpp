@@ -39,6 +39,8 @@ PYBIND11_MODULE(PROPER_KERNELS_MODULE_NAME, m) {
   m.attr("DTYPE_FLOAT32") = static_cast<int>(proper_kernels::kFloat32);
   m.attr("DTYPE_FLOAT16") = static_cast<int>(proper_kernels::kFloat16);
   m.attr("DTYPE_BFLOAT16") = static_cast<int>(proper_kernels::kBFloat16);
+  m.attr("LAUNCH_TWO") = static_cast<int>(proper_kernels::kLaunchTwo);
+  m.attr("LAUNCH_ONE") = static_cast<int>(proper_kernels::kLaunchOne);
   m.attr("MAX_TOKENS") = proper_kernels::kMaxTokens;
   m.attr("MAX_EXPERTS") = proper_kernels::kMaxExperts;
   m.attr("MAX_RANK_TOTAL") = proper_kernels::kMaxRankTotal;
@@ -72,7 +74,7 @@ PYBIND11_MODULE(PROPER_KERNELS_MODULE_NAME, m) {
          std::uintptr_t expert_B, float expert_scale, std::uintptr_t router_weight,
          std::uintptr_t user_logit_bias, std::uintptr_t user_ids, std::uintptr_t user_A,
          std::uintptr_t user_B, float user_scale, std::uintptr_t user_router,
-         std::uintptr_t gates, std::uintptr_t workspace, int64_t workspace_bytes) {
+         std::uintptr_t gates, std::uintptr_t workspace, int64_t workspace_bytes, int launch) {
         DecodeArgs a;
         a.dtype = dtype;
         a.device = device;
@@ -101,6 +103,7 @@ PYBIND11_MODULE(PROPER_KERNELS_MODULE_NAME, m) {
         a.gates = gates;
         a.workspace = workspace;
         a.workspace_bytes = workspace_bytes;
+        a.launch = launch;
         std::string err;
         {
           py::gil_scoped_release release;
@@ -118,9 +121,10 @@ PYBIND11_MODULE(PROPER_KERNELS_MODULE_NAME, m) {
       py::arg("expert_B"), py::arg("expert_scale"), py::arg("router_weight"),
       py::arg("user_logit_bias"), py::arg("user_ids"), py::arg("user_A"), py::arg("user_B"),
       py::arg("user_scale"), py::arg("user_router"), py::arg("gates"), py::arg("workspace"),
-      py::arg("workspace_bytes"),
+      py::arg("workspace_bytes"), py::arg("launch") = static_cast<int>(proper_kernels::kLaunchTwo),
       "Enqueue y_out = (y_in or 0) + delta on `stream` (see csrc/lora_mixture_decode.h). "
-      "Pointers are ints; 0 means absent. user_ids must be int32.");
+      "Pointers are ints; 0 means absent. user_ids must be int32. launch: LAUNCH_TWO "
+      "(shrink + expand kernels) or LAUNCH_ONE (one cooperative kernel).");
 
 #ifdef PROPER_KERNELS_EMULATE
   m.attr("EMULATED") = true;
@@ -150,7 +154,8 @@ PYBIND11_MODULE(PROPER_KERNELS_MODULE_NAME, m) {
           out.append(py::dict(py::arg("kernel") = r.kernel,
                               py::arg("grid") = py::make_tuple(r.grid.x, r.grid.y, r.grid.z),
                               py::arg("block") = py::make_tuple(r.block.x, r.block.y, r.block.z),
-                              py::arg("smem") = r.smem, py::arg("pdl") = r.pdl));
+                              py::arg("smem") = r.smem, py::arg("pdl") = r.pdl,
+                              py::arg("cooperative") = r.cooperative));
         if (clear) pk_emu::launches.clear();
         return out;
       },

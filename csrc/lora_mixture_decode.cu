@@ -28,21 +28,30 @@
 //    with shuffles and writes y_out[t, o] = y_in[t, o] + delta in the input dtype.
 //    The gate math is repeated by every d_out tile (K*R flops: negligible).
 //
-// Why two launches: the expand needs every token's complete rank vector, i.e. a
-// grid-wide dependency. A cooperative grid barrier caps the grid at the co-resident
-// size and complicates graph capture; recomputing the shrink in every expand block
-// would re-read the K*r+r_u rows of d_in once per d_out tile. With two kernels the
-// intermediate round-trips through L2 only (KBs), and on sm_90 the expand is
-// launched with programmatic dependent launch: the shrink signals
-// griddepcontrol.launch_dependents at its start, expand blocks get resident early,
-// prefetch their B tiles into L2, then block in griddepcontrol.wait until the shrink
-// has finished and flushed. On older GPUs it is a plain stream-ordered launch.
+// The expand needs every token's complete rank vector: a grid-wide dependency.
+// Recomputing the shrink in every expand block would re-read the K*r+r_u rows of d_in
+// once per d_out tile, so the intermediate round-trips through L2 instead (KBs), in
+// one of two launch modes (DecodeArgs::launch):
+//
+// kLaunchTwo (default): the two kernels above. On sm_90 the expand is launched with
+//   programmatic dependent launch: the shrink signals griddepcontrol.launch_dependents
+//   at its start, expand blocks get resident early, prefetch their B tiles into L2,
+//   then block in griddepcontrol.wait until the shrink has finished and flushed. On
+//   older GPUs it is a plain stream-ordered launch.
+// kLaunchOne: _lora_mixture_fused_kernel, one cooperative launch of at most the
+//   co-resident blocks: each block loops over shrink tiles, the grid meets at a
+//   cooperative-groups grid barrier, then each block loops over expand tiles. One
+//   launch, no second launch latency; the price is the barrier and a grid capped at
+//   one wave. Which mode is faster is for benchmarks/run.py (providers cuda and
+//   cuda-one) to say.
 #ifdef PROPER_KERNELS_EMULATE
 #include "emu/cuda_emu.h"  // CPU emulation build for CI (python/build_cuda.py --emulate)
 #else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <cooperative_groups.h>
+#define PK_GRID_SYNC() cooperative_groups::this_grid().sync()
 // Hooks of the emulation build; nothing on a GPU.
 #define PK_DYNAMIC_SMEM(type, name) extern __shared__ type name[]
 #define PK_CHECK_ALIGNED(ptr) ((void)0)
@@ -92,6 +101,8 @@ struct KernelParams {
   int splits;
   int group;  // expand: lanes per output row, power of two <= 32
   int prefetch;
+  int g1x, g1y, g1z, g2x, g2y;  // tile grids of the shrink and the expand
+  int nblocks;                  // blocks of the single cooperative launch
   float expert_scale, user_scale;
 };
 
@@ -205,17 +216,17 @@ __device__ __forceinline__ void prefetch_l2(const void* ptr) {
 
 // ---- kernel 1: shrink -----------------------------------------------------------
 
+// One shrink tile: row block bx, token tile by, d_in split bz. Warps without rows
+// return at once (no block-level barrier in here).
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads)
-    _lora_mixture_shrink_kernel(const KernelParams p) {
-  pdl_launch_dependents();
+__device__ __forceinline__ void shrink_tile(const KernelParams& p, int bx, int by, int bz) {
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
-  const int row0 = (blockIdx.x * kWarps + warp) * kRowsPerWarp;
-  if (row0 >= p.R) return;  // no block-level barrier follows
-  const int t0 = blockIdx.y * kTokTile;
+  const int row0 = (bx * kWarps + warp) * kRowsPerWarp;
+  if (row0 >= p.R) return;
+  const int t0 = by * kTokTile;
   const int nt = min(kTokTile, p.T - t0);
-  const int split = blockIdx.z;
+  const int split = bz;
   const int64_t d_in = p.d_in;
   const int64_t e_begin = static_cast<int64_t>(split) * p.split_len;
   const int64_t e_end = min(d_in, e_begin + p.split_len);
@@ -322,12 +333,20 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// ---- kernel 2: gates + expand ---------------------------------------------------
-
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
-    _lora_mixture_expand_kernel(const KernelParams p) {
-  PK_DYNAMIC_SMEM(float4, smem_raw);
+    _lora_mixture_shrink_kernel(const KernelParams p) {
+  pdl_launch_dependents();
+  shrink_tile<T, VEC>(p, blockIdx.x, blockIdx.y, blockIdx.z);
+}
+
+// ---- kernel 2: gates + expand ---------------------------------------------------
+
+// One expand tile: d_out tile bx, token tile by. Starts with block-wide writes of
+// shared memory: a caller running several tiles in one block must put a barrier
+// between them.
+template <typename T, int VEC>
+__device__ __forceinline__ void expand_tile(const KernelParams& p, float4* smem_raw, int bx, int by) {
   float* s_v = reinterpret_cast<float*>(smem_raw);  // [kTokTile][Rp] rank vectors
   float* s_g = s_v + kTokTile * p.Rp;                // [kTokTile][Kp] logits, then gates
   int* s_uid = reinterpret_cast<int*>(s_g + kTokTile * p.Kp);  // [kTokTile]
@@ -335,12 +354,12 @@ __global__ void __launch_bounds__(kThreads)
   const int tid = threadIdx.x;
   const int warp = tid >> 5;
   const int lane = tid & 31;
-  const int t0 = blockIdx.y * kTokTile;
+  const int t0 = by * kTokTile;
   const int nt = min(kTokTile, p.T - t0);
   const int G = p.group;
   const int g = tid & (G - 1);
   const int nslots = kThreads / G;
-  const int o_first = blockIdx.x * nslots * kOutPerThread + tid / G;
+  const int o_first = bx * nslots * kOutPerThread + tid / G;
   const int64_t d_out = p.d_out;
   const T* Bg = static_cast<const T*>(p.expert_B);
   const T* Bu = static_cast<const T*>(p.user_B);
@@ -437,7 +456,7 @@ __global__ void __launch_bounds__(kThreads)
         if (k < p.K) {
           const float gate = ex[s] * inv;
           gl[k] = gate;
-          if (p.gates != nullptr && blockIdx.x == 0)
+          if (p.gates != nullptr && bx == 0)
             p.gates[static_cast<int64_t>(t0 + t) * p.K + k] = gate;
         }
       }
@@ -530,6 +549,33 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    _lora_mixture_expand_kernel(const KernelParams p) {
+  PK_DYNAMIC_SMEM(float4, smem_raw);
+  expand_tile<T, VEC>(p, smem_raw, blockIdx.x, blockIdx.y);
+}
+
+// ---- the single launch: shrink, grid barrier, expand ---------------------------------
+
+// launch = "one": a cooperative grid of p.nblocks (at most the co-resident blocks)
+// runs every shrink tile, meets at a grid-wide barrier (which also orders the
+// workspace writes before the reads), then every expand tile. No PDL, no prefetch.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    _lora_mixture_fused_kernel(const KernelParams p) {
+  PK_DYNAMIC_SMEM(float4, smem_raw);
+  const int n1 = p.g1x * p.g1y * p.g1z;
+  for (int w = blockIdx.x; w < n1; w += p.nblocks)
+    shrink_tile<T, VEC>(p, w % p.g1x, (w / p.g1x) % p.g1y, w / (p.g1x * p.g1y));
+  PK_GRID_SYNC();
+  const int n2 = p.g2x * p.g2y;
+  for (int w = blockIdx.x; w < n2; w += p.nblocks) {
+    if (w != static_cast<int>(blockIdx.x)) __syncthreads();  // the last tile is done with shared memory
+    expand_tile<T, VEC>(p, smem_raw, w % p.g2x, w / p.g2x);
+  }
+}
+
 // ---- host side --------------------------------------------------------------------
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -604,36 +650,57 @@ bool pdl_disabled_by_env() {
   return v != nullptr && v[0] != '\0' && std::strcmp(v, "0") != 0;
 }
 
-// One launch through cudaLaunchKernelEx, with the programmatic-serialization
-// attribute when `pdl` (the kernel may then start before the previous one ends and
-// must call pdl_wait before reading its output). Returns the launch's error.
+enum class LaunchAttr { kNone, kPdl, kCooperative };
+
+// One launch through cudaLaunchKernelEx. kPdl: the kernel may start before the
+// previous one in the stream ends and must call pdl_wait before reading its output.
+// kCooperative: all blocks co-resident, grid barriers allowed. Returns the error.
 cudaError_t launch_kernel(void (*kernel)(KernelParams), const char* name, dim3 grid, size_t smem,
-                          cudaStream_t stream, bool pdl, const KernelParams& p) {
+                          cudaStream_t stream, LaunchAttr attr, const KernelParams& p) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = dim3(kThreads);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl ? 1 : 0;
+  cudaLaunchAttribute a[1];
+  if (attr == LaunchAttr::kPdl) {
+    a[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    a[0].val.programmaticStreamSerializationAllowed = 1;
+  } else {
+    a[0].id = cudaLaunchAttributeCooperative;
+    a[0].val.cooperative = 1;
+  }
+  cfg.attrs = a;
+  cfg.numAttrs = attr == LaunchAttr::kNone ? 0 : 1;
   PK_KERNEL_NAME(name);
   return cudaLaunchKernelEx(&cfg, kernel, p);
 }
 
 template <typename T, int VEC>
-std::string launch_typed(const KernelParams& p, dim3 grid1, dim3 grid2, size_t smem,
-                         cudaStream_t stream, bool pdl) {
-  cudaError_t e = launch_kernel(_lora_mixture_shrink_kernel<T, VEC>, "shrink", grid1, 0, stream, false, p);
+std::string launch_typed(KernelParams p, size_t smem, cudaStream_t stream, bool pdl, bool one, int sms) {
+  const dim3 grid1(p.g1x, p.g1y, p.g1z), grid2(p.g2x, p.g2y, 1);
+  if (one) {
+    int per_sm = 0;
+    cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, _lora_mixture_fused_kernel<T, VEC>,
+                                                                  kThreads, smem);
+    if (e != cudaSuccess) return cuda_msg("cudaOccupancyMaxActiveBlocksPerMultiprocessor", e);
+    if (per_sm < 1) return "launch='one': the single-launch kernel does not fit on an SM";
+    const int64_t tiles = std::max<int64_t>(int64_t{p.g1x} * p.g1y * p.g1z, int64_t{p.g2x} * p.g2y);
+    p.nblocks = static_cast<int>(std::min<int64_t>(tiles, int64_t{per_sm} * sms));
+    p.prefetch = 0;
+    e = launch_kernel(_lora_mixture_fused_kernel<T, VEC>, "fused", dim3(p.nblocks), smem, stream,
+                      LaunchAttr::kCooperative, p);
+    if (e != cudaSuccess) return cuda_msg("single (cooperative) kernel launch", e);
+    return "";
+  }
+  cudaError_t e = launch_kernel(_lora_mixture_shrink_kernel<T, VEC>, "shrink", grid1, 0, stream, LaunchAttr::kNone, p);
   if (e != cudaSuccess) return cuda_msg("shrink kernel launch", e);
-  e = launch_kernel(_lora_mixture_expand_kernel<T, VEC>, "expand", grid2, smem, stream, pdl, p);
+  e = launch_kernel(_lora_mixture_expand_kernel<T, VEC>, "expand", grid2, smem, stream,
+                    pdl ? LaunchAttr::kPdl : LaunchAttr::kNone, p);
   if (e != cudaSuccess && pdl) {
     cudaGetLastError();  // clear; fall back to a plain stream-ordered launch
-    KernelParams q = p;
-    q.prefetch = 0;
-    e = launch_kernel(_lora_mixture_expand_kernel<T, VEC>, "expand", grid2, smem, stream, false, q);
+    p.prefetch = 0;
+    e = launch_kernel(_lora_mixture_expand_kernel<T, VEC>, "expand", grid2, smem, stream, LaunchAttr::kNone, p);
   }
   if (e != cudaSuccess) return cuda_msg("expand kernel launch", e);
   return "";
@@ -641,13 +708,13 @@ std::string launch_typed(const KernelParams& p, dim3 grid1, dim3 grid2, size_t s
 
 // VEC in elements: 16 bytes, 8 bytes or one element.
 template <typename T>
-std::string dispatch_vec(int vec_bytes, const KernelParams& p, dim3 g1, dim3 g2, size_t smem,
-                         cudaStream_t s, bool pdl) {
+std::string dispatch_vec(int vec_bytes, const KernelParams& p, size_t smem, cudaStream_t s, bool pdl, bool one,
+                         int sms) {
   constexpr int V16 = 16 / sizeof(T);
   constexpr int V8 = 8 / sizeof(T);
-  if (vec_bytes == 16) return launch_typed<T, V16>(p, g1, g2, smem, s, pdl);
-  if (vec_bytes == 8) return launch_typed<T, V8>(p, g1, g2, smem, s, pdl);
-  return launch_typed<T, 1>(p, g1, g2, smem, s, pdl);
+  if (vec_bytes == 16) return launch_typed<T, V16>(p, smem, s, pdl, one, sms);
+  if (vec_bytes == 8) return launch_typed<T, V8>(p, smem, s, pdl, one, sms);
+  return launch_typed<T, 1>(p, smem, s, pdl, one, sms);
 }
 
 }  // namespace
@@ -680,6 +747,7 @@ std::string decode_launch(const DecodeArgs& a) {
   if ((a.user_logit_bias != 0 || a.user_router != 0) && (a.N < 1 || a.user_ids == 0 || a.K == 0))
     return "user_logit_bias / user_router need N >= 1, user_ids and experts";
   if (a.user_router != 0 && a.r_u == 0) return "user_router needs user adapters (r_u > 0)";
+  if (a.launch != kLaunchTwo && a.launch != kLaunchOne) return "launch must be 0 (two kernels) or 1 (one cooperative kernel)";
 
   DeviceGuard guard(static_cast<int>(a.device));
   if (guard.err != cudaSuccess) return cuda_msg("cudaSetDevice", guard.err);
@@ -704,6 +772,12 @@ std::string decode_launch(const DecodeArgs& a) {
   int cc_major = 0;
   cudaError_t e = device_attr(static_cast<int>(a.device), cudaDevAttrComputeCapabilityMajor, &cc_major);
   if (e != cudaSuccess) return cuda_msg("cudaDeviceGetAttribute(computeCapabilityMajor)", e);
+  if (a.launch == kLaunchOne) {
+    int coop = 0;
+    e = device_attr(static_cast<int>(a.device), cudaDevAttrCooperativeLaunch, &coop);
+    if (e != cudaSuccess) return cuda_msg("cudaDeviceGetAttribute(cooperativeLaunch)", e);
+    if (!coop) return "launch='one' needs cooperative launches, which this device does not support";
+  }
 
   int splits = 1, split_len = 0;
   plan_splits(a.T, a.d_in, lay.R, sms, &splits, &split_len);
@@ -783,20 +857,22 @@ std::string decode_launch(const DecodeArgs& a) {
   }
   p.prefetch = pdl ? 1 : 0;
 
-  const dim3 grid1(static_cast<unsigned>(ceil_div(lay.R, int64_t{kWarps} * kRowsPerWarp)),
-                   static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
-  const dim3 grid2(static_cast<unsigned>(ceil_div(a.d_out, int64_t{kThreads / G} * kOutPerThread)),
-                   static_cast<unsigned>(tiles), 1);
+  p.g1x = static_cast<int>(ceil_div(lay.R, int64_t{kWarps} * kRowsPerWarp));
+  p.g1y = static_cast<int>(tiles);
+  p.g1z = splits;
+  p.g2x = static_cast<int>(ceil_div(a.d_out, int64_t{kThreads / G} * kOutPerThread));
+  p.g2y = static_cast<int>(tiles);
   const size_t smem = (static_cast<size_t>(kTokTile) * p.Rp + static_cast<size_t>(kTokTile) * p.Kp) *
                           sizeof(float) + kTokTile * sizeof(int);
 
+  const bool one = a.launch == kLaunchOne;
   switch (a.dtype) {
     case kFloat32:
-      return dispatch_vec<float>(vec_bytes, p, grid1, grid2, smem, stream, pdl);
+      return dispatch_vec<float>(vec_bytes, p, smem, stream, pdl, one, sms);
     case kFloat16:
-      return dispatch_vec<__half>(vec_bytes, p, grid1, grid2, smem, stream, pdl);
+      return dispatch_vec<__half>(vec_bytes, p, smem, stream, pdl, one, sms);
     default:
-      return dispatch_vec<__nv_bfloat16>(vec_bytes, p, grid1, grid2, smem, stream, pdl);
+      return dispatch_vec<__nv_bfloat16>(vec_bytes, p, smem, stream, pdl, one, sms);
   }
 }
 

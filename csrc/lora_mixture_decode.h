@@ -16,6 +16,11 @@ namespace proper_kernels {
 // always fp32; gates are always fp32.
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
+// How the decode forward is launched: two kernels (shrink, then gates + expand; the
+// second with programmatic dependent launch on sm_90), or one cooperative kernel that
+// runs both phases with a grid-wide barrier between them.
+enum Launch : int { kLaunchTwo = 0, kLaunchOne = 1 };
+
 // Limits of the decode kernel (checked again in Python before any pointer is used).
 constexpr int64_t kMaxTokens = 4096;     // T: the decode path is for small batches
 constexpr int64_t kMaxExperts = 64;      // K
@@ -46,6 +51,7 @@ struct DecodeArgs {
   std::uintptr_t gates = 0;
   std::uintptr_t workspace = 0;
   int64_t workspace_bytes = 0;
+  int launch = kLaunchTwo;
 };
 
 // Bytes of fp32 scratch the launch needs (split-d_in partial sums of the shrink).

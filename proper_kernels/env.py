@@ -44,6 +44,12 @@ def report() -> dict:
         info["cuda_extension_archs"] = cuda_decode.built_archs()
         if not info["cuda_extension_built"]:
             info["cuda_extension_note"] = cuda_decode.unavailable_reason()
+        dev = torch.device("cuda") if torch.cuda.is_available() else None
+        info["cuda_decode_dispatch"] = (
+            f"T <= {cuda_decode.decode_threshold(dev, torch.bfloat16)} (bf16), "
+            f"launch={cuda_decode.launch_mode(None, dev, torch.bfloat16)}, "
+            + ("measured" if (cuda_decode._table_entry(dev, torch.bfloat16) or {}).get("measured") else "not measured")
+            + " (proper_kernels/ops/decode_table.json)")
     except ImportError as exc:
         info["cuda_extension_built"] = False
         info["cuda_extension_archs"] = []

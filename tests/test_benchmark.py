@@ -264,11 +264,11 @@ def test_cli_imports_without_optional_packages():
 
 
 # --------------------------------------------------------------------------- decode dispatch table
-def _decode_rows(times):
-    """Rows as run.py makes them: times = {(T, case): (cuda_ms, triton_ms)}."""
+def _decode_rows(times, providers=("cuda", "triton")):
+    """Rows as run.py makes them: times = {(T, case): (ms of each provider)}."""
     rows = []
     for (T, case), pair in times.items():
-        for prov, ms in zip(("cuda", "triton"), pair):
+        for prov, ms in zip(providers, pair):
             rows.append(dict(op="decode", status="ok" if ms is not None else "skipped: x", provider=prov,
                              dtype="bfloat16", T=T, case=case, median_ms=ms))
     rows.append(dict(op="fwd", status="ok", provider="cuda", dtype="bfloat16", T=1, case=99, median_ms=0.0))
@@ -282,8 +282,14 @@ def test_decode_crossover_needs_a_win_at_every_case_up_to_T():
     rows = _decode_rows({(1, 0): (0.010, 0.020), (16, 1): (0.011, 0.020), (64, 2): (0.015, 0.020),
                          (64, 3): (0.030, 0.020), (256, 4): (0.010, 0.050)})
     res = run.decode_crossover(rows)["bfloat16"]
-    assert res["max_T"] == 16
-    assert res["evidence_ms_cuda_triton"]["64"] == [[0.015, 0.02], [0.03, 0.02]]
+    assert res["max_T"] == 16 and res["launch"] == "two"
+    assert res["evidence_ms"]["64"] == [{"cuda": 0.015, "triton": 0.02}, {"cuda": 0.03, "triton": 0.02}]
+    # with the single launch measured too: the faster mode counts per case, and the
+    # mode with the lower total up to max_T is the table's launch
+    rows = _decode_rows({(1, 0): (0.030, 0.010, 0.020), (16, 1): (0.011, 0.012, 0.020), (64, 2): (0.05, 0.05, 0.02)},
+                        providers=("cuda", "cuda-one", "triton"))
+    res = run.decode_crossover(rows)["bfloat16"]
+    assert (res["max_T"], res["launch"]) == (16, "one")
     assert run.decode_crossover(_decode_rows({(1, 0): (0.03, 0.02)}))["bfloat16"]["max_T"] == 0
     assert run.decode_crossover(_decode_rows({(1, 0): (0.01, None)})) == {}
 
@@ -298,6 +304,7 @@ def test_decode_table_written_and_read(tmp_path, monkeypatch):
     rows = _decode_rows({(1, 0): (0.010, 0.020), (16, 1): (0.011, 0.020), (64, 2): (0.012, 0.020), (256, 3): (0.1, 0.05)})
     entry = run.update_decode_table(str(path), rows, "sm_90", env, ["--op", "decode"])
     assert (entry["arch"], entry["dtype"], entry["max_T"], entry["measured"]) == ("sm_90", "bfloat16", 64, True)
+    assert entry["launch"] == "two"
     assert "H100" in entry["source"] and "--op decode" in entry["source"]
     # a second run replaces the entry instead of adding one
     run.update_decode_table(str(path), rows[:2], "sm_90", env, [])
@@ -316,6 +323,16 @@ def test_decode_table_written_and_read(tmp_path, monkeypatch):
     assert cd.decode_threshold("cpu", torch.bfloat16) == 16
     monkeypatch.setenv("PROPER_KERNELS_CUDA_DECODE_MAX_T", "40")
     assert cd.decode_threshold("fake-h100", torch.bfloat16) == 40
+    # the launch mode comes from the same table
+    table = json.loads(path.read_text())
+    table["entries"][-1]["launch"] = "one"
+    path.write_text(json.dumps(table))
+    monkeypatch.setattr(cd, "_table_cache", None)
+    monkeypatch.setattr(cd, "_table_index", None)
+    monkeypatch.delenv("PROPER_KERNELS_CUDA_DECODE_LAUNCH", raising=False)
+    assert cd.launch_mode(None, "fake-h100", torch.bfloat16) == "one"
+    assert cd.launch_mode(None, "fake-h100", torch.float16) == "two"
+    assert cd.launch_mode("two", "fake-h100", torch.bfloat16) == "two"
     with pytest.raises(ValueError, match="no decode case has timed rows of both providers"):
         run.update_decode_table(str(path), [], "sm_90", env, [])
 

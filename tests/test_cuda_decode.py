@@ -4,8 +4,9 @@
 * the build: `python python/build_cuda.py --check` compiles and imports the
   extension (skipped without nvcc / pybind11);
 * the kernel: against a per-token fp32 loop of DESIGN.md section 1, for
-  bf16/fp16/fp32 and T in {1, 7, 64, 257}, twice: in the CPU emulation of the csrc/
-  source (always; csrc/emu/cuda_emu.h) and on a GPU (skipped without one). Low
+  bf16/fp16/fp32 and T in {1, 7, 64, 257}, in both launch modes (two kernels; one
+  cooperative kernel), in the CPU emulation of the csrc/ source (always;
+  csrc/emu/cuda_emu.h) and on a GPU (skipped without one). Low
   precision must stay within a small multiple of the error the same-dtype torch
   computation makes against the fp32 loop (STYLE.md);
 * the emulation's own checks: its self-test kernels, NaN-guarded buffers for
@@ -351,27 +352,37 @@ def emu():
 
 
 class Runner:
-    """Runs the decode kernel on `device` under no_grad and waits for it."""
+    """Runs the decode kernel on `device` with launch mode `launch` under no_grad and
+    waits for it."""
 
-    def __init__(self, device, fn, ext=None):
-        self.device, self.fn, self.ext = device, fn, ext
+    def __init__(self, name, device, fn, launch, ext=None):
+        self.name, self.device, self.fn, self.launch, self.ext = name, device, fn, launch, ext
 
     def __call__(self, x, W, b, **kw):
         with torch.no_grad():
-            res = self.fn(x, W, b, **kw)
+            res = self.fn(x, W, b, launch=self.launch, **kw)
         if self.device == "cuda":
             torch.cuda.synchronize()
         return res
 
 
-@pytest.fixture(params=[pytest.param("emulated"), pytest.param("cuda", marks=[pytest.mark.gpu, needs_kernel])])
+# (where, launch mode). The emulated single launch runs on a 4-SM device: a grid of at
+# most 32 co-resident blocks, so the blocks loop over several tiles of each phase.
+@pytest.fixture(params=[
+    pytest.param(("emulated", "two"), id="emulated"),
+    pytest.param(("emulated", "one"), id="emulated-one"),
+    pytest.param(("cuda", "two"), id="cuda", marks=[pytest.mark.gpu, needs_kernel]),
+    pytest.param(("cuda", "one"), id="cuda-one", marks=[pytest.mark.gpu, needs_kernel]),
+])
 def run(request):
-    if request.param == "cuda":
-        return Runner("cuda", cd.lora_mixture_decode_cuda)
+    where, launch = request.param
+    name = where + ("-one" if launch == "one" else "")
+    if where == "cuda":
+        return Runner(name, "cuda", cd.lora_mixture_decode_cuda, launch)
     ext = request.getfixturevalue("emu")
-    ext.configure()  # an H100: 132 SMs, sm_90 (PDL path)
+    ext.configure(sms=4 if launch == "one" else 132)  # sm_90: the PDL path for "two"
     ext.launches(clear=True)
-    return Runner("cpu", functools.partial(cd.run_extension, ext), ext)
+    return Runner(name, "cpu", functools.partial(cd.run_extension, ext), launch, ext)
 
 
 def _assert_close_to_oracle(y, x, W, b, kw, name=""):
@@ -429,6 +440,8 @@ CONFIGS = {
 def test_kernel_configs(run, dtype, T, config):
     if run.device == "cpu" and T == 257 and config.startswith("large"):
         pytest.skip("emulated: the large shape is covered at T <= 64")
+    if run.name == "emulated-one" and T > 7:
+        pytest.skip("emulated: the single launch runs the same tile code; its T > 7 cases are in test_kernel_full_mixture")
     x, W, b, kw = make_case(**dict(dict(T=T, d_in=128, d_out=160, dtype=dtype, device=run.device, seed=T),
                                    **CONFIGS[config]))
     y, gates = run(x, W, b, return_gates=True, **kw)
@@ -561,18 +574,27 @@ def test_emulated_no_out_of_bounds(emu, offset, dtype):
     dict(sms=132, cc_major=9, fail_pdl=True),
     dict(sms=132, cc_major=9, capturing=True),
 ], ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
-def test_emulated_device_variants(emu, device):
-    """The launch plan (d_in splits, lanes per output row, PDL or not) depends on the
-    device; every plan gives the same result, and the launch log shows which ran."""
+@pytest.mark.parametrize("launch", ["two", "one"])
+def test_emulated_device_variants(emu, device, launch):
+    """The launch plan (d_in splits, lanes per output row, PDL or not, the single
+    launch's grid) depends on the device; every plan gives the same result, and the
+    launch log shows which ran."""
     emu.configure(**device)
     emu.launches(clear=True)
     x, W, b, kw = make_case(T=9, d_in=1536, d_out=96, K=4, r=8, N=3, r_u=8, dtype=torch.float32,
                             users="with_none", top_k=3)
-    y, gates = cd.run_extension(emu, x, W, b, return_gates=True, **kw)
+    y, gates = cd.run_extension(emu, x, W, b, return_gates=True, launch=launch, **kw)
     emu.configure()
     g_ref = _assert_close_to_oracle(y, x, W, b, kw, str(device))
     torch.testing.assert_close(gates, g_ref, rtol=1e-4, atol=1e-5)
     log = emu.launches(clear=True)
+    if launch == "one":
+        # one cooperative launch: as many blocks as the larger phase has tiles (the
+        # shrink: 2 row blocks x 2 token tiles x splits), at most 8 per SM
+        assert [(e["kernel"], e["cooperative"], e["pdl"]) for e in log] == [("fused", True, False)]
+        splits = {1: 1, 3: 2}.get(device["sms"], 6)
+        assert log[0]["grid"] == (min(4 * splits, 8 * device["sms"]), 1, 1)
+        return
     assert [entry["kernel"] for entry in log] == ["shrink", "expand"]
     shrink, expand = log
     assert shrink["block"] == expand["block"] == (256, 1, 1)
@@ -593,6 +615,20 @@ def test_emulated_launch_error_is_raised(emu):
             cd.run_extension(emu, x, W, b, **kw)
     finally:
         emu.configure()
+
+
+def test_launch_mode_is_checked(emu, monkeypatch):
+    x, W, b, kw = make_case(T=3, dtype=torch.float32)
+    with pytest.raises(ValueError, match="launch must be 'two' or 'one', got 'three'"):
+        cd.run_extension(emu, x, W, b, launch="three", **kw)
+    monkeypatch.setenv("PROPER_KERNELS_CUDA_DECODE_LAUNCH", "1")
+    with pytest.raises(ValueError, match="PROPER_KERNELS_CUDA_DECODE_LAUNCH must be 'two' or 'one', got '1'"):
+        cd.run_extension(emu, x, W, b, **kw)
+    monkeypatch.setenv("PROPER_KERNELS_CUDA_DECODE_LAUNCH", "one")
+    emu.configure()
+    emu.launches(clear=True)
+    cd.run_extension(emu, x, W, b, **kw)
+    assert [e["kernel"] for e in emu.launches(clear=True)] == ["fused"]
 
 
 def test_emulated_rejects_non_cpu_and_grad(emu):

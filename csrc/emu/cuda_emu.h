@@ -38,6 +38,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -93,15 +94,24 @@ enum cudaError_t {
   cudaErrorInvalidDevice = 101,
   cudaErrorNotSupported = 801,
   cudaErrorLaunchFailure = 719,
+  cudaErrorCooperativeLaunchTooLarge = 720,
 };
 typedef struct pk_emu_stream* cudaStream_t;
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrComputeCapabilityMajor = 75 };
+enum cudaDeviceAttr {
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrComputeCapabilityMajor = 75,
+  cudaDevAttrCooperativeLaunch = 95,
+};
 enum cudaMemcpyKind { cudaMemcpyDeviceToDevice = 3 };
 enum cudaStreamCaptureStatus { cudaStreamCaptureStatusNone = 0, cudaStreamCaptureStatusActive = 1 };
-enum cudaLaunchAttributeID { cudaLaunchAttributeProgrammaticStreamSerialization = 5 };
+enum cudaLaunchAttributeID {
+  cudaLaunchAttributeCooperative = 2,
+  cudaLaunchAttributeProgrammaticStreamSerialization = 6,
+};
 union cudaLaunchAttributeValue {
-  int programmaticStreamSerializationAllowed;
   char pad[64];
+  int cooperative;
+  int programmaticStreamSerializationAllowed;
 };
 struct cudaLaunchAttribute {
   cudaLaunchAttributeID id;
@@ -133,6 +143,7 @@ struct Config {
   bool fail_pdl = false;      // make the programmatic-dependent launch fail (fallback path)
   bool capturing = false;     // report the stream as being captured into a graph
   size_t max_dynamic_smem = 48 * 1024;
+  size_t smem_per_sm = 228 * 1024;
 };
 inline Config config;
 
@@ -141,6 +152,7 @@ struct LaunchRecord {
   dim3 grid, block;
   size_t smem = 0;
   bool pdl = false;
+  bool cooperative = false;
 };
 inline std::vector<LaunchRecord> launches;  // every launch since the last clear
 inline std::string fault;                   // first fault since the last take_fault()
@@ -168,7 +180,8 @@ struct Fiber {
 #else
   ucontext_t ctx;
 #endif
-  std::vector<char> stack;
+  std::unique_ptr<char[]> stack;  // kStackBytes, left uninitialised: pages commit as used
+  struct Block* block = nullptr;
   unsigned shuffles = 0;  // parity picks the shuffle slot bank
   dim3 thread_idx;
   int linear = 0, lane = 0, warp = 0;
@@ -188,13 +201,14 @@ struct Block {
   const std::function<void()>* body = nullptr;
 };
 
-constexpr size_t kStackBytes = 256 * 1024;
+constexpr size_t kStackBytes = 128 * 1024;
 constexpr size_t kSmemGuard = 256;
 constexpr unsigned char kPoison = 0xff;  // float NaN, int -1
 
 inline thread_local Block* cur_block = nullptr;
 inline thread_local Fiber* cur_fiber = nullptr;
 inline thread_local std::vector<Fiber> fibers;
+inline thread_local Barrier* grid_bar = nullptr;  // set during a cooperative launch
 #ifdef PK_EMU_FAST_SWITCH
 inline thread_local void* sched_sp = nullptr;
 inline void to_scheduler(Fiber* f) { pk_emu_switch(&f->sp, sched_sp); }
@@ -247,6 +261,7 @@ inline void fiber_main() {
   drop(cur_block->block_bar);
   drop(cur_block->warp_bar[f->warp]);
   --cur_block->warp_live[f->warp];
+  if (grid_bar != nullptr) drop(*grid_bar);
 #ifdef PK_EMU_FAST_SWITCH
   to_scheduler(f);  // never resumed
   __builtin_unreachable();
@@ -257,7 +272,7 @@ inline void fiber_main() {
 // A fresh fiber starts in fiber_main on its own stack.
 inline void start_fiber(Fiber& f) {
 #ifdef PK_EMU_FAST_SWITCH
-  std::uintptr_t top = reinterpret_cast<std::uintptr_t>(f.stack.data() + f.stack.size()) & ~std::uintptr_t{15};
+  std::uintptr_t top = reinterpret_cast<std::uintptr_t>(f.stack.get() + kStackBytes) & ~std::uintptr_t{15};
   void** sp = reinterpret_cast<void**>(top);
   *--sp = nullptr;                                   // fiber_main's return address: never used
   *--sp = reinterpret_cast<void*>(&fiber_main);      // where pk_emu_switch returns to
@@ -265,8 +280,8 @@ inline void start_fiber(Fiber& f) {
   f.sp = sp;
 #else
   getcontext(&f.ctx);
-  f.ctx.uc_stack.ss_sp = f.stack.data();
-  f.ctx.uc_stack.ss_size = f.stack.size();
+  f.ctx.uc_stack.ss_sp = f.stack.get();
+  f.ctx.uc_stack.ss_size = kStackBytes;
   f.ctx.uc_link = &sched_ctx;
   makecontext(&f.ctx, fiber_main, 0);
 #endif
@@ -279,46 +294,65 @@ inline void check_aligned(const V* ptr, const char* what) {
                  std::to_string(reinterpret_cast<std::uintptr_t>(ptr)));
 }
 
-inline void run_block(Block& b, int nthreads) {
-  if (static_cast<int>(fibers.size()) < nthreads) fibers.resize(nthreads);
+inline std::string block_name(const Block& b) {
+  return "block (" + std::to_string(b.block_idx.x) + "," + std::to_string(b.block_idx.y) + "," +
+         std::to_string(b.block_idx.z) + ")";
+}
+
+// Runs the given blocks' threads as fibers until all have returned (or a deadlock).
+// One block at a time for a normal launch; every block of the grid together for a
+// cooperative one, whose grid barrier then counts all their threads.
+inline void run_blocks(std::vector<Block>& blocks, int nthreads, Barrier* grid) {
+  const int total = nthreads * static_cast<int>(blocks.size());
+  if (static_cast<int>(fibers.size()) < total) fibers.resize(total);
   const int nwarps = (nthreads + 31) / 32;
-  b.block_bar = Barrier{};
-  b.block_bar.expected = nthreads;
-  b.warp_bar.assign(nwarps, Barrier{});
-  b.warp_live.assign(nwarps, 0);
-  b.slot[0].assign(nthreads, 0);
-  b.slot[1].assign(nthreads, 0);
-  for (int i = 0; i < nthreads; ++i) {
-    Fiber& f = fibers[i];
-    if (f.stack.empty()) f.stack.resize(kStackBytes);
-    f.linear = i;
-    f.thread_idx = dim3(i % b.block_dim.x, (i / b.block_dim.x) % b.block_dim.y, i / (b.block_dim.x * b.block_dim.y));
-    f.warp = i / 32;
-    f.lane = i % 32;
-    f.done = false;
-    f.waiting = nullptr;
-    f.shuffles = 0;
-    ++b.warp_bar[f.warp].expected;
-    ++b.warp_live[f.warp];
-    start_fiber(f);
+  for (size_t bi = 0; bi < blocks.size(); ++bi) {
+    Block& b = blocks[bi];
+    b.block_bar = Barrier{};
+    b.block_bar.expected = nthreads;
+    b.warp_bar.assign(nwarps, Barrier{});
+    b.warp_live.assign(nwarps, 0);
+    b.slot[0].assign(nthreads, 0);
+    b.slot[1].assign(nthreads, 0);
+    for (int i = 0; i < nthreads; ++i) {
+      Fiber& f = fibers[bi * nthreads + i];
+      if (!f.stack) f.stack.reset(new char[kStackBytes]);
+      f.block = &b;
+      f.linear = i;
+      f.thread_idx = dim3(i % b.block_dim.x, (i / b.block_dim.x) % b.block_dim.y, i / (b.block_dim.x * b.block_dim.y));
+      f.warp = i / 32;
+      f.lane = i % 32;
+      f.done = false;
+      f.waiting = nullptr;
+      f.shuffles = 0;
+      ++b.warp_bar[f.warp].expected;
+      ++b.warp_live[f.warp];
+      start_fiber(f);
+    }
   }
-  cur_block = &b;
-  int live = nthreads;
+  if (grid != nullptr) {
+    *grid = Barrier{};
+    grid->expected = total;
+  }
+  grid_bar = grid;
+  int live = total;
   while (live > 0) {
     bool ran = false;
-    for (int n = 0; n < nthreads; ++n) {
-      Fiber& f = fibers[config.reverse ? nthreads - 1 - n : n];
+    for (int n = 0; n < total; ++n) {
+      Fiber& f = fibers[config.reverse ? total - 1 - n : n];
       if (f.done || (f.waiting != nullptr && f.waiting->gen == f.wait_gen)) continue;
       cur_fiber = &f;
+      cur_block = f.block;
       to_fiber(&f);
       ran = true;
       if (f.done) --live;
     }
     if (!ran) {
-      const Fiber* w = nullptr;
-      for (int i = 0; i < nthreads && w == nullptr; ++i)
+      Fiber* w = nullptr;
+      for (int i = 0; i < total && w == nullptr; ++i)
         if (!fibers[i].done) w = &fibers[i];
-      cur_fiber = const_cast<Fiber*>(w);
+      cur_fiber = w;
+      cur_block = w->block;
       record_fault(where() + ": deadlock, " + std::to_string(live) + " live threads wait at barriers that cannot " +
                    "complete (first waits at " + (w->waiting->site ? w->waiting->site : "?") + ")");
       break;  // the waiting fibers are abandoned; their stacks are reused
@@ -326,36 +360,58 @@ inline void run_block(Block& b, int nthreads) {
   }
   cur_fiber = nullptr;
   cur_block = nullptr;
-  for (size_t i = 0; i < kSmemGuard; ++i) {
-    if (b.smem[b.smem.size() - kSmemGuard + i] != kPoison) {
-      record_fault("block (" + std::to_string(b.block_idx.x) + "," + std::to_string(b.block_idx.y) + "," +
-                   std::to_string(b.block_idx.z) + ") wrote past its " + std::to_string(b.smem_bytes) +
-                   " bytes of dynamic shared memory");
-      break;
+  grid_bar = nullptr;
+  for (const Block& b : blocks) {
+    for (size_t i = 0; i < kSmemGuard; ++i) {
+      if (b.smem[b.smem.size() - kSmemGuard + i] != kPoison) {
+        record_fault(block_name(b) + " wrote past its " + std::to_string(b.smem_bytes) +
+                     " bytes of dynamic shared memory");
+        break;
+      }
     }
   }
 }
 
-inline cudaError_t run_grid(const cudaLaunchConfig_t& cfg, const std::function<void()>& body) {
+// Blocks that fit on one SM at once (threads, shared memory), as the occupancy API says.
+inline int blocks_per_sm(int threads, size_t smem) {
+  int n = std::min(2048 / std::max(1, threads), 32);
+  if (smem > 0) n = std::min<int>(n, static_cast<int>(config.smem_per_sm / (smem + 1024)));
+  return std::max(n, 0);
+}
+
+inline cudaError_t run_grid(const cudaLaunchConfig_t& cfg, const std::function<void()>& body, bool cooperative) {
   const dim3 g = cfg.gridDim, bd = cfg.blockDim;
   const long long nthreads = static_cast<long long>(bd.x) * bd.y * bd.z;
   if (nthreads < 1 || nthreads > 1024 || bd.z > 64 || g.x < 1 || g.y < 1 || g.z < 1 || g.y > 65535 ||
       g.z > 65535 || g.x > 2147483647u)
     return cudaErrorInvalidConfiguration;
   if (cfg.dynamicSmemBytes > config.max_dynamic_smem) return cudaErrorInvalidValue;
-  Block b;
-  b.block_dim = bd;
-  b.grid_dim = g;
-  b.body = &body;
-  b.smem_bytes = cfg.dynamicSmemBytes;
+  const long long nblocks = static_cast<long long>(g.x) * g.y * g.z;
+  if (cooperative && nblocks > static_cast<long long>(blocks_per_sm(static_cast<int>(nthreads), cfg.dynamicSmemBytes)) * config.sms)
+    return cudaErrorCooperativeLaunchTooLarge;
+  std::vector<Block> blocks;
+  auto add_block = [&](unsigned x, unsigned y, unsigned z) {
+    blocks.emplace_back();
+    Block& b = blocks.back();
+    b.block_dim = bd;
+    b.grid_dim = g;
+    b.body = &body;
+    b.smem_bytes = cfg.dynamicSmemBytes;
+    b.block_idx = dim3(x, y, z);
+    b.smem.assign(((cfg.dynamicSmemBytes + 15) / 16) * 16 + kSmemGuard, kPoison);
+  };
+  Barrier grid;
   for (unsigned z = 0; z < g.z; ++z)
     for (unsigned y = 0; y < g.y; ++y)
       for (unsigned x = 0; x < g.x; ++x) {
-        b.block_idx = dim3(x, y, z);
-        b.smem.assign(((cfg.dynamicSmemBytes + 15) / 16) * 16 + kSmemGuard, kPoison);
-        run_block(b, static_cast<int>(nthreads));
-        if (!fault.empty()) return cudaSuccess;  // reported through take_fault()
+        add_block(x, y, z);
+        if (!cooperative) {
+          run_blocks(blocks, static_cast<int>(nthreads), nullptr);
+          blocks.clear();
+          if (!fault.empty()) return cudaSuccess;  // reported through take_fault()
+        }
       }
+  if (cooperative) run_blocks(blocks, static_cast<int>(nthreads), &grid);
   return cudaSuccess;
 }
 
@@ -409,6 +465,16 @@ inline V __shfl_xor_sync(unsigned mask, V v, int lane_mask) {
   return out;
 }
 
+// cooperative_groups::this_grid().sync() on a GPU: every thread of a cooperative launch.
+inline void pk_emu_grid_sync() {
+  if (::pk_emu::grid_bar == nullptr) {
+    ::pk_emu::record_fault(::pk_emu::where() + ": grid sync in a launch that is not cooperative");
+    return;
+  }
+  ::pk_emu::arrive_and_wait(*::pk_emu::grid_bar, "grid sync");
+}
+#define PK_GRID_SYNC() pk_emu_grid_sync()
+
 template <typename V>
 inline V __ldg(const V* ptr) {
   pk_emu::check_aligned(ptr, "read-only load");
@@ -424,7 +490,12 @@ inline cudaError_t cudaGetDevice(int* d) {
 inline cudaError_t cudaSetDevice(int d) { return d == 0 ? cudaSuccess : cudaErrorInvalidDevice; }
 inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int device) {
   if (device != 0) return cudaErrorInvalidDevice;
-  *v = attr == cudaDevAttrMultiProcessorCount ? pk_emu::config.sms : pk_emu::config.cc_major;
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount: *v = pk_emu::config.sms; break;
+    case cudaDevAttrComputeCapabilityMajor: *v = pk_emu::config.cc_major; break;
+    case cudaDevAttrCooperativeLaunch: *v = 1; break;
+    default: return cudaErrorInvalidValue;
+  }
   return cudaSuccess;
 }
 inline cudaError_t cudaDriverGetVersion(int* v) {
@@ -438,6 +509,7 @@ inline const char* cudaGetErrorName(cudaError_t e) {
     case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
     case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
     case cudaErrorNotSupported: return "cudaErrorNotSupported";
+    case cudaErrorCooperativeLaunchTooLarge: return "cudaErrorCooperativeLaunchTooLarge";
     default: return "cudaErrorLaunchFailure";
   }
 }
@@ -460,15 +532,23 @@ inline cudaError_t cudaStreamIsCapturing(cudaStream_t, cudaStreamCaptureStatus* 
   return cudaSuccess;
 }
 
+template <typename... Params>
+inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, void (*)(Params...), int threads, size_t smem) {
+  *n = pk_emu::blocks_per_sm(threads, smem);
+  return cudaSuccess;
+}
+
 // Runs the whole grid before returning (a launch is synchronous here). Kernel faults
 // are left in pk_emu::fault for the binding to raise.
 template <typename... Params, typename... Args>
 inline cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* cfg, void (*kernel)(Params...), Args&&... args) {
-  bool pdl = false;
-  for (unsigned i = 0; i < cfg->numAttrs; ++i)
+  bool pdl = false, cooperative = false;
+  for (unsigned i = 0; i < cfg->numAttrs; ++i) {
     if (cfg->attrs[i].id == cudaLaunchAttributeProgrammaticStreamSerialization &&
         cfg->attrs[i].val.programmaticStreamSerializationAllowed)
       pdl = true;
+    if (cfg->attrs[i].id == cudaLaunchAttributeCooperative && cfg->attrs[i].val.cooperative) cooperative = true;
+  }
   if (pdl && pk_emu::config.fail_pdl) {
     pk_emu::last_error = cudaErrorNotSupported;
     return cudaErrorNotSupported;
@@ -480,10 +560,11 @@ inline cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* cfg, void (*kern
   rec.block = cfg->blockDim;
   rec.smem = cfg->dynamicSmemBytes;
   rec.pdl = pdl;
+  rec.cooperative = cooperative;
   pk_emu::launches.push_back(rec);
   std::tuple<std::decay_t<Params>...> held(std::forward<Args>(args)...);  // by value, as CUDA copies them
   const std::function<void()> body = [&]() { std::apply(kernel, held); };
-  const cudaError_t e = pk_emu::run_grid(*cfg, body);
+  const cudaError_t e = pk_emu::run_grid(*cfg, body, cooperative);
   if (e != cudaSuccess) pk_emu::last_error = e;
   return e;
 }

@@ -6,8 +6,9 @@ Semantics, per token t of user u = u(t) (u = -1: no user, its terms are zero)::
     g_t = softmax(top_k(l_t))              y_t = W0 x_t + b + s_g sum_k g_tk B_k A_k x_t + s_u B_u z_t
 
 The base ``x W0^T + b`` is computed by torch (cuBLAS) into the output, then one call of
-the extension (two kernels: shrink, then gates + expand; see
-csrc/lora_mixture_decode.cu) adds the adapter delta into it. Forward only, meant for
+the extension adds the adapter delta into it: two kernels (shrink, then gates +
+expand) or, with ``launch="one"``, a single cooperative kernel (see
+csrc/lora_mixture_decode.cu). Forward only, meant for
 decode batches of a few to a few hundred tokens; :func:`decode_threshold` says up to
 which T it is preferred over the Triton path.
 
@@ -32,7 +33,7 @@ from .validate import check_mixture_args
 
 __all__ = [
     "available", "built_archs", "unavailable_reason", "decode_table", "decode_threshold", "prefers_cuda_decode",
-    "check_decode_args", "lora_mixture_decode_cuda", "run_extension", "MAX_TOKENS", "MAX_EXPERTS", "MAX_RANK_TOTAL",
+    "check_decode_args", "lora_mixture_decode_cuda", "run_extension", "launch_mode", "MAX_TOKENS", "MAX_EXPERTS", "MAX_RANK_TOTAL",
 ]
 
 # Limits of the kernel; they mirror csrc/lora_mixture_decode.h, which re-checks them.
@@ -46,9 +47,10 @@ MAX_RANK_TOTAL = 1024  # K*r + r_u + K (the router rows, when router_weight is g
 # PROPER_KERNELS_CUDA_DECODE_MAX_T.
 _TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "decode_table.json")
 _table_cache: Optional[List[dict]] = None
-_table_index: Optional[dict] = None  # (arch, dtype) -> max_T
+_table_index: Optional[dict] = None  # (arch, dtype) -> entry
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_LAUNCH_CODES = {"two": 0, "one": 1}  # csrc/lora_mixture_decode.h: Launch
 
 _ext = None
 _ext_error: Optional[str] = None
@@ -91,16 +93,19 @@ def built_archs() -> List[str]:
 
 def decode_table() -> List[dict]:
     """The dispatch table's entries (a copy): dicts with arch ("sm_90", or "default"),
-    dtype ("bfloat16", ..., or "*"), max_T, measured, source."""
+    dtype ("bfloat16", ..., or "*"), max_T, launch (optional: "two" or "one"),
+    measured, source."""
     global _table_cache, _table_index
     if _table_cache is None:
         with open(_TABLE_PATH) as f:
             entries = json.load(f)["entries"]
         for e in entries:
-            if not {"arch", "dtype", "max_T"} <= set(e) or not isinstance(e["max_T"], int) or e["max_T"] < 0:
-                raise ValueError(f"{_TABLE_PATH}: bad entry {e!r} (needs arch, dtype and an int max_T >= 0)")
+            if (not {"arch", "dtype", "max_T"} <= set(e) or not isinstance(e["max_T"], int) or e["max_T"] < 0
+                    or e.get("launch", "two") not in _LAUNCH_CODES):
+                raise ValueError(f"{_TABLE_PATH}: bad entry {e!r} (needs arch, dtype, an int max_T >= 0 "
+                                 "and launch 'two' or 'one' if any)")
         _table_cache = entries
-        _table_index = {(e["arch"], e["dtype"]): e["max_T"] for e in entries}
+        _table_index = {(e["arch"], e["dtype"]): e for e in entries}
     return [dict(e) for e in _table_cache]
 
 
@@ -112,6 +117,17 @@ def _arch_of(device) -> str:
         return "default"
     major, minor = torch.cuda.get_device_capability(device)
     return f"sm_{major}{minor}"
+
+
+def _table_entry(device, dtype) -> Optional[dict]:
+    if _table_index is None:
+        decode_table()
+    arch = _arch_of(device)
+    name = str(dtype).replace("torch.", "") if dtype is not None else "*"
+    for key in ((arch, name), (arch, "*"), ("default", name), ("default", "*")):
+        if key in _table_index:
+            return _table_index[key]
+    return None
 
 
 def decode_threshold(device=None, dtype: Optional[torch.dtype] = None) -> int:
@@ -126,15 +142,8 @@ def decode_threshold(device=None, dtype: Optional[torch.dtype] = None) -> int:
             return max(0, min(int(env), MAX_TOKENS))
         except ValueError:
             pass
-    if _table_index is None:
-        decode_table()
-    table = _table_index
-    arch = _arch_of(device)
-    name = str(dtype).replace("torch.", "") if dtype is not None else "*"
-    for key in ((arch, name), (arch, "*"), ("default", name), ("default", "*")):
-        if key in table:
-            return min(table[key], MAX_TOKENS)
-    return 0
+    entry = _table_entry(device, dtype)
+    return min(entry["max_T"], MAX_TOKENS) if entry is not None else 0
 
 
 def prefers_cuda_decode(T: int, device=None, dtype: Optional[torch.dtype] = None) -> bool:
@@ -315,6 +324,7 @@ def lora_mixture_decode_cuda(
     out: Optional[Tensor] = None,
     return_gates: bool = False,
     plan=None,
+    launch: Optional[str] = None,
 ) -> Union[Tensor, Tuple[Tensor, Optional[Tensor]]]:
     """y = x W0^T + b + s_g sum_k g_k B_k A_k x + s_u B_u A_u x, decode forward on CUDA.
 
@@ -333,6 +343,11 @@ def lora_mixture_decode_cuda(
         return_gates: also return the gates.
         plan: the batch's RoutingPlan; its ids were range-checked when it was built,
             so passing it skips the per-call host sync of that check.
+        launch: "two" (shrink and expand kernels; the expand with programmatic
+            dependent launch on sm_90) or "one" (a single cooperative kernel with a
+            grid barrier between the phases); None: $PROPER_KERNELS_CUDA_DECODE_LAUNCH,
+            else the decode table's choice for this GPU and dtype, else "two". Same
+            result either way.
 
     Returns:
         y [T, d_out] in x.dtype; with return_gates, (y, gates [T, K] float32 or None
@@ -350,8 +365,24 @@ def lora_mixture_decode_cuda(
         ext, x, weight, bias, expert_A=expert_A, expert_B=expert_B, expert_scale=expert_scale,
         router_weight=router_weight, user_ids=user_ids, user_logit_bias=user_logit_bias,
         user_A=user_A, user_B=user_B, user_scale=user_scale, user_router=user_router,
-        top_k=top_k, out=out, return_gates=return_gates, plan=plan,
+        top_k=top_k, out=out, return_gates=return_gates, plan=plan, launch=launch,
     )
+
+
+def launch_mode(launch: Optional[str] = None, device=None, dtype: Optional[torch.dtype] = None) -> str:
+    """The launch mode a call uses: ``launch`` if given, else
+    $PROPER_KERNELS_CUDA_DECODE_LAUNCH, else the decode table's choice for the
+    device's architecture and the dtype, else "two". Raises ValueError naming the
+    source of a bad value."""
+    source = "launch"
+    if launch is None:
+        launch, source = os.environ.get("PROPER_KERNELS_CUDA_DECODE_LAUNCH"), "PROPER_KERNELS_CUDA_DECODE_LAUNCH"
+        if not launch:
+            entry = _table_entry(device, dtype)
+            launch, source = (entry or {}).get("launch", "two"), _TABLE_PATH
+    if launch not in _LAUNCH_CODES:
+        raise ValueError(f"{source} must be 'two' or 'one', got {launch!r}")
+    return launch
 
 
 def run_extension(
@@ -374,6 +405,7 @@ def run_extension(
     out: Optional[Tensor] = None,
     return_gates: bool = False,
     plan=None,
+    launch: Optional[str] = None,
 ) -> Union[Tensor, Tuple[Tensor, Optional[Tensor]]]:
     """:func:`lora_mixture_decode_cuda` through a given extension module ``ext``.
 
@@ -384,6 +416,7 @@ def run_extension(
     filled with NaN so that a read of a partial sum nobody wrote shows in the output.
     Same arguments, checks and result as :func:`lora_mixture_decode_cuda`.
     """
+    launch = launch_mode(launch, getattr(x, "device", None), getattr(x, "dtype", None))
     emulated = bool(getattr(ext, "EMULATED", False))
     if emulated and isinstance(x, Tensor) and x.device.type != "cpu":
         raise ValueError(f"x must be a CPU tensor for the emulated extension, got device {x.device}")
@@ -451,6 +484,7 @@ def run_extension(
             user_ids=_ptr(ids), user_A=_ptr(user_A), user_B=_ptr(user_B),
             user_scale=float(user_scale), user_router=_ptr(user_router),
             gates=_ptr(gates), workspace=ws.data_ptr(), workspace_bytes=ws_bytes,
+            launch=_LAUNCH_CODES[launch],
         )
     if return_gates:
         return y, gates
