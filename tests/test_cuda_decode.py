@@ -463,6 +463,21 @@ def test_kernel_out_and_int32_ids(run):
     _assert_close_to_oracle(y, x, W, b, kw, "out=")
 
 
+@pytest.mark.parametrize("base", ["none", "weight", "bias"])
+def test_kernel_accumulate(run, base):
+    """accumulate=True adds into out (the add-into-y variant): out0 + the whole result."""
+    x, W, b, kw = make_case(T=13, d_in=96, d_out=80, dtype=torch.float32, device=run.device, users="with_none",
+                            weight=base == "weight", bias=base != "none")
+    out0 = torch.randn(13, 80, generator=torch.Generator().manual_seed(1)).to(run.device)
+    out = out0.clone()
+    y = run(x, W, b, out=out, accumulate=True, **kw)
+    assert y.data_ptr() == out.data_ptr()
+    y_ref, _ = decode_loop_ref(x, W, b, **kw)
+    torch.testing.assert_close(y, out0 + y_ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="accumulate=True adds into out"):
+        run(x, W, b, accumulate=True, **kw)
+
+
 def test_kernel_misaligned_views(run):
     """A view at an odd element offset forces the scalar load path."""
     x, W, b, kw = make_case(T=5, d_in=128, d_out=64, dtype=torch.float16, device=run.device)

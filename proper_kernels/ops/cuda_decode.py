@@ -305,6 +305,22 @@ def _ptr(t: Optional[Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def launch_mode(launch: Optional[str] = None, device=None, dtype: Optional[torch.dtype] = None) -> str:
+    """The launch mode a call uses: ``launch`` if given, else
+    $PROPER_KERNELS_CUDA_DECODE_LAUNCH, else the decode table's choice for the
+    device's architecture and the dtype, else "two". Raises ValueError naming the
+    source of a bad value."""
+    source = "launch"
+    if launch is None:
+        launch, source = os.environ.get("PROPER_KERNELS_CUDA_DECODE_LAUNCH"), "PROPER_KERNELS_CUDA_DECODE_LAUNCH"
+        if not launch:
+            entry = _table_entry(device, dtype)
+            launch, source = (entry or {}).get("launch", "two"), _TABLE_PATH
+    if launch not in _LAUNCH_CODES:
+        raise ValueError(f"{source} must be 'two' or 'one', got {launch!r}")
+    return launch
+
+
 def lora_mixture_decode_cuda(
     x: Tensor,
     weight: Optional[Tensor],
@@ -325,6 +341,8 @@ def lora_mixture_decode_cuda(
     return_gates: bool = False,
     plan=None,
     launch: Optional[str] = None,
+    accumulate: bool = False,
+    _ext=None,
 ) -> Union[Tensor, Tuple[Tensor, Optional[Tensor]]]:
     """y = x W0^T + b + s_g sum_k g_k B_k A_k x + s_u B_u A_u x, decode forward on CUDA.
 
@@ -339,7 +357,11 @@ def lora_mixture_decode_cuda(
         user_scale: s_u (float); user_router: V [N, K, r_u].
         top_k: None (dense softmax) or an int in [1, K]: softmax over the top_k largest
             logits, the others 0 (ties: lower expert index wins).
-        out: optional preallocated y [T, d_out] (x's dtype); it is overwritten.
+        out: optional preallocated y [T, d_out] (x's dtype); it is overwritten, unless
+            ``accumulate``.
+        accumulate: add the result into ``out`` (required) instead of overwriting it:
+            out += x W0^T + b + delta (each part that is given). With weight=None and
+            bias=None this is the add-into-y variant for a base GEMM done elsewhere.
         return_gates: also return the gates.
         plan: the batch's RoutingPlan; its ids were range-checked when it was built,
             so passing it skips the per-call host sync of that check.
@@ -348,6 +370,8 @@ def lora_mixture_decode_cuda(
             grid barrier between the phases); None: $PROPER_KERNELS_CUDA_DECODE_LAUNCH,
             else the decode table's choice for this GPU and dtype, else "two". Same
             result either way.
+        _ext: the extension module to call instead of proper_kernels._C (see
+            :func:`run_extension`).
 
     Returns:
         y [T, d_out] in x.dtype; with return_gates, (y, gates [T, K] float32 or None
@@ -358,65 +382,14 @@ def lora_mixture_decode_cuda(
     user_ids costs one host sync, unless ``plan`` is given. Accumulation is fp32; the base GEMM runs in x's
     dtype through torch, the adapter delta is added to it in fp32 and rounded once.
     """
-    ext = _load()
+    ext = _ext if _ext is not None else _load()
     if ext is None:
         raise RuntimeError("lora_mixture_decode_cuda: " + unavailable_reason())
-    return run_extension(
-        ext, x, weight, bias, expert_A=expert_A, expert_B=expert_B, expert_scale=expert_scale,
-        router_weight=router_weight, user_ids=user_ids, user_logit_bias=user_logit_bias,
-        user_A=user_A, user_B=user_B, user_scale=user_scale, user_router=user_router,
-        top_k=top_k, out=out, return_gates=return_gates, plan=plan, launch=launch,
-    )
-
-
-def launch_mode(launch: Optional[str] = None, device=None, dtype: Optional[torch.dtype] = None) -> str:
-    """The launch mode a call uses: ``launch`` if given, else
-    $PROPER_KERNELS_CUDA_DECODE_LAUNCH, else the decode table's choice for the
-    device's architecture and the dtype, else "two". Raises ValueError naming the
-    source of a bad value."""
-    source = "launch"
-    if launch is None:
-        launch, source = os.environ.get("PROPER_KERNELS_CUDA_DECODE_LAUNCH"), "PROPER_KERNELS_CUDA_DECODE_LAUNCH"
-        if not launch:
-            entry = _table_entry(device, dtype)
-            launch, source = (entry or {}).get("launch", "two"), _TABLE_PATH
-    if launch not in _LAUNCH_CODES:
-        raise ValueError(f"{source} must be 'two' or 'one', got {launch!r}")
-    return launch
-
-
-def run_extension(
-    ext,
-    x: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor] = None,
-    *,
-    expert_A: Optional[Tensor] = None,
-    expert_B: Optional[Tensor] = None,
-    expert_scale: float = 1.0,
-    router_weight: Optional[Tensor] = None,
-    user_ids: Optional[Tensor] = None,
-    user_logit_bias: Optional[Tensor] = None,
-    user_A: Optional[Tensor] = None,
-    user_B: Optional[Tensor] = None,
-    user_scale: float = 1.0,
-    user_router: Optional[Tensor] = None,
-    top_k: Optional[int] = None,
-    out: Optional[Tensor] = None,
-    return_gates: bool = False,
-    plan=None,
-    launch: Optional[str] = None,
-) -> Union[Tensor, Tuple[Tensor, Optional[Tensor]]]:
-    """:func:`lora_mixture_decode_cuda` through a given extension module ``ext``.
-
-    ``ext`` is either the built ``proper_kernels._C`` (CUDA tensors) or the CPU
-    emulation build of the same csrc/ source (``python python/build_cuda.py
-    --emulate``; it has ``EMULATED = True``), which takes CPU tensors. The emulation is
-    how CI executes the CUDA kernel without a GPU; under it the scratch workspace is
-    filled with NaN so that a read of a partial sum nobody wrote shows in the output.
-    Same arguments, checks and result as :func:`lora_mixture_decode_cuda`.
-    """
     launch = launch_mode(launch, getattr(x, "device", None), getattr(x, "dtype", None))
+    if not isinstance(accumulate, bool):
+        raise TypeError(f"accumulate must be a bool, got {type(accumulate).__name__}")
+    if accumulate and out is None:
+        raise ValueError("accumulate=True adds into out: pass out [T, d_out]")
     emulated = bool(getattr(ext, "EMULATED", False))
     if emulated and isinstance(x, Tensor) and x.device.type != "cpu":
         raise ValueError(f"x must be a CPU tensor for the emulated extension, got device {x.device}")
@@ -446,17 +419,24 @@ def run_extension(
     with ctx:
         # Base part through cuBLAS, in x's dtype; the kernel then adds into it.
         y = out if out is not None else torch.empty(T, d_out, dtype=x.dtype, device=device)
-        y_in = 0
+        y_in = y.data_ptr() if accumulate else 0
         if weight is not None:
-            if bias is not None:
+            if accumulate:
+                y.addmm_(x, weight.t())
+                if bias is not None:
+                    y.add_(bias)
+            elif bias is not None:
                 torch.addmm(bias, x, weight.t(), out=y)
             else:
                 torch.mm(x, weight.t(), out=y)
             y_in = y.data_ptr()
         elif bias is not None:
-            y.copy_(bias.expand(T, d_out))
+            if accumulate:
+                y.add_(bias)
+            else:
+                y.copy_(bias.expand(T, d_out))
             y_in = y.data_ptr()
-        # else: out-of-place variant, the kernel writes delta (y_in = 0).
+        # else: the kernel writes delta alone (y_in = 0), or adds it into out (accumulate).
 
         ids = None
         if user_ids is not None and N > 0:
@@ -489,3 +469,16 @@ def run_extension(
     if return_gates:
         return y, gates
     return y
+
+
+def run_extension(ext, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = None, **kwargs):
+    """:func:`lora_mixture_decode_cuda` through a given extension module ``ext``.
+
+    ``ext`` is either the built ``proper_kernels._C`` (CUDA tensors) or the CPU
+    emulation build of the same csrc/ source (``python python/build_cuda.py
+    --emulate``; it has ``EMULATED = True``), which takes CPU tensors. The emulation is
+    how CI executes the CUDA kernel without a GPU; under it the scratch workspace is
+    filled with NaN so that a read of a partial sum nobody wrote shows in the output.
+    Same keyword arguments, checks and result as :func:`lora_mixture_decode_cuda`.
+    """
+    return lora_mixture_decode_cuda(x, weight, bias, _ext=ext, **kwargs)
