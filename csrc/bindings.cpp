@@ -106,7 +106,9 @@ PYBIND11_MODULE(PROPER_KERNELS_MODULE_NAME, m) {
         a.launch = launch;
         std::string err;
         {
+#ifndef PROPER_KERNELS_EMULATE  // the emulator's state is global: keep the GIL there
           py::gil_scoped_release release;
+#endif
           err = proper_kernels::decode_launch(a);
         }
         if (!err.empty()) throw std::runtime_error(err);

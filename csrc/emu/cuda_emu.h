@@ -26,8 +26,10 @@
 // past the end of the dynamic shared memory, and dynamic shared memory above the
 // 48 KiB a launch gets without cudaFuncSetAttribute.
 //
-// Not emulated: memory ordering between blocks (blocks never overlap here), the
-// real throughput, and anything the decode kernel does not use.
+// Not emulated: memory ordering between blocks (blocks never overlap here, and the
+// blocks of a cooperative launch interleave only at its grid barrier), the real
+// throughput, and anything the decode kernel does not use. The emulator's state is
+// global: one emulated launch at a time per process (the binding keeps the GIL).
 #pragma once
 
 #include <ucontext.h>
@@ -219,11 +221,14 @@ inline void to_scheduler(Fiber* f) { swapcontext(&f->ctx, &sched_ctx); }
 inline void to_fiber(Fiber* f) { swapcontext(&sched_ctx, &f->ctx); }
 #endif
 
+inline std::string block_name(const Block& b) {
+  return "block (" + std::to_string(b.block_idx.x) + "," + std::to_string(b.block_idx.y) + "," +
+         std::to_string(b.block_idx.z) + ")";
+}
+
 inline std::string where() {
   if (cur_block == nullptr || cur_fiber == nullptr) return "host";
-  const Block& b = *cur_block;
-  return "block (" + std::to_string(b.block_idx.x) + "," + std::to_string(b.block_idx.y) + "," +
-         std::to_string(b.block_idx.z) + ") thread " + std::to_string(cur_fiber->linear);
+  return block_name(*cur_block) + " thread " + std::to_string(cur_fiber->linear);
 }
 
 inline void release(Barrier& bar) {
@@ -292,11 +297,6 @@ inline void check_aligned(const V* ptr, const char* what) {
   if (reinterpret_cast<std::uintptr_t>(ptr) % sizeof(V) != 0)
     record_fault(where() + ": misaligned " + std::to_string(sizeof(V)) + "-byte " + what + " at address " +
                  std::to_string(reinterpret_cast<std::uintptr_t>(ptr)));
-}
-
-inline std::string block_name(const Block& b) {
-  return "block (" + std::to_string(b.block_idx.x) + "," + std::to_string(b.block_idx.y) + "," +
-         std::to_string(b.block_idx.z) + ")";
 }
 
 // Runs the given blocks' threads as fibers until all have returned (or a deadlock).
