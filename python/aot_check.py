@@ -23,7 +23,9 @@ Target shapes: d_in = d_out = 4096 and the llama 4096 <-> 11008 projections, K=8
 r=16, r_u=16, 64 users, bf16; decode T in {1, 16, 64, 256}, prefill T in {1024, 8192}.
 Forward variants: "fused" (what the launcher picks for bf16), "standalone" (forced)
 and "mixture" (no W0). The backward kernels do not depend on T or d beyond
-divisibility, one T per regime is enough.
+divisibility, except that the per-user reductions split over tokens when T exceeds
+their ``SPLIT_T``: the backward runs at the largest decode T (one pass) and the
+largest prefill T (chunk + reduce passes).
 
 Results are cached (triton's own cache for the binaries, a small JSON per kernel
 hash for the ptxas report), so a second run takes seconds.
@@ -94,7 +96,7 @@ _KERNELS = {
 }
 # Constexprs shown in the table (when a kernel has them).
 _SHOW = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_C", "BLOCK_T", "GROUP_M", "HAS_W", "ADD_Y", "ATOMIC", "GATES",
-         "GATED", "Y_ONES")
+         "GATED", "Y_ONES", "MODE")
 
 DIMS = ((4096, 4096), (4096, 11008), (11008, 4096))
 DECODE_T = (1, 16, 64, 256)
@@ -176,8 +178,11 @@ def record(dims=DIMS, decode_t=DECODE_T, prefill_t=PREFILL_T, variants=VARIANTS,
                                        p["router_weight"], p["user_ids"], p["order"], p["seg_offsets"],
                                        p["user_logit_bias"], p["user_A"], p["user_B"], p["user_router"],
                                        1.0, 1.0, None, d_out, variant=None if var == "mixture" else var)
-                if backward:
-                    T = (tuple(prefill_t) or tuple(decode_t))[-1]
+                # The backward kernels depend on T only through the per-user reductions'
+                # split over tokens (mixture_bwd._seg_xty: one pass when T <= SPLIT_T,
+                # chunk + reduce passes above): the largest decode and prefill T cover both.
+                bwd_t = {t[-1] for t in (tuple(decode_t), tuple(prefill_t)) if t}
+                for T in sorted(bwd_t) if backward else ():
                     p = _problem(T, d_in, d_out, _DT[dt])
                     f32 = torch.float64 if dt == "fp64" else torch.float32  # the codes' compute dtype
                     K, r, r_u = 8, 16, 16

@@ -12,7 +12,9 @@ Checked: every gradient of the launcher against the rank-space contract
 ``mixture_bwd_ref`` and against autograd of ``lora_mixture_ref``, over popularity
 laws and awkward sizes; frozen subsets (``needs``); determinism; fp64 gradcheck of a
 reference forward + Triton backward and of the whole op; optimizer steps of a tiny
-model with backend="triton" vs backend="reference".
+model with backend="triton" vs backend="reference"; the per-user reductions' split
+over tokens (a small SPLIT_T forced through the config) against an fp64 oracle,
+bitwise run to run, and which passes run.
 """
 import functools
 import os
@@ -533,3 +535,171 @@ def test_balance_loss_trains_router_through_kernels():
                 continue
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(1.0, b.abs().max().item()), msg=k + key)
     assert grads["triton-gates"]["router_weight"].abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- split over tokens
+
+
+def _split_cfg(dtype, block_t=16, split_t=32):
+    """The launcher's config with a small token chunk, so tiny shapes take the split path."""
+    cfg = MB._configs(3, 4, 5, dtype)
+    for k in ("xty_small_m", "xty_large_m"):
+        cfg[k] = dict(cfg[k], BLOCK_T=block_t, SPLIT_T=split_t)
+    return cfg
+
+
+class _ModeSpy:
+    """Stands in for ``_seg_xty_kernel``: records each launch's MODE, then runs it."""
+
+    def __init__(self, fn):
+        self.fn, self.modes = fn, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.modes.append(kw["MODE"])
+            return self.fn[grid](*args, **kw)
+        return launch
+
+
+@pytest.fixture
+def xty_modes(monkeypatch):
+    spy = _ModeSpy(MB._seg_xty_kernel)
+    monkeypatch.setattr(MB, "_seg_xty_kernel", spy)
+    return spy.modes
+
+
+def _ids_from_lengths(lengths, no_user, gen):
+    """User ids with exactly lengths[u] tokens of user u and ``no_user`` tokens of -1, shuffled."""
+    ids = torch.cat([torch.full((n,), u) for u, n in enumerate(lengths)] + [torch.full((no_user,), -1)])
+    return ids[torch.randperm(ids.numel(), generator=gen)].long()
+
+
+# name: (segment lengths per user, tokens without a user); chunk = 32 tokens, BLOCK_T = 16
+SPLIT_CASES = {
+    "one_user_whole_batch": ([0, 83, 0], 0),
+    "around_chunk": ([31, 32, 33, 0, 63, 64, 65, 1], 5),
+    "prime_T_empty_users": ([0, 40, 0, 0, 17, 33, 0], 7),  # T = 97
+    "all_short": ([7, 0, 12, 31, 3], 20),  # T > chunk, every segment shorter: solo chunks only
+}
+XTY_DIMS = ((5, 37), (37, 3), (4, None))  # (M, Nn): rank x d, d x rank, Y = ones (dc)
+
+
+def _xty_ref(X, Y, order, seg, n_users, scale):
+    """fp64 oracle: out[u] = scale * X_seg^T Y_seg, operands rounded as the kernel's dot rounds them."""
+    out = []
+    for u in range(n_users):
+        idx = order[seg[u + 1]:seg[u + 2]].long()
+        x = X[idx].double()
+        y = torch.ones(len(idx), 1, dtype=torch.float64) if Y is None else Y[idx].to(X.dtype).double()
+        out.append(scale * x.t() @ y)
+    return torch.stack(out)
+
+
+def _xty_inputs(lengths, no_user, M, Nn, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    pl = RoutingPlan(_ids_from_lengths(lengths, no_user, gen), len(lengths))
+    T = pl.num_tokens
+    X = torch.randn(T, M, generator=gen).to(dtype)
+    Y = None if Nn is None else torch.randn(T, Nn, generator=gen)  # fp32, like z / the codes
+    return pl, X, Y
+
+
+def _run_xty(pl, X, Y, cfg, lowp, scale=0.625):
+    Nn = 1 if Y is None else Y.shape[1]
+    out = torch.full((pl.num_users, X.shape[1], Nn), float("nan"))
+    return MB._seg_xty(X, Y, out, pl.order, pl.seg_offsets, scale, lowp, cfg)
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("name", list(SPLIT_CASES))
+def test_seg_xty_split_matches_reference(name, dtype, xty_modes):
+    """Chunk + reduce passes vs the fp64 oracle; the split path is really taken."""
+    lengths, no_user = SPLIT_CASES[name]
+    cfg = _split_cfg(dtype)
+    for M, Nn in XTY_DIMS:
+        pl, X, Y = _xty_inputs(lengths, no_user, M, Nn, dtype)
+        del xty_modes[:]
+        out = _run_xty(pl, X, Y, cfg, lowp=dtype == torch.float16 and Y is not None)
+        assert xty_modes == [1, 2], xty_modes
+        ref = _xty_ref(X, Y, pl.order, pl.seg_offsets, pl.num_users, 0.625)
+        assert torch.isfinite(out).all(), (M, Nn)  # users without tokens get zeros, not garbage
+        for u, n in enumerate(lengths):
+            if n == 0:
+                assert (out[u] == 0).all(), (M, Nn, u)
+        e = rel_err(out, ref)
+        assert e <= (1e-3 if dtype == torch.float16 else 2e-6), f"{(M, Nn)}: {e:.3g}"
+
+
+@interp
+def test_seg_xty_split_deterministic_and_close_to_single_pass(xty_modes):
+    lengths, no_user = SPLIT_CASES["around_chunk"]
+    pl, X, Y = _xty_inputs(lengths, no_user, 5, 37, torch.float32, seed=1)
+    cfg = _split_cfg(torch.float32)
+    a = _run_xty(pl, X, Y, cfg, False)
+    b = _run_xty(pl, X, Y, cfg, False)
+    assert torch.equal(a, b)  # bitwise, run to run
+    assert xty_modes == [1, 2, 1, 2]
+    del xty_modes[:]
+    single = _run_xty(pl, X, Y, MB._configs(3, 4, 5, torch.float32), False)  # T = 294 <= SPLIT_T = 512
+    assert xty_modes == [0]
+    assert rel_err(a, single) <= 2e-6
+
+
+@interp
+@pytest.mark.parametrize("lengths", [[1], [0, 1, 0], [16, 16]], ids=["T1", "T1_empty_users", "T_eq_chunk"])
+def test_seg_xty_short_batch_single_pass(lengths, xty_modes):
+    """T <= SPLIT_T: no segment can be long, the one-pass kernel runs alone."""
+    pl, X, Y = _xty_inputs(lengths, 0, 6, 19, torch.float32, seed=2)
+    out = _run_xty(pl, X, Y, _split_cfg(torch.float32, block_t=16, split_t=32), False)
+    assert xty_modes == [0]
+    assert rel_err(out, _xty_ref(X, Y, pl.order, pl.seg_offsets, pl.num_users, 0.625)) <= 2e-6
+
+
+def test_segment_chunks_table():
+    """Pure torch: chunk boundaries, solo chunks, workspace rows and the host bounds."""
+    from proper_kernels.triton.tiles import segment_chunks
+
+    gen = torch.Generator().manual_seed(3)
+    for lengths, chunk in (([31, 32, 33, 0, 63, 64, 65, 1], 32), ([0, 83, 0], 32), ([1], 16), ([0, 0], 16),
+                           ([5, 200, 7, 0, 130], 64)):
+        seg = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+        seg[1:] = torch.tensor(lengths).cumsum(0)
+        T = int(seg[-1]) + int(torch.randint(0, 3, (1,), generator=gen))  # T may exceed the users' tokens
+        table, ws_off, C, W = segment_chunks(seg, T, chunk)
+        assert C == min(T, -(-T // chunk) + len(lengths)) and W == T // chunk + T // (chunk + 1)
+        want, rows = [], 0
+        for u, n in enumerate(lengths):
+            k = -(-n // chunk)
+            for i in range(k):
+                want.append((u, int(seg[u]) + i * chunk, rows + i if k > 1 else -1))
+            assert int(ws_off[u]) == rows
+            rows += k if k > 1 else 0
+        assert int(ws_off[-1]) == rows <= W
+        got = [tuple(c) for c in table.t().tolist() if c[0] >= 0]
+        assert got == want and len(want) <= C
+        assert (table[:, len(want):] == torch.tensor([[-1], [0], [-1]], dtype=torch.int32)).all()
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("law", ["identical", "skewed"])
+def test_launcher_with_split_matches_contract(law, dtype, monkeypatch, xty_modes):
+    """The whole backward with the split forced: every per-user gradient vs the contract."""
+    real = MB._configs
+
+    def small_split(*a, **kw):
+        cfg = real(*a, **kw)
+        for k in ("xty_small_m", "xty_large_m"):
+            cfg[k] = dict(cfg[k], BLOCK_T=16, SPLIT_T=16)
+        return cfg
+
+    monkeypatch.setattr(MB, "_configs", small_split)
+    p = make_inputs(45, 21, 19, 3, 4, 5, 4, law, 0.1, dtype=dtype, seed=7)
+    needs = _applies(p)
+    out, ref = run_launcher(p, 4, None, needs)
+    assert xty_modes == [1, 2] * 4  # dA_u, dB_u, dV, dc
+    _check(out, ref, needs, p, TOL[dtype], f"[split {law} {dtype}] ")
+    again, _ = run_launcher(p, 4, None, needs)
+    for name, a, b in zip(NAMES, out, again):
+        assert (a is None and b is None) or torch.equal(a, b), name

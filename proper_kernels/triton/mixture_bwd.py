@@ -23,7 +23,10 @@ Three kernels and a handful of dense GEMMs:
    plan's ``order``, nothing is copied), one program per (user, M block, N block),
    deterministic (no atomics: each output tile is owned by one program and the token
    loop runs in the plan's stable order). Users without tokens get zeros. Used for
-   dA_u, dB_u, dV and dc.
+   dA_u, dB_u, dV and dc. When T exceeds the config's ``SPLIT_T``, long segments are
+   split over tokens: one program per (chunk of SPLIT_T tokens, output tile) writes an
+   fp32 partial, a second launch of the same kernel adds each user's partials in a
+   fixed order (still no atomics; a user with one chunk writes its result directly).
 
 Dtypes: every accumulator is fp32 (fp64 for fp64 inputs). Tensor-core dots run in the
 activations' dtype when it is 16-bit (the weight/code operand is cast to it, as
@@ -43,7 +46,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .target import DEFAULT_ARCH, device_arch
-from .tiles import segment_tiles
+from .tiles import segment_chunks, segment_tiles
 
 __all__ = ["mixture_bwd"]
 
@@ -230,46 +233,89 @@ def _mixture_bwd_dx_kernel(
 
 @triton.jit
 def _seg_xty_kernel(
-    X, Y, OUT, ORDER, SEG, M, N, scale,
+    X, Y, OUT, ORDER, SEG, WS, CHUNKS, WS_OFF, M, N, scale, chunk_t,
     stride_xt, stride_xm, stride_yt, stride_yn, stride_ou, stride_om, stride_on,
-    HAS_ORDER: tl.constexpr, Y_ONES: tl.constexpr, LOWP: tl.constexpr, F64: tl.constexpr,
+    stride_wr, stride_wm, stride_wn, stride_ch,
+    HAS_ORDER: tl.constexpr, Y_ONES: tl.constexpr, LOWP: tl.constexpr, F64: tl.constexpr, MODE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # out[u] = scale * sum_{t in segment of user u} X[t]^T Y[t]; user u is bucket u + 1.
-    user = tl.program_id(0).to(tl.int64)
+    # MODE 0: one program per (user, M block, N block) loops over the whole segment.
+    # MODE 1: one program per (chunk, M block, N block) of the chunk table CHUNKS
+    #   (tiles.segment_chunks over the users' buckets): a user's only chunk writes
+    #   out[u] itself, the others write unscaled partials into workspace rows.
+    # MODE 2: one program per (user, M block, N block) adds its user's workspace rows
+    #   [WS_OFF[u], WS_OFF[u + 1]) in order into out[u] (zeros for users without tokens;
+    #   users whose only chunk already wrote out[u] return at once).
+    pid = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_n = tl.program_id(2)
-    seg_start = tl.load(SEG + user + 1)
-    seg_end = tl.load(SEG + user + 2)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = m < M
     n_ok = n < N
+    out_mask = m_ok[:, None] & n_ok[None, :]
     if F64:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for t0 in range(seg_start, seg_end, BLOCK_T):
-        pos = t0 + tl.arange(0, BLOCK_T)
-        t_ok = pos < seg_end
-        if HAS_ORDER:
-            tok = tl.load(ORDER + pos, mask=t_ok, other=0).to(tl.int64)
+    if MODE == 2:
+        user = pid.to(tl.int64)
+        r0 = tl.load(WS_OFF + user)
+        r1 = tl.load(WS_OFF + user + 1)
+        seg_len = tl.load(SEG + user + 2) - tl.load(SEG + user + 1)
+        if (r1 == r0) & (seg_len > 0):  # solo: written by its chunk
+            return
+        ws_ptr = WS + r0.to(tl.int64) * stride_wr + m[:, None] * stride_wm + n[None, :] * stride_wn
+        for _ in range(r0, r1):
+            acc += tl.load(ws_ptr, mask=out_mask, other=0.0)
+            ws_ptr += stride_wr
+        acc = acc * scale
+        tl.store(OUT + user * stride_ou + m[:, None] * stride_om + n[None, :] * stride_on,
+                 acc.to(OUT.dtype.element_ty), mask=out_mask)
+    else:
+        if MODE == 1:
+            user = tl.load(CHUNKS + pid)
+            if user < 0:  # padding chunk of the host-side bound
+                return
+            user = user.to(tl.int64)
+            seg_start = tl.load(CHUNKS + stride_ch + pid)
+            seg_end = tl.minimum(seg_start + chunk_t, tl.load(SEG + user + 2))
+            row = tl.load(CHUNKS + 2 * stride_ch + pid)
         else:
-            tok = pos.to(tl.int64)
-        xt = tl.load(X + tok[None, :] * stride_xt + m[:, None] * stride_xm,
-                     mask=m_ok[:, None] & t_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_T]
-        if Y_ONES:
-            acc += tl.sum(xt.to(acc.dtype), axis=1)[:, None]
-        else:
-            yt = tl.load(Y + tok[:, None] * stride_yt + n[None, :] * stride_yn,
-                         mask=t_ok[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_T, BLOCK_N]
-            if LOWP:
-                acc += tl.dot(xt.to(X.dtype.element_ty), yt.to(X.dtype.element_ty))
+            user = pid.to(tl.int64)
+            seg_start = tl.load(SEG + user + 1)
+            seg_end = tl.load(SEG + user + 2)
+        for t0 in range(seg_start, seg_end, BLOCK_T):
+            pos = t0 + tl.arange(0, BLOCK_T)
+            t_ok = pos < seg_end
+            if HAS_ORDER:
+                tok = tl.load(ORDER + pos, mask=t_ok, other=0).to(tl.int64)
             else:
-                acc += tl.dot(xt.to(acc.dtype), yt.to(acc.dtype), input_precision="ieee")
-    acc = acc * scale
-    tl.store(OUT + user * stride_ou + m[:, None] * stride_om + n[None, :] * stride_on,
-             acc.to(OUT.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+                tok = pos.to(tl.int64)
+            xt = tl.load(X + tok[None, :] * stride_xt + m[:, None] * stride_xm,
+                         mask=m_ok[:, None] & t_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_T]
+            if Y_ONES:
+                acc += tl.sum(xt.to(acc.dtype), axis=1)[:, None]
+            else:
+                yt = tl.load(Y + tok[:, None] * stride_yt + n[None, :] * stride_yn,
+                             mask=t_ok[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_T, BLOCK_N]
+                if LOWP:
+                    acc += tl.dot(xt.to(X.dtype.element_ty), yt.to(X.dtype.element_ty))
+                else:
+                    acc += tl.dot(xt.to(acc.dtype), yt.to(acc.dtype), input_precision="ieee")
+        if MODE == 1:
+            if row >= 0:  # one of several chunks: an unscaled partial
+                tl.store(WS + row.to(tl.int64) * stride_wr + m[:, None] * stride_wm + n[None, :] * stride_wn,
+                         acc.to(WS.dtype.element_ty), mask=out_mask)
+            else:  # the user's only chunk
+                acc = acc * scale
+                tl.store(OUT + user * stride_ou + m[:, None] * stride_om + n[None, :] * stride_on,
+                         acc.to(OUT.dtype.element_ty), mask=out_mask)
+        else:
+            acc = acc * scale
+            tl.store(OUT + user * stride_ou + m[:, None] * stride_om + n[None, :] * stride_on,
+                     acc.to(OUT.dtype.element_ty), mask=out_mask)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -287,6 +333,12 @@ def _configs(K: int, r: int, r_u: int, dtype: torch.dtype = torch.bfloat16, arch
     The rank kernel holds an fp32 tile [BLOCK_M, K_PAD * R_PAD] (+ [BLOCK_M, RU_PAD]) in
     registers across its d_out loop, so BLOCK_M shrinks as the stacked rank grows.
     Every dot dimension is at least 16 (tensor-core minimum).
+
+    The per-user reductions (``xty_*``) split long user segments into chunks of
+    ``SPLIT_T`` tokens (``_seg_xty``): 512 gives one user owning T = 8192 tokens 16
+    chunks x 32 output tiles (d = 4096) = 512 programs on 132 SMs, each 8 BLOCK_T steps
+    long, while the fp32 partials it writes and reads back (r_u x d x 4 B per chunk,
+    twice) stay ~12% of the chunk's own input bytes. Also a first guess, unmeasured.
 
     The rank kernel runs 8 warps at every rank: at the target (K=8, r=16, BM=64) its
     live tiles (e [64, 128] fp32, e * h, G*e and the dy / B tiles of the pipelined
@@ -316,8 +368,10 @@ def _configs(K: int, r: int, r_u: int, dtype: torch.dtype = torch.bfloat16, arch
         dx=dict(BLOCK_M=64, BLOCK_N=128, BLOCK_C=64, K_PAD=_p2(K, 16), RU_PAD=_p2(r_u, 16),
                 num_warps=8, num_stages=2),
         # Per-user reductions: X^T Y with small M (rank) and long N (d) or the reverse.
-        xty_small_m=dict(BLOCK_T=64, BLOCK_N=128, num_warps=4, num_stages=3),
-        xty_large_m=dict(BLOCK_T=64, BLOCK_M=128, num_warps=4, num_stages=3),
+        # SPLIT_T: token chunk of the split over tokens (a multiple of BLOCK_T; 0: never
+        # split), engaged when T > SPLIT_T; see ``_seg_xty``.
+        xty_small_m=dict(BLOCK_T=64, BLOCK_N=128, SPLIT_T=512, num_warps=4, num_stages=3),
+        xty_large_m=dict(BLOCK_T=64, BLOCK_M=128, SPLIT_T=512, num_warps=4, num_stages=3),
     )
     wide = dtype not in (torch.float16, torch.bfloat16)  # fp32 / fp64: IEEE FMA dots
     if arch >= 90:
@@ -331,6 +385,8 @@ def _configs(K: int, r: int, r_u: int, dtype: torch.dtype = torch.bfloat16, arch
                 c.update(BLOCK_T=32, num_warps=8)
     if dtype == torch.float64:  # two registers per accumulator element
         cfg["rank"].update(BLOCK_M=min(rank_bm, 32), BLOCK_N=32, num_stages=2, num_warps=8)
+    for c in (cfg["xty_small_m"], cfg["xty_large_m"]):
+        assert c["SPLIT_T"] % c["BLOCK_T"] == 0, c
     return cfg
 
 
@@ -353,8 +409,21 @@ def _mm(a: Tensor, b: Tensor, dt: torch.dtype, out: torch.dtype) -> Tensor:
 
 
 def _seg_xty(X: Tensor, Y: Optional[Tensor], out: Tensor, order: Tensor, seg: Tensor, scale: float,
-             lowp: bool, cfg: dict) -> Tensor:
-    """out[u] = scale * X_seg(u)^T Y_seg(u) for every user u (out [N, M, Nn]); Y None: ones."""
+             lowp: bool, cfg: dict, chunk_tables: Optional[dict] = None) -> Tensor:
+    """out[u] = scale * X_seg(u)^T Y_seg(u) for every user u (out [N, M, Nn]); Y None: ones.
+
+    One pass (``MODE`` 0, grid users x output tiles) when no segment can be longer
+    than the config's ``SPLIT_T`` (T <= SPLIT_T, known on the host). Otherwise the
+    users' segments are cut into chunks of SPLIT_T tokens on the device
+    (``tiles.segment_chunks``, no host sync; ``chunk_tables`` caches the table per
+    chunk size across the calls of one backward): ``MODE`` 1 runs one program per
+    (chunk, output tile); a user's only chunk writes out[u] directly (short segments
+    pay nothing but one early-exit program per user and tile in the second pass), the
+    chunks of longer segments write unscaled fp32 (fp64) partials into a workspace of
+    W = T // SPLIT_T + T // (SPLIT_T + 1) < 2 T / SPLIT_T rows of [M, Nn]; ``MODE`` 2
+    adds each user's partials in chunk order into out[u] and writes zeros for users
+    without tokens. Deterministic: fixed chunking, fixed summation order, no atomics.
+    """
     N_users, M, Nn = out.shape
     if N_users == 0:
         return out
@@ -364,16 +433,35 @@ def _seg_xty(X: Tensor, Y: Optional[Tensor], out: Tensor, order: Tensor, seg: Te
     else:  # d x rank (dB_u)
         c = cfg["xty_large_m"]
         bm, bn = min(_p2(M, 16), c["BLOCK_M"]), min(_p2(Nn, 16), 64)
-    bt, w, st = c["BLOCK_T"], c["num_warps"], c["num_stages"]
-    grid = (N_users, triton.cdiv(M, bm), triton.cdiv(Nn, bn))
+    bt, w, st, split = c["BLOCK_T"], c["num_warps"], c["num_stages"], c.get("SPLIT_T", 0)
+    T = X.shape[0]
+    tiles_m, tiles_n = triton.cdiv(M, bm), triton.cdiv(Nn, bn)
     y_ones = Y is None
     Yt = X if y_ones else Y
-    _seg_xty_kernel[grid](
-        X, Yt, out, order, seg, M, Nn, float(scale),
-        X.stride(0), X.stride(1), Yt.stride(0), Yt.stride(1), out.stride(0), out.stride(1), out.stride(2),
-        HAS_ORDER=True, Y_ONES=y_ones, LOWP=lowp, F64=out.dtype == torch.float64, BLOCK_T=bt, BLOCK_M=bm, BLOCK_N=bn,
-        num_warps=w, num_stages=st,
-    )
+    common = (X.stride(0), X.stride(1), Yt.stride(0), Yt.stride(1), out.stride(0), out.stride(1), out.stride(2))
+    meta = dict(HAS_ORDER=True, Y_ONES=y_ones, LOWP=lowp, F64=out.dtype == torch.float64, BLOCK_T=bt,
+                BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+    if not split or T <= split:
+        _seg_xty_kernel[(N_users, tiles_m, tiles_n)](
+            X, Yt, out, order, seg, out, seg, seg, M, Nn, float(scale), 0, *common, 0, 0, 0, 0, MODE=0, **meta)
+        return out
+    if split % bt:
+        raise ValueError(f"SPLIT_T={split} is not a multiple of BLOCK_T={bt}")
+    if chunk_tables is None:
+        chunk_tables = {}
+    if split not in chunk_tables:
+        # Over the users' buckets only (bucket 0, tokens without a user, is never reduced).
+        chunk_tables[split] = segment_chunks(seg[1:], T, split)
+    table, ws_off, C, W = chunk_tables[split]
+    ws = torch.empty(W, M, Nn, device=out.device, dtype=out.dtype)
+    ws_strides = (ws.stride(0), ws.stride(1), ws.stride(2), table.stride(0))
+    if C > 0:
+        _seg_xty_kernel[(C, tiles_m, tiles_n)](
+            X, Yt, out, order, seg, ws, table, ws_off, M, Nn, float(scale), split, *common, *ws_strides,
+            MODE=1, **meta)
+    _seg_xty_kernel[(N_users, tiles_m, tiles_n)](
+        X, Yt, out, order, seg, ws, table, ws_off, M, Nn, float(scale), split, *common, *ws_strides,
+        MODE=2, **meta)
     return out
 
 
@@ -522,18 +610,20 @@ def mixture_bwd(
                     K_PAD=c["K_PAD"], RU_PAD=c["RU_PAD"], num_warps=c["num_warps"], num_stages=c["num_stages"],
                 )
 
-    # Per-user segment reductions (groupXtY); users without tokens get zeros.
+    # Per-user segment reductions (groupXtY); users without tokens get zeros. Long
+    # segments are split over tokens (``_seg_xty``); the chunk table is built once.
     if N is not None:
+        chunks: dict = {}
         if has_u and n_Au:
             dA_u = _seg_xty(code[:, dz_off:dz_off + r_u], x, torch.empty(user_A.shape, device=dev, dtype=cd),
-                            order_t, seg, 1.0, lowp, cfg)
+                            order_t, seg, 1.0, lowp, cfg, chunks)
         if has_u and has_bu and n_Bu:
             dB_u = _seg_xty(dy, z, torch.empty(user_B.shape, device=dev, dtype=cd), order_t, seg,
-                            user_scale, lowp, cfg)
+                            user_scale, lowp, cfg, chunks)
         if has_v and n_V:
             dV = _seg_xty(code[:, dl_off:dl_off + K], z, torch.empty(user_router.shape, device=dev, dtype=cd),
-                          order_t, seg, 1.0, False, cfg)
+                          order_t, seg, 1.0, False, cfg, chunks)
         if has_e and n_c and K > 0:
             dc = _seg_xty(code[:, dl_off:dl_off + K], None, torch.empty(N, K, 1, device=dev, dtype=cd),
-                          order_t, seg, 1.0, False, cfg).reshape(N, K)
+                          order_t, seg, 1.0, False, cfg, chunks).reshape(N, K)
     return (dx if n_x else None, dW0, db, dA_g, dB_g, dW_r, dc, dA_u, dB_u, dV)
