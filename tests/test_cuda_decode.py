@@ -621,6 +621,18 @@ def test_emulated_device_variants(emu, device, launch):
     assert expand["pdl"] is pdl
 
 
+def test_emulated_disable_pdl_env(emu, monkeypatch):
+    """PROPER_KERNELS_DISABLE_PDL=1 (read by the C++ launcher) turns PDL off on sm_90."""
+    emu.configure()
+    x, W, b, kw = make_case(T=5, dtype=torch.float32)
+    for value, pdl in (("1", False), ("0", True)):
+        monkeypatch.setenv("PROPER_KERNELS_DISABLE_PDL", value)
+        emu.launches(clear=True)
+        y = cd.run_extension(emu, x, W, b, **kw)
+        assert [e["pdl"] for e in emu.launches(clear=True)] == [False, pdl]
+        _assert_close_to_oracle(y, x, W, b, kw, f"DISABLE_PDL={value}")
+
+
 def test_emulated_launch_error_is_raised(emu):
     """A launch the device refuses surfaces as RuntimeError naming the kernel."""
     emu.configure(max_dynamic_smem=64)

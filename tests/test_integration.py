@@ -275,6 +275,43 @@ def test_freeze_users_for_early_stopping():
     assert torch.equal(after[k][1], before[k][1]) and not torch.equal(after[k][0], before[k][0])
 
 
+def test_freeze_users_at_snapshot_then_unfreeze():
+    """Early stopping's moves: pin users at a saved (best) snapshot, train, unfreeze one."""
+    pm, _ = trained_user_model()
+    opt = torch.optim.AdamW(pm.trainable_parameters(), lr=1e-2)
+
+    def steps(users, n=2):
+        for i in range(n):
+            ids = torch.tensor(rand_seqs([6] * len(users), seed=i))
+            opt.zero_grad()
+            pm(input_ids=ids, labels=ids, user_ids=users).loss.backward()
+            opt.step()
+            pm.restore_frozen_users()
+
+    best = pm.get_user_state([2, 1])                    # "best epoch" rows, in that order
+    steps([0, 1, 2, 3])
+    moved = pm.get_user_state([1, 2])
+    k = next(iter(moved))
+    assert not torch.equal(moved[k][0], best[k][1])
+    pm.freeze_users([2, 1], state=best)                 # written back and pinned
+    assert pm.frozen_users == [1, 2]
+    assert all(torch.equal(pm.get_user_state([2, 1])[key], v) for key, v in best.items())
+    steps([0, 1, 2, 3])                                  # momentum still moves rows 1, 2: restored
+    now = pm.get_user_state([2, 1])
+    assert all(torch.equal(now[key], v) for key, v in best.items())
+
+    pm.unfreeze_users([1])
+    assert pm.frozen_users == [2]
+    steps([1, 2])
+    now = pm.get_user_state([1, 2])
+    assert not torch.equal(now[k][0], best[k][1]) and torch.equal(now[k][1], best[k][0])
+    pm.unfreeze_users()
+    assert pm.frozen_users == []
+    pm.restore_frozen_users()                            # nothing frozen: a no-op
+    with pytest.raises(ValueError, match="unknown user"):
+        pm.freeze_users([7])
+
+
 # ---------------------------------------------------------------------- persistence
 def test_save_load_bit_exact(tmp_path):
     pm, orig = trained_user_model()

@@ -274,27 +274,62 @@ class ProperModel(nn.Module):
         if extra:
             raise ValueError(f"user state has entries this model does not have: {extra[:4]}")
 
-    def freeze_users(self, users: UserIds) -> None:
-        """Per-user early stopping: remember the current parameters of ``users``;
-        :meth:`restore_frozen_users` (call it after each optimizer step) writes them
-        back, so they stay fixed whatever the optimizer (momentum, weight decay) does."""
+    def freeze_users(self, users: UserIds, state: Optional[Dict[str, Tensor]] = None) -> None:
+        """Per-user early stopping: pin the parameters of ``users``.
+
+        Remembers their current rows (or, with ``state`` from :meth:`get_user_state`
+        of these ``users`` in this order, writes those rows first, e.g. the best
+        snapshot so far, and pins them). :meth:`restore_frozen_users` (call it after
+        each optimizer step) writes the pinned rows back, so they stay fixed whatever
+        the optimizer (momentum, weight decay) does. Freezing a frozen user again
+        re-pins it at the new values. Only the per-user rows are stored, never the
+        shared parameters."""
         idx = self._user_index(users).tolist()
-        frozen = getattr(self, "_frozen", {})
-        for u in idx:
-            frozen[u] = self.get_user_state([u])
-        self._frozen = frozen
+        if state is not None:
+            self.set_user_state(state, idx)
+        if not idx:
+            return
+        frozen = self._frozen_rows()
+        snap = self.get_user_state(idx)
+        for i, u in enumerate(idx):
+            frozen[u] = {k: v[i:i + 1] for k, v in snap.items()}
+        self._frozen_stack = None
 
     def unfreeze_users(self, users: Optional[UserIds] = None) -> None:
-        frozen = getattr(self, "_frozen", {})
+        """Let ``users`` (default: every frozen user) train again; their current
+        rows are kept."""
+        frozen = self._frozen_rows()
         if users is None:
             frozen.clear()
         else:
             for u in self._user_index(users).tolist():
                 frozen.pop(u, None)
+        self._frozen_stack = None
 
+    @property
+    def frozen_users(self) -> List[int]:
+        """Ids of the users pinned by :meth:`freeze_users`, ascending."""
+        return sorted(self._frozen_rows())
+
+    def _frozen_rows(self) -> Dict[int, Dict[str, Tensor]]:
+        frozen = self.__dict__.get("_frozen")
+        if frozen is None:
+            frozen = self.__dict__["_frozen"] = {}
+        return frozen
+
+    @torch.no_grad()
     def restore_frozen_users(self) -> None:
-        for u, st in getattr(self, "_frozen", {}).items():
-            self.set_user_state(st, [u])
+        """Write the pinned rows of every frozen user back (one indexed write per
+        bank tensor, however many users are frozen)."""
+        frozen = self._frozen_rows()
+        if not frozen:
+            return
+        stack = self.__dict__.get("_frozen_stack")
+        if stack is None:
+            ids = sorted(frozen)
+            state = {k: torch.cat([frozen[u][k] for u in ids], 0) for k in frozen[ids[0]]}
+            stack = self.__dict__["_frozen_stack"] = (ids, state)
+        self.set_user_state(stack[1], stack[0])
 
     # ------------------------------------------------------------------ routing
     def _needs_users(self) -> bool:

@@ -146,10 +146,11 @@ def train_stage(pm, data, epochs: float, lr: float, bs: int, desc: str, with_use
 
 
 @torch.no_grad()
-def heldout_loss(pm, corpus: Corpus, with_users: bool = True, bs: int = 64) -> Dict[int, float]:
-    """Mean next-token CE of each user's held-out sequences."""
+def per_user_loss(pm, data: List[tuple], with_users: bool = True, bs: int = 64) -> Dict[int, float]:
+    """Mean next-token CE of each user's sequences in ``data`` ((user, tokens) pairs)."""
+    was_training = pm.training
+    pm.eval()
     per_user: Dict[int, List[float]] = {}
-    data = corpus.heldout
     for i in range(0, len(data), bs):
         chunk = data[i:i + bs]
         ids = torch.stack([t for _, t in chunk])
@@ -159,7 +160,106 @@ def heldout_loss(pm, corpus: Corpus, with_users: bool = True, bs: int = 64) -> D
                              reduction="none").view(len(chunk), -1).mean(-1)
         for (u, _), v in zip(chunk, ce.tolist()):
             per_user.setdefault(u, []).append(v)
+    pm.train(was_training)
     return {u: sum(v) / len(v) for u, v in per_user.items()}
+
+
+def heldout_loss(pm, corpus: Corpus, with_users: bool = True) -> Dict[int, float]:
+    """Mean next-token CE of each user's held-out (test) sequences."""
+    return per_user_loss(pm, corpus.heldout, with_users)
+
+
+def split_validation(data: List[tuple], frac: float = 0.2, max_val: int = 10, seed: int = 0):
+    """Per-user validation split of the TRAINING history (the held-out test sequences
+    are never touched). A user with n >= 2 sequences gives
+    clamp(round(frac * n), 1, max_val) of them to validation (so at least one stays
+    for training); a user with n < 2 gives none and is not trained in the user stage
+    (keeps the group-stage parameters). Uses its own RNG, so the other stages' data
+    order is unchanged. Returns (train, val)."""
+    rng = random.Random(1000003 + seed)
+    by_user: Dict[int, List[int]] = {}
+    for i, (u, _) in enumerate(data):
+        by_user.setdefault(u, []).append(i)
+    val_idx = set()
+    for u, idx in by_user.items():
+        n = len(idx)
+        k = 0 if n < 2 else min(n - 1, max(1, min(max_val, round(frac * n))))
+        val_idx.update(rng.sample(idx, k))
+    return ([d for i, d in enumerate(data) if i not in val_idx],
+            [d for i, d in enumerate(data) if i in val_idx])
+
+
+def train_users_early_stopping(pm, train: List[tuple], val: List[tuple], max_epochs: int, lr: float, bs: int,
+                               desc: str, patience: int = 1, min_delta: float = 0.0) -> Dict[str, object]:
+    """The user stage with per-user early stopping on a validation split.
+
+    Epoch 0 is the model as the user stage finds it (the group-stage parameters,
+    i.e. user LoRA B_u = 0 and V_u = 0). After each epoch every active user's
+    validation loss is measured; a user that improved by more than ``min_delta``
+    gets its rows (e_u, A_u, B_u, V_u of every layer) snapshotted as its best; a user
+    that has not improved for ``patience`` epochs is set back to its best rows and
+    frozen (``pm.freeze_users``): its sequences leave the training set and
+    ``pm.restore_frozen_users()`` after each optimizer step keeps its rows exact.
+    Users without validation data are frozen from the start. At the end every user
+    holds its best rows, so no user's validation loss is above its group-stage one.
+    Only the per-user rows are copied, never the model."""
+    all_ids = list(range(pm.num_users))
+    val_users = {u for u, _ in val}
+    best_loss = per_user_loss(pm, val)                     # epoch 0 = group-stage parameters
+    best_state = pm.get_user_state(all_ids)                # rows of every bank tensor, [N, ...]
+    best_epoch = {u: 0 for u in val_users}
+    stale = {u: 0 for u in val_users}
+    pm.unfreeze_users()
+    no_val = [u for u in all_ids if u not in val_users]
+    if no_val:
+        pm.freeze_users(no_val)
+    opt = torch.optim.AdamW(pm.trainable_parameters(), lr=lr, weight_decay=0.0)
+    epochs_run = 0
+    pm.train()
+    for epoch in range(1, max_epochs + 1):
+        frozen = set(pm.frozen_users)
+        active = sorted(val_users - frozen)
+        if not active:
+            break
+        data = [d for d in train if d[0] not in frozen]
+        order = random.sample(range(len(data)), len(data))
+        bar = tqdm(range(0, len(order), bs), desc=f"{desc} (epoch {epoch}, {len(active)} users)", leave=False)
+        for i in bar:
+            idx = order[i:i + bs]
+            ids = torch.stack([data[j][1] for j in idx])
+            users = torch.tensor([data[j][0] for j in idx])
+            out = pm(input_ids=ids, labels=ids, user_ids=users)
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+            pm.restore_frozen_users()
+            bar.set_postfix(loss=f"{out.loss.item():.3f}")
+        epochs_run = epoch
+        vl = per_user_loss(pm, [d for d in val if d[0] in set(active)])
+        improved = [u for u in active if vl[u] < best_loss[u] - min_delta]
+        if improved:
+            cur = pm.get_user_state(improved)
+            rows = torch.tensor(improved)
+            for k, v in cur.items():
+                best_state[k][rows] = v
+            for u in improved:
+                best_loss[u], best_epoch[u], stale[u] = vl[u], epoch, 0
+        stop = []
+        for u in active:
+            if u not in improved:
+                stale[u] += 1
+                if stale[u] >= patience:
+                    stop.append(u)
+        if stop:
+            rows = torch.tensor(stop)
+            pm.freeze_users(stop, state={k: v[rows] for k, v in best_state.items()})
+    pm.unfreeze_users()
+    pm.set_user_state(best_state, all_ids)                 # every user at its best epoch
+    pm.eval()
+    hist = [0] * (max_epochs + 1)
+    for u in val_users:
+        hist[best_epoch[u]] += 1
+    return {"epochs_run": epochs_run, "best_epoch_hist": hist, "no_val": len(no_val)}
 
 
 def summarize(per_user: Dict[int, float], corpus: Corpus) -> Dict[str, float]:
@@ -178,6 +278,13 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=5e-3, help="learning rate of the three stages")
     ap.add_argument("--user-lr", type=float, default=1e-3, help="learning rate of the user stage (per-user data is tiny)")
+    ap.add_argument("--user-epochs", type=int, default=None,
+                    help="most epochs of the user stage (default 4; per-user early stopping picks each user's best)")
+    ap.add_argument("--patience", type=int, default=1,
+                    help="user stage: epochs without validation improvement before a user is frozen at its best")
+    ap.add_argument("--val-frac", type=float, default=0.2,
+                    help="user stage: share of each user's training history held out for validation "
+                         "(at least 1 sequence when the user has >= 2, at most 10)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (tiny models run fastest on one)")
     args = ap.parse_args()
     random.seed(args.seed)
@@ -187,10 +294,12 @@ def main():
 
     if args.quick:
         corpus = make_corpus(num_users=32, generic_seqs=1500, seed=args.seed)
-        sched = dict(pretrain=300, pop=5, group=5, user=3)
+        sched = dict(pretrain=300, pop=5, group=5, user=4)
     else:
         corpus = make_corpus(num_users=192, generic_seqs=6000, seed=args.seed)
-        sched = dict(pretrain=1500, pop=6, group=6, user=3)
+        sched = dict(pretrain=1500, pop=6, group=6, user=4)
+    if args.user_epochs is not None:
+        sched["user"] = args.user_epochs
     buckets = {b: sum(bucket_of(h) == b for h in corpus.history) for b in ("sparse", "medium", "rich")}
     print(f"corpus: {len(corpus.history)} users in {max(corpus.user_group) + 1} groups, "
           f"{len(corpus.train)} training / {len(corpus.heldout)} held-out sequences of {corpus.seq_len} tokens; "
@@ -215,8 +324,17 @@ def main():
     train_stage(pm, corpus.train, sched["group"], args.lr, 32, "stage 2: group")
     rows.append(("+ group", summarize(heldout_loss(pm, corpus), corpus)))
 
+    # User stage: per-user early stopping on a validation split of each user's training
+    # history (the population and group stages, whose schedules are fixed, train on the
+    # whole history; the user stage trains on what the split leaves).
+    user_train, user_val = split_validation(corpus.train, args.val_frac, seed=args.seed)
+    print(f"user stage: {len(user_train)} training / {len(user_val)} validation sequences, "
+          f"at most {sched['user']} epochs, patience {args.patience}")
     pm.set_stage("user")
-    train_stage(pm, corpus.train, sched["user"], args.user_lr, 32, "stage 3: user", wd=0.0)
+    info = train_users_early_stopping(pm, user_train, user_val, sched["user"], args.user_lr, 32, "stage 3: user",
+                                      patience=args.patience)
+    print(f"  PROPER user stage: {info['epochs_run']} epochs run; users by best epoch (0 = group stage kept) "
+          f"{info['best_epoch_hist']}")
     rows.append(("+ user (PROPER)", summarize(heldout_loss(pm, corpus), corpus)))
 
     if args.oppu:  # population -> user directly (no experts): OPPU-style
@@ -229,7 +347,10 @@ def main():
                 layer.population_B.copy_(pop_state[f"{name}.merged_population_B"])
         opm.merge_population()
         opm.set_stage("user")
-        train_stage(opm, corpus.train, sched["user"], args.user_lr, 32, "OPPU: user only")
+        info = train_users_early_stopping(opm, user_train, user_val, sched["user"], args.user_lr, 32,
+                                          "OPPU: user only", patience=args.patience)
+        print(f"  OPPU user stage: {info['epochs_run']} epochs run; users by best epoch (0 = population kept) "
+              f"{info['best_epoch_hist']}")
         rows.append(("pop + user (no group)", summarize(heldout_loss(opm, corpus), corpus)))
 
     print()
