@@ -502,6 +502,32 @@ def test_kernel_side_stream():
 
 @needs_kernel
 @pytest.mark.gpu
+@pytest.mark.parametrize("launch", ["two", "one"])
+def test_kernel_cuda_graph_capture(launch):
+    """Captured into a CUDA graph (with a plan: no host sync) and replayed on new x."""
+    import proper_kernels as pk
+
+    x, W, b, kw = make_case(T=16, d_in=256, d_out=128, dtype=torch.bfloat16, device="cuda", users="with_none")
+    plan = pk.plan(kw["user_ids"], 5)
+    static_x = x.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):  # warm-up outside the capture
+        for _ in range(2):
+            cd.lora_mixture_decode_cuda(static_x, W, b, plan=plan, launch=launch, **kw)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        y = cd.lora_mixture_decode_cuda(static_x, W, b, plan=plan, launch=launch, **kw)
+    x2 = torch.randn_like(x)
+    static_x.copy_(x2)
+    graph.replay()
+    torch.cuda.synchronize()
+    _assert_close_to_oracle(y, x2, W, b, kw, f"graph replay, launch={launch}")
+
+
+@needs_kernel
+@pytest.mark.gpu
 def test_kernel_rejects_grad_and_cpu():
     x, W, b, kw = make_case(T=3, dtype=torch.float32, device="cuda")
     W.requires_grad_(True)
