@@ -164,6 +164,24 @@ PYBIND11_MODULE(PROPER_KERNELS_MODULE_NAME, m) {
       py::arg("clear") = true, "The launches made since the last clear, as dicts.");
   m.def("selftest_names", &pk_emu_selftest_names, "Names of the emulator's self-test kernels.");
   m.def(
+      "round_trip",
+      [](const std::vector<float>& values, const std::string& dtype) {
+        std::vector<float> out;
+        out.reserve(values.size());
+        for (float v : values) {
+          if (dtype == "float16") {
+            out.push_back(__half2float(__float2half_rn(v)));
+          } else if (dtype == "bfloat16") {
+            out.push_back(__bfloat162float(__float2bfloat16_rn(v)));
+          } else {
+            throw std::invalid_argument("dtype must be 'float16' or 'bfloat16'");
+          }
+        }
+        return out;
+      },
+      py::arg("values"), py::arg("dtype"),
+      "float -> dtype -> float through the emulator's conversions (to check them against torch).");
+  m.def(
       "selftest",
       [](const std::string& name) {
         std::vector<float> out;

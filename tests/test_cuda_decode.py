@@ -577,6 +577,30 @@ def test_emulator_selftests(emu):
     emu.configure()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_emulator_conversions_match_torch(emu, dtype):
+    """The emulator's float <-> fp16 / bf16 conversions round exactly as torch's (to
+    nearest even): random values over the whole range, every boundary of fp16
+    (subnormals, the smallest normal, overflow to inf) and ties, inf and nan."""
+    g = torch.Generator().manual_seed(0)
+    vals = torch.cat([
+        torch.randn(20000, generator=g) * torch.exp2(torch.randint(-30, 20, (20000,), generator=g).float()),
+        torch.tensor([0.0, -0.0, 2 ** -24, 2 ** -25, 3 * 2 ** -26, 2 ** -25 * 1.0001, 2 ** -14, 2 ** -14 * (1 - 2 ** -11),
+                      65504.0, 65519.99, 65520.0, -65520.0, 1e10, 1 + 2 ** -11, 1 + 3 * 2 ** -11, 1 + 2 ** -8,
+                      1 + 3 * 2 ** -8, 3.0e38, float("inf"), float("-inf")]),
+    ])
+    # every fp16 / bf16 value and the midpoints between neighbours
+    bits = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16)
+    exact = bits.view(dtype).float()
+    exact = exact[torch.isfinite(exact)].unique()
+    vals = torch.cat([vals, exact, (exact[1:] + exact[:-1]) / 2])
+    out = torch.tensor(emu.round_trip(vals.tolist(), str(dtype).replace("torch.", "")))
+    want = vals.to(dtype).float()
+    assert torch.equal(out, want), (vals[out != want][:5], out[out != want][:5], want[out != want][:5])
+    nan = emu.round_trip([float("nan")], str(dtype).replace("torch.", ""))[0]
+    assert math.isnan(nan)
+
+
 def _padded(t, offset, pad=64, fill=float("nan")):
     """A copy of t living `offset` elements into a buffer padded with `fill` on both sides."""
     buf = torch.full((offset + t.numel() + pad,), fill if t.is_floating_point() else -7, dtype=t.dtype)

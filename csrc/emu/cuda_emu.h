@@ -67,12 +67,57 @@ struct alignas(8) uint2 { unsigned int x, y; };
 struct alignas(16) uint4 { unsigned int x, y, z, w; };
 struct alignas(16) float4 { float x, y, z, w; };
 
-struct __half { _Float16 v; };
+// 16-bit floats as bits, converted by hand (round to nearest even, as the CUDA
+// intrinsics): portable to any host compiler, no _Float16 needed.
+struct __half { std::uint16_t bits; };
 struct __nv_bfloat16 { std::uint16_t bits; };
 static_assert(sizeof(__half) == 2 && sizeof(__nv_bfloat16) == 2, "16-bit element types");
 
-inline float __half2float(__half h) { return static_cast<float>(h.v); }
-inline __half __float2half_rn(float f) { return __half{static_cast<_Float16>(f)}; }
+inline float __half2float(__half h) {
+  const std::uint32_t sign = static_cast<std::uint32_t>(h.bits & 0x8000u) << 16;
+  const std::uint32_t exp = (h.bits >> 10) & 0x1fu;
+  std::uint32_t man = h.bits & 0x3ffu;
+  std::uint32_t u;
+  if (exp == 0x1fu) {
+    u = sign | 0x7f800000u | (man << 13);  // inf, nan
+  } else if (exp != 0) {
+    u = sign | ((exp + 112u) << 23) | (man << 13);  // normal: rebias 15 -> 127
+  } else if (man == 0) {
+    u = sign;  // zero
+  } else {  // subnormal man * 2^-24: normalise
+    std::uint32_t e = 113;
+    while (!(man & 0x400u)) {
+      man <<= 1;
+      --e;
+    }
+    u = sign | (e << 23) | ((man & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline __half __float2half_rn(float f) {
+  std::uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const std::uint16_t sign = static_cast<std::uint16_t>((u >> 16) & 0x8000u);
+  const std::uint32_t a = u & 0x7fffffffu;
+  if (a >= 0x7f800000u) return __half{static_cast<std::uint16_t>(sign | (a > 0x7f800000u ? 0x7e00u : 0x7c00u))};
+  if (a >= 0x477ff000u) return __half{static_cast<std::uint16_t>(sign | 0x7c00u)};  // >= 65520: inf
+  if (a >= 0x38800000u) {  // a normal half: round the mantissa at bit 13, rebias 127 -> 15
+    const std::uint32_t m = a + 0xfffu + ((a >> 13) & 1u);
+    return __half{static_cast<std::uint16_t>(sign | ((m - 0x38000000u) >> 13))};
+  }
+  if (a < 0x33000000u) return __half{sign};  // below half the smallest subnormal (2^-25): zero
+  const std::uint32_t e = a >> 23;                    // 102 .. 112
+  const std::uint32_t man = (a & 0x7fffffu) | 0x800000u;
+  const std::uint32_t shift = 126u - e;               // to units of 2^-24
+  std::uint32_t q = man >> shift;
+  const std::uint32_t rem = man & ((1u << shift) - 1u), halfway = 1u << (shift - 1u);
+  if (rem > halfway || (rem == halfway && (q & 1u))) ++q;
+  return __half{static_cast<std::uint16_t>(sign | q)};
+}
+
 inline float __bfloat162float(__nv_bfloat16 b) {
   const std::uint32_t u = static_cast<std::uint32_t>(b.bits) << 16;
   float f;

@@ -206,6 +206,7 @@ def train_users_early_stopping(pm, train: List[tuple], val: List[tuple], max_epo
     all_ids = list(range(pm.num_users))
     val_users = {u for u, _ in val}
     best_loss = per_user_loss(pm, val)                     # epoch 0 = group-stage parameters
+    start_loss = dict(best_loss)
     best_state = pm.get_user_state(all_ids)                # rows of every bank tensor, [N, ...]
     best_epoch = {u: 0 for u in val_users}
     stale = {u: 0 for u in val_users}
@@ -259,7 +260,9 @@ def train_users_early_stopping(pm, train: List[tuple], val: List[tuple], max_epo
     hist = [0] * (max_epochs + 1)
     for u in val_users:
         hist[best_epoch[u]] += 1
-    return {"epochs_run": epochs_run, "best_epoch_hist": hist, "no_val": len(no_val)}
+    mean = lambda d: sum(d.values()) / max(1, len(d))  # noqa: E731
+    return {"epochs_run": epochs_run, "best_epoch_hist": hist, "no_val": len(no_val),
+            "val_start": mean(start_loss), "val_best": mean(best_loss)}
 
 
 def summarize(per_user: Dict[int, float], corpus: Corpus) -> Dict[str, float]:
