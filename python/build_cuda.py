@@ -261,13 +261,15 @@ def _host_cxx() -> str | None:
     return None
 
 
-def build_emulator(repo_root: str, out_dir: str | None = None, verbose: bool = False) -> str:
+def build_emulator(repo_root: str, out_dir: str | None = None, verbose: bool = False,
+                   defines: tuple = ()) -> str:
     """Compile the CPU emulation module `_C_emu` and return the path of the .so.
 
     Cached: the file name carries a hash of the sources, the compiler and the flags,
     so an unchanged tree reuses the previous build (about 10 s otherwise). Raises
     RuntimeError naming what is missing (a C++17 compiler, pybind11) or the compiler's
-    output on an error.
+    output on an error. ``defines``: extra preprocessor definitions, e.g.
+    ("PK_EMU_USE_UCONTEXT",) for the portable fiber switch used off x86-64.
     """
     cxx = _host_cxx()
     if cxx is None:
@@ -283,7 +285,7 @@ def build_emulator(repo_root: str, out_dir: str | None = None, verbose: bool = F
     flags = ["-std=c++17", "-O1", "-g0", "-fPIC", "-shared", "-fvisibility=hidden", "-Wall",
              "-DPROPER_KERNELS_EMULATE", f"-DPROPER_KERNELS_MODULE_NAME={EMU_NAME}",
              "-I" + os.path.join(root, "csrc"), "-I" + pybind11.get_include(),
-             "-I" + sysconfig.get_paths()["include"]]
+             "-I" + sysconfig.get_paths()["include"]] + ["-D" + d for d in defines]
     h = hashlib.sha256()
     for path in sources + [os.path.join(root, p) for p in EMU_HEADERS]:
         with open(path, "rb") as f:
@@ -310,11 +312,11 @@ def build_emulator(repo_root: str, out_dir: str | None = None, verbose: bool = F
     return so
 
 
-def load_emulator(repo_root: str):
+def load_emulator(repo_root: str, defines: tuple = ()):
     """Build (if needed) and import the CPU emulation module; returns the module."""
     import importlib.util
 
-    so = build_emulator(repo_root)
+    so = build_emulator(repo_root, defines=defines)
     spec = importlib.util.spec_from_file_location(EMU_NAME, so)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -601,6 +601,30 @@ def test_emulator_conversions_match_torch(emu, dtype):
     assert math.isnan(nan)
 
 
+def test_emulator_portable_switch(emu):
+    """The ucontext fiber switch (used off x86-64) passes the self-tests and a kernel
+    case too; built and run in a subprocess, beside the x86-64 build."""
+    code = f"""
+import sys, torch
+sys.path.insert(0, {os.path.join(ROOT, 'python')!r}); sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})
+import build_cuda
+from test_cuda_decode import make_case, decode_loop_ref
+from proper_kernels.ops import cuda_decode as cd
+emu = build_cuda.load_emulator({ROOT!r}, defines=("PK_EMU_USE_UCONTEXT",))
+assert emu.selftest("reduce_ok")[:2] == ("", ""), emu.selftest("reduce_ok")
+assert "deadlock" in emu.selftest("divergent_barrier")[1]
+x, W, b, kw = make_case(T=9, d_in=300, d_out=40, dtype=torch.float32, users="with_none", top_k=2)
+for launch in ("two", "one"):
+    with torch.no_grad():
+        y = cd.run_extension(emu, x, W, b, launch=launch, **kw)
+    err = (y - decode_loop_ref(x, W, b, **kw)[0]).abs().max().item()
+    assert err < 1e-4, (launch, err)
+print("PORTABLE OK")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "PORTABLE OK" in proc.stdout, proc.stdout + proc.stderr
+
+
 def _padded(t, offset, pad=64, fill=float("nan")):
     """A copy of t living `offset` elements into a buffer padded with `fill` on both sides."""
     buf = torch.full((offset + t.numel() + pad,), fill if t.is_floating_point() else -7, dtype=t.dtype)
