@@ -1,7 +1,7 @@
 """The PROPER pipeline end to end on a synthetic multi-user corpus, on CPU.
 
-    python python/examples/personalize.py            # a few minutes
-    python python/examples/personalize.py --quick    # under a minute
+    python python/examples/personalize.py --oppu     # about a minute
+    python python/examples/personalize.py --quick    # under 30 s
 
 The corpus: every user belongs to one of G latent groups. A user's text is a Markov
 chain over the vocabulary; from the current token c the next token is
@@ -17,6 +17,14 @@ only), standing in for the pretrained LLM. Then the three stages run:
 population LoRA (merged), group experts + user-aware router + user embeddings,
 user LoRAs + LoRA-aware router (all users in mixed batches). After each stage the
 held-out loss is measured overall and per history bucket (sparse / medium / rich).
+
+The user stage uses per-user early stopping: each user's training history is split
+into training and validation sequences (the held-out test sequences are never used),
+the per-user validation loss is measured before the stage (the group-stage
+parameters) and after every epoch, each user keeps the rows of its best epoch, and a
+user that has not improved for ``--patience`` epochs is frozen at its best
+(``ProperModel.freeze_users``). So no user ends the stage with a higher validation
+loss than the group stage gave it.
 With ``--oppu`` the population -> user pipeline without the group stage (OPPU) is
 run too, for comparison.
 """
@@ -190,11 +198,11 @@ def split_validation(data: List[tuple], frac: float = 0.2, max_val: int = 10, se
 
 
 def train_users_early_stopping(pm, train: List[tuple], val: List[tuple], max_epochs: int, lr: float, bs: int,
-                               desc: str, patience: int = 1, min_delta: float = 0.0) -> Dict[str, object]:
+                               desc: str, patience: int = 2, min_delta: float = 0.0) -> Dict[str, object]:
     """The user stage with per-user early stopping on a validation split.
 
-    Epoch 0 is the model as the user stage finds it (the group-stage parameters,
-    i.e. user LoRA B_u = 0 and V_u = 0). After each epoch every active user's
+    Epoch 0 is the model as the user stage finds it (the group-stage parameters;
+    with a fresh bank B_u = 0 and V_u = 0, so the group-stage output). After each epoch every active user's
     validation loss is measured; a user that improved by more than ``min_delta``
     gets its rows (e_u, A_u, B_u, V_u of every layer) snapshotted as its best; a user
     that has not improved for ``patience`` epochs is set back to its best rows and
@@ -257,12 +265,14 @@ def train_users_early_stopping(pm, train: List[tuple], val: List[tuple], max_epo
     pm.unfreeze_users()
     pm.set_user_state(best_state, all_ids)                 # every user at its best epoch
     pm.eval()
+    final = per_user_loss(pm, val)                         # check: nobody above its starting loss
+    worse = sum(final[u] > start_loss[u] + 1e-5 for u in val_users)
     hist = [0] * (max_epochs + 1)
     for u in val_users:
         hist[best_epoch[u]] += 1
     mean = lambda d: sum(d.values()) / max(1, len(d))  # noqa: E731
     return {"epochs_run": epochs_run, "best_epoch_hist": hist, "no_val": len(no_val),
-            "val_start": mean(start_loss), "val_best": mean(best_loss)}
+            "val_start": mean(start_loss), "val_best": mean(final), "worse": worse}
 
 
 def summarize(per_user: Dict[int, float], corpus: Corpus) -> Dict[str, float]:
@@ -282,8 +292,8 @@ def main():
     ap.add_argument("--lr", type=float, default=5e-3, help="learning rate of the three stages")
     ap.add_argument("--user-lr", type=float, default=1e-3, help="learning rate of the user stage (per-user data is tiny)")
     ap.add_argument("--user-epochs", type=int, default=None,
-                    help="most epochs of the user stage (default 4; per-user early stopping picks each user's best)")
-    ap.add_argument("--patience", type=int, default=1,
+                    help="most epochs of the user stage (default 6; per-user early stopping picks each user's best)")
+    ap.add_argument("--patience", type=int, default=2,
                     help="user stage: epochs without validation improvement before a user is frozen at its best")
     ap.add_argument("--val-frac", type=float, default=0.2,
                     help="user stage: share of each user's training history held out for validation "
@@ -297,10 +307,10 @@ def main():
 
     if args.quick:
         corpus = make_corpus(num_users=32, generic_seqs=1500, seed=args.seed)
-        sched = dict(pretrain=300, pop=5, group=5, user=4)
+        sched = dict(pretrain=300, pop=5, group=5, user=6)
     else:
         corpus = make_corpus(num_users=192, generic_seqs=6000, seed=args.seed)
-        sched = dict(pretrain=1500, pop=6, group=6, user=4)
+        sched = dict(pretrain=1500, pop=6, group=6, user=6)
     if args.user_epochs is not None:
         sched["user"] = args.user_epochs
     buckets = {b: sum(bucket_of(h) == b for h in corpus.history) for b in ("sparse", "medium", "rich")}
@@ -337,7 +347,8 @@ def main():
     info = train_users_early_stopping(pm, user_train, user_val, sched["user"], args.user_lr, 32, "stage 3: user",
                                       patience=args.patience)
     print(f"  PROPER user stage: {info['epochs_run']} epochs run; users by best epoch (0 = group stage kept) "
-          f"{info['best_epoch_hist']}")
+          f"{info['best_epoch_hist']}; validation loss {info['val_start']:.3f} -> {info['val_best']:.3f}, "
+          f"{info['worse']} users above their group-stage validation loss")
     rows.append(("+ user (PROPER)", summarize(heldout_loss(pm, corpus), corpus)))
 
     if args.oppu:  # population -> user directly (no experts): OPPU-style
@@ -353,7 +364,8 @@ def main():
         info = train_users_early_stopping(opm, user_train, user_val, sched["user"], args.user_lr, 32,
                                           "OPPU: user only", patience=args.patience)
         print(f"  OPPU user stage: {info['epochs_run']} epochs run; users by best epoch (0 = population kept) "
-              f"{info['best_epoch_hist']}")
+              f"{info['best_epoch_hist']}; validation loss {info['val_start']:.3f} -> {info['val_best']:.3f}, "
+              f"{info['worse']} users above their population-stage validation loss")
         rows.append(("pop + user (no group)", summarize(heldout_loss(opm, corpus), corpus)))
 
     print()
