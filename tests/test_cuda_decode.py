@@ -430,6 +430,7 @@ CONFIGS = {
     "8-byte vectors": dict(d_in=100, d_out=64, r=4, r_u=4),
     "large d, K=8 r=16": dict(d_in=2048, d_out=1024, K=8, r=16, r_u=16, N=3),
     "K=40 (two logits per lane)": dict(K=40, r=2, top_k=7, d_in=64, d_out=48),
+    "at the limits: K=64, K*r+r_u+K=1024": dict(K=64, r=14, r_u=64, top_k=5, d_in=64, d_out=40),
     "nothing but base": dict(experts=False, user_lora=False),
 }
 
