@@ -157,11 +157,18 @@ PYBIND11_MODULE(PROPER_KERNELS_MODULE_NAME, m) {
                               py::arg("grid") = py::make_tuple(r.grid.x, r.grid.y, r.grid.z),
                               py::arg("block") = py::make_tuple(r.block.x, r.block.y, r.block.z),
                               py::arg("smem") = r.smem, py::arg("pdl") = r.pdl,
-                              py::arg("cooperative") = r.cooperative));
+                              py::arg("cooperative") = r.cooperative,
+                              py::arg("weight_bytes") = r.weights.requested,
+                              py::arg("weight_bytes_unique") = r.weights.unique,
+                              py::arg("act_bytes") = r.activations.requested,
+                              py::arg("act_bytes_unique") = r.activations.unique));
         if (clear) pk_emu::launches.clear();
         return out;
       },
-      py::arg("clear") = true, "The launches made since the last clear, as dicts.");
+      py::arg("clear") = true,
+      "The launches made since the last clear, as dicts: kernel, grid, block, smem, pdl, "
+      "cooperative, and the bytes of the kernel's global vector loads, requested and unique, "
+      "of weights (weight_bytes*) and activations (act_bytes*).");
   m.def("selftest_names", &pk_emu_selftest_names, "Names of the emulator's self-test kernels.");
   m.def(
       "round_trip",

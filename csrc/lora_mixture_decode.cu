@@ -55,6 +55,7 @@
 // Hooks of the emulation build; nothing on a GPU.
 #define PK_DYNAMIC_SMEM(type, name) extern __shared__ type name[]
 #define PK_CHECK_ALIGNED(ptr) ((void)0)
+#define PK_COUNT_LOAD(ptr, weight) ((void)0)
 #define PK_KERNEL_NAME(name) ((void)0)
 #endif
 
@@ -141,6 +142,7 @@ __device__ __forceinline__ void load_vec(const T* ptr, float (&out)[VEC]) {
   using Raw = typename RawVec<VEC * sizeof(T)>::type;
   Raw raw;
   const Raw* src = reinterpret_cast<const Raw*>(ptr);
+  PK_COUNT_LOAD(src, kReadOnly);  // emulation: global-memory traffic of the vector loads
   if (kReadOnly) {
     raw = __ldg(src);
   } else {

@@ -696,6 +696,36 @@ def test_emulated_device_variants(emu, device, launch):
     assert expand["pdl"] is pdl
 
 
+@pytest.mark.parametrize("case", [
+    dict(T=1), dict(T=8), dict(T=9, users="with_none"), dict(T=64, users="identical"),
+    dict(T=5, d_in=111, d_out=99, r=3, r_u=5), dict(T=3, router=False, user_router=False),
+], ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_emulated_weight_traffic(emu, case):
+    """Counted in the emulation (python/emu_traffic.py): the kernel's vector loads touch
+    exactly the weight bytes the formula needs (every expert/router row, the A/B rows
+    of each user present, nothing else), both launch modes load the same, and a single
+    token loads every weight byte exactly once."""
+    kw_case = dict(dict(d_in=256, d_out=96, K=4, r=8, N=5, r_u=8, dtype=torch.bfloat16), **case)
+    x, W, b, kw = make_case(**kw_case)
+    traffic = {}
+    for launch in ("two", "one"):
+        emu.configure(sms=8)
+        emu.launches(clear=True)
+        cd.run_extension(emu, x, W, b, launch=launch, **kw)
+        log = emu.launches(clear=True)
+        traffic[launch] = {k: sum(e[k] for e in log) for k in ("weight_bytes", "weight_bytes_unique", "act_bytes_unique")}
+    emu.configure()
+    K, r, r_u, d_in, d_out = kw_case["K"], kw_case["r"], kw_case["r_u"], kw_case["d_in"], kw_case["d_out"]
+    users = int((kw["user_ids"].unique() >= 0).sum())
+    rows_in = K * r + (K if kw.get("router_weight") is not None else 0) + users * r_u
+    model = 2 * (rows_in * d_in + (K * r + users * r_u) * d_out)
+    assert traffic["two"] == traffic["one"]
+    assert traffic["two"]["weight_bytes_unique"] == model
+    assert traffic["two"]["act_bytes_unique"] == 2 * x.numel()  # every x element, once at least
+    if case["T"] == 1:
+        assert traffic["two"]["weight_bytes"] == model
+
+
 def test_emulated_disable_pdl_env(emu, monkeypatch):
     """PROPER_KERNELS_DISABLE_PDL=1 (read by the C++ launcher) turns PDL off on sm_90."""
     emu.configure()

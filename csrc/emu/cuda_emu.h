@@ -44,6 +44,7 @@
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -194,14 +195,29 @@ struct Config {
 };
 inline Config config;
 
+// Bytes requested by a launch's global vector loads (load_vec in the decode kernel):
+// weights (the read-only path) and activations apart, each as requested (every load
+// counted) and unique (each address once). requested / unique is the re-read factor
+// that L1/L2 must absorb; unique is what HBM has to deliver at least once.
+struct Traffic {
+  std::uint64_t requested = 0, unique = 0;
+  std::unordered_set<std::uintptr_t> seen;  // load start addresses (one load size per launch)
+  void add(std::uintptr_t addr, size_t bytes) {
+    requested += bytes;
+    if (seen.insert(addr).second) unique += bytes;
+  }
+};
+
 struct LaunchRecord {
   std::string kernel;
   dim3 grid, block;
   size_t smem = 0;
   bool pdl = false;
   bool cooperative = false;
+  Traffic weights, activations;
 };
 inline std::vector<LaunchRecord> launches;  // every launch since the last clear
+inline LaunchRecord* running = nullptr;     // the launch being emulated
 inline std::string fault;                   // first fault since the last take_fault()
 inline cudaError_t last_error = cudaSuccess;
 
@@ -479,6 +495,16 @@ inline thread_local const char* next_kernel_name = nullptr;
 // Vector loads check their alignment (a GPU faults on a misaligned one).
 #define PK_CHECK_ALIGNED(ptr) ::pk_emu::check_aligned((ptr), "load")
 
+// Global vector loads are counted per launch (see Traffic).
+#define PK_COUNT_LOAD(ptr, weight) ::pk_emu::count_load((ptr), (weight))
+namespace pk_emu {
+template <typename V>
+inline void count_load(const V* ptr, bool weight) {
+  if (running == nullptr) return;
+  (weight ? running->weights : running->activations).add(reinterpret_cast<std::uintptr_t>(ptr), sizeof(V));
+}
+}  // namespace pk_emu
+
 inline void __syncthreads() { ::pk_emu::arrive_and_wait(::pk_emu::cur_block->block_bar, "__syncthreads"); }
 
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
@@ -607,9 +633,13 @@ inline cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* cfg, void (*kern
   rec.pdl = pdl;
   rec.cooperative = cooperative;
   pk_emu::launches.push_back(rec);
+  pk_emu::running = &pk_emu::launches.back();
   std::tuple<std::decay_t<Params>...> held(std::forward<Args>(args)...);  // by value, as CUDA copies them
   const std::function<void()> body = [&]() { std::apply(kernel, held); };
   const cudaError_t e = pk_emu::run_grid(*cfg, body, cooperative);
+  std::unordered_set<std::uintptr_t>().swap(pk_emu::running->weights.seen);  // keep the counts only
+  std::unordered_set<std::uintptr_t>().swap(pk_emu::running->activations.seen);
+  pk_emu::running = nullptr;
   if (e != cudaSuccess) pk_emu::last_error = e;
   return e;
 }
