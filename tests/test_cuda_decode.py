@@ -726,6 +726,18 @@ def test_emulated_weight_traffic(emu, case):
         assert traffic["two"]["weight_bytes"] == model
 
 
+def test_emu_traffic_cli(emu):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "python", "emu_traffic.py"), "--T", "1", "9",
+                           "--d-in", "64", "--d-out", "32", "--K", "2", "--r", "4", "--r-u", "4", "--N", "3"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines()[2:]]
+    assert [(row[0], row[1]) for row in rows] == [("1", "two"), ("1", "one"), ("9", "two"), ("9", "one")]
+    for row in rows:
+        assert row[3] == row[4]  # unique weight MB == the model's
+    assert rows[0][6] == "1.00"  # one token: every weight byte loaded once
+
+
 def test_emulated_disable_pdl_env(emu, monkeypatch):
     """PROPER_KERNELS_DISABLE_PDL=1 (read by the C++ launcher) turns PDL off on sm_90."""
     emu.configure()
