@@ -132,8 +132,11 @@ PYBIND11_MODULE(PROPER_KERNELS_MODULE_NAME, m) {
   m.attr("EMULATED") = true;
   m.def(
       "configure",
-      [](int sms, int cc_major, bool reverse, bool fail_pdl, bool capturing, int64_t max_dynamic_smem) {
+      [](int sms, int cc_major, bool reverse, bool fail_pdl, bool capturing, int64_t max_dynamic_smem,
+         int blocks_per_sm) {
         if (sms < 1) throw std::invalid_argument("sms must be >= 1");
+        if (blocks_per_sm < 1) throw std::invalid_argument("blocks_per_sm must be >= 1");
+        pk_emu::config.blocks_per_sm = blocks_per_sm;
         if (max_dynamic_smem < 0) throw std::invalid_argument("max_dynamic_smem must be >= 0");
         pk_emu::config.max_dynamic_smem = static_cast<size_t>(max_dynamic_smem);
         pk_emu::config.sms = sms;
@@ -144,10 +147,11 @@ PYBIND11_MODULE(PROPER_KERNELS_MODULE_NAME, m) {
       },
       py::arg("sms") = 132, py::arg("cc_major") = 9, py::arg("reverse") = false,
       py::arg("fail_pdl") = false, py::arg("capturing") = false,
-      py::arg("max_dynamic_smem") = 48 * 1024,
+      py::arg("max_dynamic_smem") = 48 * 1024, py::arg("blocks_per_sm") = 2,
       "Set the emulated device: SM count, compute capability major (>= 9 takes the PDL "
       "path), thread order within a block, a failing PDL launch, a capturing stream, the "
-      "dynamic shared memory a launch may ask for. Every call resets what it omits.");
+      "dynamic shared memory a launch may ask for, the register-limited blocks per SM (2: the "
+      "decode kernels' launch bounds). Every call resets what it omits.");
   m.def(
       "launches",
       [](bool clear) {

@@ -74,6 +74,12 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
+// Blocks per SM the shrink and the single-launch kernel are compiled for (<= 128
+// registers a thread): 16 warps in flight for a memory-bound loop. Left to itself,
+// ptxas gives the single-launch kernel up to 157 registers, i.e. one block per SM
+// and a cooperative grid of one block per SM; at 128 it spills 8-12 B in the
+// 16-byte-vector bf16/fp16 instances (ptxas -v, sm_90 / sm_80).
+constexpr int kMinBlocksPerSM = 2;
 constexpr int kTokTile = 8;      // tokens per block (both kernels); == kWarps for the gate math
 constexpr int kRowsPerWarp = 4;  // shrink rows per warp (register blocking of x)
 constexpr int kOutPerThread = 2; // expand outputs per lane group (register blocking of h)
@@ -336,7 +342,7 @@ __device__ __forceinline__ void shrink_tile(const KernelParams& p, int bx, int b
 }
 
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     _lora_mixture_shrink_kernel(const KernelParams p) {
   pdl_launch_dependents();
   shrink_tile<T, VEC>(p, blockIdx.x, blockIdx.y, blockIdx.z);
@@ -564,7 +570,7 @@ __global__ void __launch_bounds__(kThreads)
 // runs every shrink tile, meets at a grid-wide barrier (which also orders the
 // workspace writes before the reads), then every expand tile. No PDL, no prefetch.
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     _lora_mixture_fused_kernel(const KernelParams p) {
   PK_DYNAMIC_SMEM(float4, smem_raw);
   const int n1 = p.g1x * p.g1y * p.g1z;

@@ -19,6 +19,9 @@ The extension links only the CUDA runtime, statically (cudart_static), so it nee
 no libcudart on the library path and never links torch; it needs a driver at least
 as new as the toolkit it was built with.
 
+`python python/build_cuda.py --ptxas 90` prints registers and spills of every kernel
+instance for sm_90 from `nvcc -Xptxas -v` (no GPU needed).
+
 Standalone: `python python/build_cuda.py --check` builds the extension into a temp
 directory through the same setuptools path, imports it and prints its architectures
 (exit 0 on success, 1 on a build failure, 2 when nvcc or pybind11 is missing).
@@ -254,6 +257,39 @@ def check(repo_root: str) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+_KERNEL_RE = re.compile(r"_lora_mixture_(shrink|expand|fused)_kernelI(13__nv_bfloat16|6__half|f)Li(\d+)E")
+_DTYPE_OF = {"13__nv_bfloat16": "bf16", "6__half": "fp16", "f": "fp32"}
+
+
+def ptxas_report(repo_root: str, arch: str = "90") -> list[dict]:
+    """Registers and spills of every kernel instance in csrc/, from `nvcc -Xptxas -v`
+    for sm_<arch> (no GPU needed). Rows: kernel (shrink / expand / fused), dtype, vec
+    (elements per vector load), registers, spill_stores (bytes). Raises RuntimeError
+    when nvcc is missing or the compile fails."""
+    _, nvcc = find_cuda_home()
+    if nvcc is None:
+        raise RuntimeError("nvcc not found")
+    root = os.path.abspath(repo_root)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [nvcc, "-c", os.path.join(root, CU_SOURCES[0]), "-o", os.path.join(tmp, "k.o"), "-O3", "-std=c++17",
+               "-I" + os.path.join(root, "csrc"), f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v"]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"nvcc failed:\n{res.stderr[-4000:]}")
+    rows, cur = [], None
+    for line in res.stderr.splitlines():
+        if "Compiling entry function" in line:
+            m = _KERNEL_RE.search(line)
+            cur = dict(kernel=m.group(1), dtype=_DTYPE_OF[m.group(2)], vec=int(m.group(3))) if m else None
+        elif cur is not None and "spill stores" in line:
+            cur["spill_stores"] = int(re.search(r"(\d+) bytes spill stores", line).group(1))
+        elif cur is not None and "Used" in line and "registers" in line:
+            cur["registers"] = int(re.search(r"Used (\d+) registers", line).group(1))
+            rows.append(cur)
+            cur = None
+    return rows
+
+
 def _host_cxx() -> str | None:
     for cand in (os.environ.get("CXX"), "g++", "c++", "clang++"):
         if cand and shutil.which(cand):
@@ -329,12 +365,24 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true",
                     help="compile the extension into a temp dir and import it")
+    ap.add_argument("--ptxas", metavar="ARCH", help="print registers and spills of every kernel for sm_ARCH "
+                    "(e.g. 90), from nvcc -Xptxas -v")
     ap.add_argument("--emulate", action="store_true",
                     help="compile the CPU emulation module _C_emu (host compiler) and print its path")
     args = ap.parse_args()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if args.check:
         sys.exit(check(root))
+    if args.ptxas:
+        try:
+            report = ptxas_report(root, args.ptxas)
+        except RuntimeError as exc:
+            print(f"PTXAS REPORT FAILED: {exc}")
+            sys.exit(1)
+        print(f"{'kernel':8} {'dtype':5} {'vec':>3} {'registers':>9} {'spill B':>7}")
+        for row in report:
+            print(f"{row['kernel']:8} {row['dtype']:5} {row['vec']:>3} {row['registers']:>9} {row.get('spill_stores', 0):>7}")
+        sys.exit(0)
     if args.emulate:
         try:
             print(build_emulator(root, verbose=True))

@@ -192,6 +192,9 @@ struct Config {
   bool capturing = false;     // report the stream as being captured into a graph
   size_t max_dynamic_smem = 48 * 1024;
   size_t smem_per_sm = 228 * 1024;
+  // Register-limited blocks per SM, which the emulation cannot compute: 2 is what the
+  // decode kernels' __launch_bounds__(256, 2) give on a GPU.
+  int blocks_per_sm = 2;
 };
 inline Config config;
 
@@ -433,9 +436,10 @@ inline void run_blocks(std::vector<Block>& blocks, int nthreads, Barrier* grid) 
   }
 }
 
-// Blocks that fit on one SM at once (threads, shared memory), as the occupancy API says.
+// Blocks that fit on one SM at once (threads, shared memory, and the configured
+// register limit), as the occupancy API says.
 inline int blocks_per_sm(int threads, size_t smem) {
-  int n = std::min(2048 / std::max(1, threads), 32);
+  int n = std::min({2048 / std::max(1, threads), 32, config.blocks_per_sm});
   if (smem > 0) n = std::min<int>(n, static_cast<int>(config.smem_per_sm / (smem + 1024)));
   return std::max(n, 0);
 }
