@@ -354,3 +354,15 @@ def test_cli_decode_table_needs_both_providers(capsys):
 
     assert run.main(["--op", "decode", "--providers", "triton", "--decode-table", "x.json"]) == 2
     assert "include both" in capsys.readouterr().err
+
+
+def test_gpu_session_script(tmp_path):
+    """python/gpu_session.sh (run on a lent GPU only) parses, and an unknown stage
+    prints its usage and exits 2 without touching anything."""
+    script = os.path.join(ROOT, "python", "gpu_session.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    r = subprocess.run(["bash", script, "bogus"], capture_output=True, text=True, env=dict(os.environ, OUT=str(tmp_path)))
+    assert r.returncode == 2
+    assert "usage:" in r.stderr and "decode" in r.stderr and "all" in r.stderr
+    text = open(script).read()
+    assert "--decode-table proper_kernels/ops/decode_table.json" in text
