@@ -22,6 +22,7 @@ they cannot run with :class:`Skip`.
 """
 from __future__ import annotations
 
+import abc
 import importlib
 import os
 from typing import Callable, Dict, List, Optional
@@ -214,7 +215,7 @@ def segment_linear(x: Tensor, p: Dict[str, object], ids: Tensor, segs) -> Tensor
 
 
 # --------------------------------------------------------------------------- providers
-class Provider:
+class Provider(abc.ABC):
     """name, a one-line description, what work it does ("full", "users" or "base")."""
     name = ""
     doc = ""
@@ -232,14 +233,21 @@ class Provider:
             return f"{self.name}: decode kernel, only --op decode"
         return None
 
-    def setup(self, case, layers: List[Dict[str, object]], ids: Tensor, plan) -> List[Callable[[Tensor], Tensor]]:
-        """One function of x per projection of the case; every concrete provider defines it."""
-        raise NotImplementedError(f"provider {self.name!r} defines no setup()")
-
+    @abc.abstractmethod
     def compose(self, case, layers, ids, plan) -> Callable[[Tensor], Tensor]:
         """The op as a function of x: one linear, or the gated MLP over gate/up/down."""
-        fns = self.setup(case, layers, ids, plan)
-        return compose_op(case.op, fns)
+
+
+class LayerwiseProvider(Provider):
+    """A provider made of one function of x per projection (``setup``), chained by
+    :func:`compose_op` (PEFT, which wraps all projections in one module, is not)."""
+
+    @abc.abstractmethod
+    def setup(self, case, layers: List[Dict[str, object]], ids: Tensor, plan) -> List[Callable[[Tensor], Tensor]]:
+        """One function of x per projection of the case."""
+
+    def compose(self, case, layers, ids, plan) -> Callable[[Tensor], Tensor]:
+        return compose_op(case.op, self.setup(case, layers, ids, plan))
 
 
 def compose_op(op: str, fns):
@@ -250,7 +258,7 @@ def compose_op(op: str, fns):
     return f
 
 
-class BaseProvider(Provider):
+class BaseProvider(LayerwiseProvider):
     name, doc, work = "base", "the base linear alone (the floor)", "base"
     note = "base linear only (no adapters): the floor"
 
@@ -258,14 +266,14 @@ class BaseProvider(Provider):
         return [lambda x, p=p: F.linear(x, p["weight"], p["bias"]) for p in layers]
 
 
-class ReferenceProvider(Provider):
+class ReferenceProvider(LayerwiseProvider):
     name, doc = "reference", "proper_kernels.reference.lora_mixture_ref (vectorised gathers)"
 
     def setup(self, case, layers, ids, plan):
         return [lambda x, p=p: reference_linear(x, p, ids) for p in layers]
 
 
-class LoopProvider(Provider):
+class LoopProvider(LayerwiseProvider):
     name, doc = "loop", "PEFT/MixLoRA-style Python loop over users and experts"
     graph_safe = False
 
@@ -274,7 +282,7 @@ class LoopProvider(Provider):
         return [lambda x, p=p: loop_linear(x, p, ids, active) for p in layers]
 
 
-class TorchProvider(Provider):
+class TorchProvider(LayerwiseProvider):
     name, doc = "torch", "vectorised plain torch (one-hot rank space, or segment loop for big banks)"
 
     def formulation(self, case) -> str:
@@ -334,9 +342,6 @@ class PeftProvider(Provider):
         if not _importable("peft"):
             return "peft: not installed (pip install peft)"
         return None
-
-    def setup(self, case, layers, ids, plan):
-        raise NotImplementedError  # compose builds one module for all projections
 
     def compose(self, case, layers, ids, plan):
         from peft import LoraConfig, get_peft_model
@@ -398,7 +403,7 @@ def _triton_ready(device: torch.device) -> Optional[str]:
     return None
 
 
-class TritonProvider(Provider):
+class TritonProvider(LayerwiseProvider):
     name, doc = "triton", 'lora_mixture(..., backend="triton")'
 
     def skip_reason(self, case, device):
@@ -419,7 +424,7 @@ class TritonProvider(Provider):
         return [lambda x, p=p: _call_op(x, p, ids, plan, "triton") for p in layers]
 
 
-class CudaProvider(Provider):
+class CudaProvider(LayerwiseProvider):
     name, doc = "cuda", 'lora_mixture(..., backend="cuda"): decode kernel, forward only'
     grad = False
     decode_only = True
