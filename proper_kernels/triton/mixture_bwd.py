@@ -55,6 +55,24 @@ __all__ = ["mixture_bwd"]
 
 
 @triton.jit
+def _tokens_at(ORDER, pos, ok, HAS_ORDER: tl.constexpr):
+    """Token ids (int64) at sorted positions ``pos``: ORDER[pos], or pos itself when
+    the tokens are already in plan order."""
+    if HAS_ORDER:
+        return tl.load(ORDER + pos, mask=ok, other=0).to(tl.int64)
+    return pos.to(tl.int64)
+
+
+@triton.jit
+def _tile_rows(TILE_START, SEG, ORDER, pid, bucket, HAS_ORDER: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Rows of segment tile ``pid`` (of ``bucket``, tiles.segment_tiles): which of its
+    BLOCK_M positions lie in the segment, and their token ids."""
+    pos = tl.load(TILE_START + pid) + tl.arange(0, BLOCK_M)
+    row_ok = pos < tl.load(SEG + bucket + 1)
+    return row_ok, _tokens_at(ORDER, pos, row_ok, HAS_ORDER)
+
+
+@triton.jit
 def _mixture_bwd_rank_kernel(
     DY, H, G, DGX, BG, BU, V, CODE, TILE_BUCKET, TILE_START, ORDER, SEG,
     d_out, K, R, RU, expert_scale, user_scale,
@@ -76,14 +94,7 @@ def _mixture_bwd_rank_kernel(
     bucket = tl.load(TILE_BUCKET + pid)
     if bucket < 0:  # padding tile of the host-side grid bound
         return
-    start = tl.load(TILE_START + pid)
-    end = tl.load(SEG + bucket + 1)
-    pos = start + tl.arange(0, BLOCK_M)
-    row_ok = pos < end
-    if HAS_ORDER:
-        tok = tl.load(ORDER + pos, mask=row_ok, other=0).to(tl.int64)
-    else:
-        tok = pos.to(tl.int64)
+    row_ok, tok = _tile_rows(TILE_START, SEG, ORDER, pid, bucket, HAS_ORDER, BLOCK_M)
     user = bucket - 1  # -1: tokens without a user
     has_user = user >= 0
     user_safe = tl.maximum(user, 0).to(tl.int64)
@@ -175,14 +186,7 @@ def _mixture_bwd_dx_kernel(
     bucket = tl.load(TILE_BUCKET + pid)
     if bucket < 0:
         return
-    start = tl.load(TILE_START + pid)
-    end = tl.load(SEG + bucket + 1)
-    pos = start + tl.arange(0, BLOCK_M)
-    row_ok = pos < end
-    if HAS_ORDER:
-        tok = tl.load(ORDER + pos, mask=row_ok, other=0).to(tl.int64)
-    else:
-        tok = pos.to(tl.int64)
+    row_ok, tok = _tile_rows(TILE_START, SEG, ORDER, pid, bucket, HAS_ORDER, BLOCK_M)
     user = bucket - 1
     user_safe = tl.maximum(user, 0).to(tl.int64)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -289,10 +293,7 @@ def _seg_xty_kernel(
         for t0 in range(seg_start, seg_end, BLOCK_T):
             pos = t0 + tl.arange(0, BLOCK_T)
             t_ok = pos < seg_end
-            if HAS_ORDER:
-                tok = tl.load(ORDER + pos, mask=t_ok, other=0).to(tl.int64)
-            else:
-                tok = pos.to(tl.int64)
+            tok = _tokens_at(ORDER, pos, t_ok, HAS_ORDER)
             xt = tl.load(X + tok[None, :] * stride_xt + m[:, None] * stride_xm,
                          mask=m_ok[:, None] & t_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_T]
             if Y_ONES:
