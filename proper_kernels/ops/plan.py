@@ -88,22 +88,6 @@ class RoutingPlan:
         if block_m not in self._tiles:
             self._tiles[block_m] = segment_tiles(self.seg_offsets, self.num_tokens, block_m)
         return self._tiles[block_m]
-        T, nb = self.num_tokens, self.num_users + 1
-        G = min(T, -(-T // block_m) + nb) if T else 0
-        off = self.seg_offsets.long()
-        counts = off[1:] - off[:-1]
-        tiles = (counts + block_m - 1) // block_m
-        cum = torch.cumsum(tiles, 0)
-        i = torch.arange(G, device=self.device)
-        b = torch.searchsorted(cum, i, right=True)
-        valid = b < nb
-        b = b.clamp(max=nb - 1)
-        first_tile = cum[b] - tiles[b]
-        start = off[b] + (i - first_tile) * block_m
-        tile_bucket = torch.where(valid, b, torch.full_like(b, -1)).to(torch.int32)
-        tile_start = torch.where(valid, start, torch.zeros_like(start)).to(torch.int32)
-        self._tiles[block_m] = (tile_bucket, tile_start, G)
-        return self._tiles[block_m]
 
     def segments(self):
         """Host-side list of (user, start, end) over the sorted order, active users only."""
