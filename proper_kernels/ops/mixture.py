@@ -38,6 +38,20 @@ def _triton_usable(device: torch.device) -> bool:
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _interpreter_unsupported(device: torch.device, tensors) -> Optional[str]:
+    """Why the Triton CPU interpreter cannot run these tensors, or None.
+
+    Its ``tl.dot`` returns garbage for bfloat16 operands (triton 3.x; magnitudes
+    around 1e10 instead of O(1)), in the forward and in the backward, so a bfloat16
+    tensor must never reach the kernels there. Compiled kernels on CUDA are fine.
+    """
+    if device.type != "cpu":
+        return None
+    if any(t is not None and t.dtype == torch.bfloat16 for t in tensors):
+        return "the Triton CPU interpreter computes tl.dot wrongly for bfloat16 (use float16/float32)"
+    return None
+
+
 def _cuda_usable(device: torch.device) -> bool:
     mod = _module("proper_kernels.ops.cuda_decode")
     return device.type == "cuda" and mod is not None and mod.available()
@@ -64,7 +78,8 @@ def choose_backend(x: Tensor, spec: MixtureSpec, requested: Optional[str], tenso
     ``requested=None`` reads the environment variable PROPER_KERNELS_BACKEND (one of
     BACKENDS), else "auto". ``auto``: the CUDA decode kernel for small inference batches on CUDA (its token
     threshold is kept in ``proper_kernels.ops.cuda_decode``), Triton on CUDA (and on
-    CPU under TRITON_INTERPRET=1), the reference otherwise.
+    CPU under TRITON_INTERPRET=1, except for bfloat16 tensors, which the interpreter
+    gets wrong), the reference otherwise.
     """
     requested = requested or os.environ.get("PROPER_KERNELS_BACKEND") or "auto"
     if requested not in BACKENDS:
@@ -77,6 +92,10 @@ def choose_backend(x: Tensor, spec: MixtureSpec, requested: Optional[str], tenso
                 f"backend='triton' is not usable on {x.device}: it needs triton and a CUDA device "
                 "(or TRITON_INTERPRET=1 on CPU)"
             )
+        why = _interpreter_unsupported(x.device, tensors)
+        if why is not None:
+            raise RuntimeError(f"backend='triton' cannot run these inputs on {x.device}: {why}, "
+                               "or backend='reference'")
         return "triton"
     if requested == "cuda":
         if not _cuda_usable(x.device):
@@ -89,7 +108,7 @@ def choose_backend(x: Tensor, spec: MixtureSpec, requested: Optional[str], tenso
         mod = _module("proper_kernels.ops.cuda_decode")
         if spec.T <= mod.decode_threshold(x.device, x.dtype):
             return "cuda"
-    if _triton_usable(x.device):
+    if _triton_usable(x.device) and _interpreter_unsupported(x.device, tensors) is None:
         return "triton"
     return "reference"
 

@@ -1,0 +1,42 @@
+"""Dispatch corner cases of the public op found in review (CPU, fast)."""
+import pytest
+import torch
+
+import proper_kernels as pk
+from proper_kernels.testing import make_mixture_inputs
+
+needs_interp = pytest.mark.skipif(
+    torch.cuda.is_available() or "triton" not in pk.available_backends("cpu"),
+    reason="checks the Triton CPU interpreter's dispatch",
+)
+
+
+def _bf16_case(params_bf16=True):
+    m = make_mixture_inputs(5, 16, 12, K=3, r=2, r_u=2, N=3)
+    x, w, b = m.pop("x").bfloat16(), m.pop("weight"), m.pop("bias")
+    if params_bf16:
+        w, b = w.bfloat16(), b.bfloat16()
+        m = {k: (v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in m.items()}
+    return x, w, b, m
+
+
+@needs_interp
+@pytest.mark.parametrize("params_bf16", [True, False])
+def test_auto_bf16_under_interpreter_is_correct(params_bf16):
+    """The interpreter's tl.dot is wrong for bfloat16: auto must not send bf16 there."""
+    x, w, b, kw = _bf16_case(params_bf16)
+    x = x.requires_grad_()
+    y = pk.lora_mixture(x, w, b, backend="auto", **kw)
+    y.float().square().sum().backward()
+    xr = x.detach().clone().requires_grad_()
+    y_ref = pk.lora_mixture(xr, w, b, backend="reference", **kw)
+    y_ref.float().square().sum().backward()
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(x.grad, xr.grad)
+
+
+@needs_interp
+def test_forced_triton_bf16_under_interpreter_raises():
+    x, w, b, kw = _bf16_case()
+    with pytest.raises(RuntimeError, match="backend='triton'.*bfloat16"):
+        pk.lora_mixture(x, w, b, backend="triton", **kw)
