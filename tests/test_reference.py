@@ -248,3 +248,31 @@ def test_segmented_user_products_match_gathered(law, monkeypatch):
     torch.testing.assert_close(g2, g1)
     for a, c in zip(grads2, grads1):
         torch.testing.assert_close(a, c)
+
+
+def test_empty_user_bank_all_ids_minus_one():
+    """N = 0 users (every id -1): the user terms vanish, as in the kernels."""
+    x, W, b, kw = make_case(6, 8, 5, 3, 2, 4, 3)
+    for k in ("user_logit_bias", "user_A", "user_B", "user_router"):
+        kw[k] = kw[k][:0]
+    kw["user_ids"] = torch.full((6,), -1)
+    bare = {k: v for k, v in kw.items() if k not in ("user_logit_bias", "user_A", "user_B", "user_router")}
+    expected, g_exp = lora_mixture_ref(x, W, b, **bare)
+    for fn in (lora_mixture_ref, lora_mixture_ref_loop):
+        y, g = fn(x, W, b, **kw)
+        torch.testing.assert_close(y, expected)
+        torch.testing.assert_close(g, g_exp)
+    y = pk.lora_mixture(x, W, b, backend="reference", plan=pk.plan(kw["user_ids"], 0), **kw)
+    torch.testing.assert_close(y, expected)
+
+
+def test_users_without_tokens_get_exactly_zero_grads():
+    x, W, b, kw = make_case(9, 6, 5, 3, 2, 6, 2, dtype=torch.float64)
+    kw["user_ids"] = torch.tensor([0, 2, -1, 2, 0, 5, -1, 5, 0])
+    names = ["user_logit_bias", "user_A", "user_B", "user_router"]
+    for top_k in (None, 1, 2):
+        P = {k: kw[k].clone().requires_grad_(True) for k in names}
+        y, g = lora_mixture_ref(x, W, b, top_k=top_k, **dict(kw, **P))
+        grads = torch.autograd.grad(y.square().sum() + balance_loss(g), [P[k] for k in names])
+        for k, gr in zip(names, grads):
+            assert gr[[1, 3, 4]].abs().max().item() == 0.0, k

@@ -71,6 +71,8 @@ _GATHER_LIMIT = 1 << 24
 def _per_user_matvec(W: Tensor, v: Tensor, safe: Tensor, vmask: Tensor) -> Tensor:
     """out_t = W[u_t] v_t for W [N, m, k], v [T, k], times vmask (0 for u = -1)."""
     T, m, k = v.shape[0], W.shape[1], W.shape[2]
+    if W.shape[0] == 0:  # an empty bank: every id is -1, nothing to gather
+        return v.new_zeros(T, m)
     if T * m * k <= _GATHER_LIMIT:
         return torch.bmm(W[safe], v.unsqueeze(-1)).squeeze(-1) * vmask
     order = torch.argsort(safe, stable=True)
@@ -131,7 +133,7 @@ def lora_mixture_ref(
         logits = xc.new_zeros(T, K)
         if router_weight is not None:
             logits = logits + xc @ router_weight.to(cd).t()
-        if user_logit_bias is not None:
+        if user_logit_bias is not None and user_logit_bias.shape[0] > 0:  # N = 0: ids all -1
             logits = logits + user_logit_bias.to(cd)[safe] * vmask
         if user_router is not None:
             logits = logits + _per_user_matvec(user_router.to(cd), z, safe, vmask)
