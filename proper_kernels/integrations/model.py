@@ -200,13 +200,27 @@ class ProperModel(nn.Module):
     @torch.no_grad()
     def merge_population(self) -> None:
         """Fold every layer's population LoRA into its W0 (logits unchanged up to
-        rounding). The factors are kept aside for :meth:`save_pretrained` and PEFT export."""
+        rounding). The factors are kept aside for :meth:`save_pretrained` and PEFT export.
+
+        A W0 that the model uses elsewhere too (an adapted ``lm_head`` tied to the input
+        embedding) is untied first: the merge goes into a copy of its own, so the other
+        user of the weight keeps the base values."""
+        shared = self._shared_weights()
         for name, layer in self.adapted_layers():
             if layer.population_A is not None:
                 self._merged_population[name] = (layer.population_A.detach().clone(),
                                                   layer.population_B.detach().clone())
+                if id(layer.weight) in shared:
+                    layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
                 layer.merge_population()
         self.population_merged = True
+
+    def _shared_weights(self) -> set:
+        """ids of the adapted layers' W0 that more than one place of the model holds."""
+        seen: Dict[int, int] = {}
+        for _, p in self._modules["model"].named_parameters(remove_duplicate=False):
+            seen[id(p)] = seen.get(id(p), 0) + 1
+        return {id(layer.weight) for _, layer in self.adapted_layers() if seen.get(id(layer.weight), 0) > 1}
 
     def add_users(self, n: int) -> List[int]:
         """Grow the user bank by ``n`` users with fresh parameters (B_u, V_u at zero, so

@@ -1,0 +1,92 @@
+"""Review of the Hugging Face integration: edge cases a demanding user hits.
+
+Tied embeddings with an adapted lm_head, dtype changes before add_users, user subsets
+loaded into a model with another user scale, PEFT imports whose scale must survive a
+save/load bit-exactly, tuple outputs (return_dict=False), and clear user_ids errors.
+"""
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from proper_kernels.integrations import ProperModel, get_proper_model  # noqa: E402
+from test_integration import VOCAB, config, rand_seqs, randomize, tiny_model, trained_user_model  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@torch.no_grad()
+def randomize_population(pm, seed=1, scale=0.3):
+    """Random population B only (as after the population stage; the rest stays at zero)."""
+    g = torch.Generator().manual_seed(seed)
+    for _, layer in pm.adapted_layers():
+        layer.population_B.copy_(torch.randn(layer.population_B.shape, generator=g) * scale)
+
+
+def tied_llama(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+                      bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    m = LlamaForCausalLM(cfg).eval()
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    return m
+
+
+# ---------------------------------------------------------------------- tied embeddings
+def test_merge_into_tied_lm_head_leaves_the_input_embedding_alone(tmp_path):
+    base = tied_llama()
+    orig = copy.deepcopy(base)
+    emb0 = base.model.embed_tokens.weight.detach().clone()
+    pm = get_proper_model(base, config(target_modules=("up_proj", "lm_head")))
+    assert "lm_head" in pm.layer_names
+    pm.set_stage("population")
+    randomize_population(pm)
+    ids = torch.tensor(rand_seqs([8, 8]))
+    with torch.no_grad():
+        before = pm(input_ids=ids).logits
+        pm.set_stage("group")  # merges the population LoRA
+        after = pm(input_ids=ids, user_ids=[0, 1]).logits
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    assert torch.equal(pm.model.model.embed_tokens.weight, emb0)
+    # the reload merges the same way
+    pm.set_stage("user")
+    randomize(pm, seed=4)
+    pm.save_pretrained(tmp_path)
+    pm2 = ProperModel.from_pretrained(orig, tmp_path)
+    with torch.no_grad():
+        a = pm(input_ids=ids, user_ids=[0, 3]).logits
+        b = pm2(input_ids=ids, user_ids=[0, 3]).logits
+    assert torch.equal(a, b)
+    assert torch.equal(pm2.model.model.embed_tokens.weight, emb0)
+
+
+def test_tied_qwen2_default_targets_all_stages():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    base = Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        tie_word_embeddings=True, pad_token_id=0)).eval()
+    pm = get_proper_model(base, config())
+    pm.set_stage("population")
+    randomize_population(pm)
+    ids = torch.tensor(rand_seqs([6, 6]))
+    with torch.no_grad():
+        before = pm(input_ids=ids).logits
+        pm.set_stage("group")
+        torch.testing.assert_close(pm(input_ids=ids, user_ids=[0, 1]).logits, before, rtol=1e-5, atol=1e-5)
+    pm.set_stage("user")
+    out = pm.generate(ids, user_ids=[2, -1], max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert out.shape == (2, 9)
+    assert pm.model.lm_head.weight is pm.model.model.embed_tokens.weight  # untouched: still tied
