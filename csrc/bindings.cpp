@@ -111,6 +111,9 @@ PYBIND11_MODULE(PROPER_KERNELS_MODULE_NAME, m) {
 #endif
           err = proper_kernels::decode_launch(a);
         }
+#ifdef PROPER_KERNELS_EMULATE
+        pk_emu::flush();  // the last launch is still pending (see cuda_emu.h, "Stream order")
+#endif
         if (!err.empty()) throw std::runtime_error(err);
 #ifdef PROPER_KERNELS_EMULATE
         const std::string fault = pk_emu::take_fault();
@@ -133,7 +136,7 @@ PYBIND11_MODULE(PROPER_KERNELS_MODULE_NAME, m) {
   m.def(
       "configure",
       [](int sms, int cc_major, bool reverse, bool fail_pdl, bool capturing, int64_t max_dynamic_smem,
-         int blocks_per_sm) {
+         int blocks_per_sm, bool pdl_early) {
         if (sms < 1) throw std::invalid_argument("sms must be >= 1");
         if (blocks_per_sm < 1) throw std::invalid_argument("blocks_per_sm must be >= 1");
         pk_emu::config.blocks_per_sm = blocks_per_sm;
@@ -144,14 +147,16 @@ PYBIND11_MODULE(PROPER_KERNELS_MODULE_NAME, m) {
         pk_emu::config.reverse = reverse;
         pk_emu::config.fail_pdl = fail_pdl;
         pk_emu::config.capturing = capturing;
+        pk_emu::config.pdl_early = pdl_early;
       },
       py::arg("sms") = 132, py::arg("cc_major") = 9, py::arg("reverse") = false,
       py::arg("fail_pdl") = false, py::arg("capturing") = false,
-      py::arg("max_dynamic_smem") = 48 * 1024, py::arg("blocks_per_sm") = 2,
+      py::arg("max_dynamic_smem") = 48 * 1024, py::arg("blocks_per_sm") = 2, py::arg("pdl_early") = true,
       "Set the emulated device: SM count, compute capability major (>= 9 takes the PDL "
       "path), thread order within a block, a failing PDL launch, a capturing stream, the "
       "dynamic shared memory a launch may ask for, the register-limited blocks per SM (2: the "
-      "decode kernels' launch bounds). Every call resets what it omits.");
+      "decode kernels' launch bounds), and whether a PDL launch's first blocks run up to their "
+      "wait before the launch they depend on. Every call resets what it omits.");
   m.def(
       "launches",
       [](bool clear) {
@@ -162,6 +167,7 @@ PYBIND11_MODULE(PROPER_KERNELS_MODULE_NAME, m) {
                               py::arg("block") = py::make_tuple(r.block.x, r.block.y, r.block.z),
                               py::arg("smem") = r.smem, py::arg("pdl") = r.pdl,
                               py::arg("cooperative") = r.cooperative,
+                              py::arg("early_blocks") = r.early_blocks,
                               py::arg("weight_bytes") = r.weights.requested,
                               py::arg("weight_bytes_unique") = r.weights.unique,
                               py::arg("act_bytes") = r.activations.requested,
@@ -171,7 +177,8 @@ PYBIND11_MODULE(PROPER_KERNELS_MODULE_NAME, m) {
       },
       py::arg("clear") = true,
       "The launches made since the last clear, as dicts: kernel, grid, block, smem, pdl, "
-      "cooperative, and the bytes of the kernel's global vector loads, requested and unique, "
+      "cooperative, early_blocks (PDL: blocks run up to their wait before the launch they "
+      "depend on), and the bytes of the kernel's global vector loads, requested and unique, "
       "of weights (weight_bytes*) and activations (act_bytes*).");
   m.def("selftest_names", &pk_emu_selftest_names, "Names of the emulator's self-test kernels.");
   m.def(

@@ -209,7 +209,9 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #endif
 }
 __device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+#if defined(PROPER_KERNELS_EMULATE)
+  pk_emu_pdl_wait();  // the emulation runs early blocks before the shrink and parks them here
+#elif defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }

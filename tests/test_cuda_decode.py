@@ -579,7 +579,8 @@ def test_emulator_selftests(emu):
         "misaligned_load": "misaligned 16-byte",
         "smem_overflow": "wrote past",
     }
-    assert set(emu.selftest_names()) == set(expect) | {"reduce_ok", "missing_barrier", "too_much_smem"}
+    assert set(emu.selftest_names()) == set(expect) | {"reduce_ok", "missing_barrier", "too_much_smem",
+                                                       "pdl_wait_read", "pdl_early_read"}
     err, fault, out = emu.selftest("reduce_ok")
     assert (err, fault) == ("", "")
     assert out == [1520.0] * 32 + [496.0] * 32
@@ -592,6 +593,18 @@ def test_emulator_selftests(emu):
         emu.configure(reverse=reverse)
         _, fault, out = emu.selftest("missing_barrier")
         assert fault == "" and math.isnan(out[nan_at]), (reverse, out[:4], out[-4:])
+    # PDL: a consumer launched with programmatic stream serialization that reads the
+    # producer's output after griddepcontrol.wait gets it; before the wait it gets
+    # the old memory (NaN), because the emulation runs the consumer up to its wait
+    # before the producer. In plain stream order (pdl_early=False) the early read
+    # would pass unnoticed.
+    expected = [2.0 * i for i in range(64)]
+    for pdl_early in (True, False):
+        emu.configure(pdl_early=pdl_early)
+        assert emu.selftest("pdl_wait_read") == ("", "", expected)
+        err, fault, out = emu.selftest("pdl_early_read")
+        assert (err, fault) == ("", "")
+        assert all(map(math.isnan, out)) if pdl_early else out == expected
     emu.configure()
 
 
@@ -680,12 +693,15 @@ def test_emulated_no_out_of_bounds(emu, offset, dtype):
     dict(sms=1, cc_major=8, reverse=True),
     dict(sms=132, cc_major=9, fail_pdl=True),
     dict(sms=132, cc_major=9, capturing=True),
+    dict(sms=132, cc_major=9, pdl_early=False),
 ], ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
 @pytest.mark.parametrize("launch", ["two", "one"])
 def test_emulated_device_variants(emu, device, launch):
     """The launch plan (d_in splits, lanes per output row, PDL or not, the single
     launch's grid) depends on the device; every plan gives the same result, and the
-    launch log shows which ran."""
+    launch log shows which ran. With PDL the emulation runs the expand's first blocks
+    (the resident ones, at most 64) up to their griddepcontrol.wait before the shrink
+    runs: a read of the workspace before the wait would see its NaN poison."""
     emu.configure(**device)
     emu.launches(clear=True)
     x, W, b, kw = make_case(T=9, d_in=1536, d_out=96, K=4, r=8, N=3, r_u=8, dtype=torch.float32,
@@ -711,6 +727,9 @@ def test_emulated_device_variants(emu, device, launch):
     assert shrink["grid"][2] == {1: 1, 3: 2}.get(device["sms"], 6)
     pdl = device["cc_major"] >= 9 and not device.get("fail_pdl") and not device.get("capturing")
     assert expand["pdl"] is pdl
+    blocks = expand["grid"][0] * expand["grid"][1]
+    early = min(64, 2 * device["sms"], blocks) if pdl and device.get("pdl_early", True) else 0
+    assert (shrink["early_blocks"], expand["early_blocks"]) == (0, early)
 
 
 @pytest.mark.parametrize("case", [

@@ -26,9 +26,21 @@
 // past the end of the dynamic shared memory, and dynamic shared memory above the
 // 48 KiB a launch gets without cudaFuncSetAttribute.
 //
-// Not emulated: memory ordering between blocks (blocks never overlap here, and the
-// blocks of a cooperative launch interleave only at its grid barrier), the real
-// throughput, and anything the decode kernel does not use. The emulator's state is
+// Stream order and programmatic dependent launch (PDL). A launch does not run at
+// once: it waits until the next operation on the stream. A plain launch (or a copy,
+// or the end of the binding call) runs it first: stream order. A launch with the PDL
+// attribute instead gets its first blocks resident and runs them up to
+// griddepcontrol.wait (pk_emu_pdl_wait) *before* the pending launch runs, then lets
+// them on, then runs its other blocks. That is the earliest a GPU may start a
+// dependent whose primary triggers launch_dependents at its start (as the decode
+// shrink does), so a dependent that reads the primary's output before its wait sees
+// the old memory (the NaN-poisoned workspace) instead of the result.
+// configure(pdl_early=false) runs launches in plain stream order.
+//
+// Not emulated: memory ordering between blocks (blocks never overlap here, the
+// blocks of a cooperative launch interleave only at its grid barrier, and those of a
+// PDL launch only at its wait), the real throughput, and anything the decode kernel
+// does not use. The emulator's state is
 // global: one emulated launch at a time per process (the binding keeps the GIL).
 #pragma once
 
@@ -190,6 +202,7 @@ struct Config {
   bool reverse = false;       // run a block's threads last to first
   bool fail_pdl = false;      // make the programmatic-dependent launch fail (fallback path)
   bool capturing = false;     // report the stream as being captured into a graph
+  bool pdl_early = true;      // run a PDL launch's first blocks up to their wait before the previous launch
   size_t max_dynamic_smem = 48 * 1024;
   size_t smem_per_sm = 228 * 1024;
   // Register-limited blocks per SM, which the emulation cannot compute: 2 is what the
@@ -217,6 +230,7 @@ struct LaunchRecord {
   size_t smem = 0;
   bool pdl = false;
   bool cooperative = false;
+  long long early_blocks = 0;  // PDL: blocks run up to their wait before the primary ran
   Traffic weights, activations;
 };
 inline std::vector<LaunchRecord> launches;  // every launch since the last clear
@@ -275,6 +289,11 @@ inline thread_local Block* cur_block = nullptr;
 inline thread_local Fiber* cur_fiber = nullptr;
 inline thread_local std::vector<Fiber> fibers;
 inline thread_local Barrier* grid_bar = nullptr;  // set during a cooperative launch
+// Set while a PDL launch's first blocks run before the launch it depends on: its wait
+// parks threads until gen turns 1 (the primary has run).
+inline thread_local Barrier* pdl_bar = nullptr;
+// Fibers of a launch that runs while the blocks of a PDL launch wait for it.
+inline thread_local std::vector<Fiber> primary_fibers;
 #ifdef PK_EMU_FAST_SWITCH
 inline thread_local void* sched_sp = nullptr;
 inline void to_scheduler(Fiber* f) { pk_emu_switch(&f->sp, sched_sp); }
@@ -365,8 +384,12 @@ inline void check_aligned(const V* ptr, const char* what) {
 
 // Runs the given blocks' threads as fibers until all have returned (or a deadlock).
 // One block at a time for a normal launch; every block of the grid together for a
-// cooperative one, whose grid barrier then counts all their threads.
-inline void run_blocks(std::vector<Block>& blocks, int nthreads, Barrier* grid) {
+// cooperative one, whose grid barrier then counts all their threads. `primary`: the
+// launch a PDL launch depends on, run (on the other fiber pool) when no live thread
+// of these blocks can go on because some wait at pk_emu_pdl_wait, or after they all
+// returned.
+inline void run_blocks(std::vector<Block>& blocks, int nthreads, Barrier* grid,
+                       std::function<void()>* primary = nullptr) {
   const int total = nthreads * static_cast<int>(blocks.size());
   if (static_cast<int>(fibers.size()) < total) fibers.resize(total);
   const int nwarps = (nthreads + 31) / 32;
@@ -399,6 +422,20 @@ inline void run_blocks(std::vector<Block>& blocks, int nthreads, Barrier* grid) 
     grid->expected = total;
   }
   grid_bar = grid;
+  Barrier pdl_wait_bar;
+  pdl_bar = primary != nullptr ? &pdl_wait_bar : nullptr;
+  // The primary runs on the other pool (swapping the buffers moves no Fiber, so the
+  // waiting ones stay where their stacks point); what it resets is put back.
+  auto run_primary = [&]() {
+    std::function<void()> run = std::move(*primary);
+    *primary = nullptr;
+    Barrier* const g = grid_bar;
+    fibers.swap(primary_fibers);
+    run();
+    fibers.swap(primary_fibers);
+    grid_bar = g;
+    ++pdl_wait_bar.gen;  // releases the waiting threads
+  };
   int live = total;
   while (live > 0) {
     bool ran = false;
@@ -411,6 +448,10 @@ inline void run_blocks(std::vector<Block>& blocks, int nthreads, Barrier* grid) 
       ran = true;
       if (f.done) --live;
     }
+    if (!ran && primary != nullptr && *primary) {
+      run_primary();
+      continue;
+    }
     if (!ran) {
       Fiber* w = nullptr;
       for (int i = 0; i < total && w == nullptr; ++i)
@@ -422,9 +463,11 @@ inline void run_blocks(std::vector<Block>& blocks, int nthreads, Barrier* grid) 
       break;  // the waiting fibers are abandoned; their stacks are reused
     }
   }
+  if (primary != nullptr && *primary) run_primary();  // nobody waited for it
   cur_fiber = nullptr;
   cur_block = nullptr;
   grid_bar = nullptr;
+  pdl_bar = nullptr;
   for (const Block& b : blocks) {
     for (size_t i = 0; i < kSmemGuard; ++i) {
       if (b.smem[b.smem.size() - kSmemGuard + i] != kPoison) {
@@ -444,7 +487,9 @@ inline int blocks_per_sm(int threads, size_t smem) {
   return std::max(n, 0);
 }
 
-inline cudaError_t run_grid(const cudaLaunchConfig_t& cfg, const std::function<void()>& body, bool cooperative) {
+// Whether the device would accept a launch of this shape (checked at launch time,
+// before the launch runs).
+inline cudaError_t check_launch(const cudaLaunchConfig_t& cfg, bool cooperative) {
   const dim3 g = cfg.gridDim, bd = cfg.blockDim;
   const long long nthreads = static_cast<long long>(bd.x) * bd.y * bd.z;
   if (nthreads < 1 || nthreads > 1024 || bd.z > 64 || g.x < 1 || g.y < 1 || g.z < 1 || g.y > 65535 ||
@@ -454,6 +499,25 @@ inline cudaError_t run_grid(const cudaLaunchConfig_t& cfg, const std::function<v
   const long long nblocks = static_cast<long long>(g.x) * g.y * g.z;
   if (cooperative && nblocks > static_cast<long long>(blocks_per_sm(static_cast<int>(nthreads), cfg.dynamicSmemBytes)) * config.sms)
     return cudaErrorCooperativeLaunchTooLarge;
+  return cudaSuccess;
+}
+
+// Blocks of a PDL launch that run before the launch they depend on: the resident
+// ones, capped so that the fibers of a big grid stay affordable (any subset is an
+// order a GPU may produce).
+constexpr long long kMaxEarlyBlocks = 64;
+
+// Runs a checked launch. `primary` (for a PDL launch): the pending launch it depends on.
+inline void run_grid(const cudaLaunchConfig_t& cfg, const std::function<void()>& body, bool cooperative,
+                     std::function<void()>* primary) {
+  const dim3 g = cfg.gridDim, bd = cfg.blockDim;
+  const int nthreads = static_cast<int>(bd.x * bd.y * bd.z);
+  long long early = 0;
+  if (primary != nullptr && *primary) {
+    const long long resident = static_cast<long long>(blocks_per_sm(nthreads, cfg.dynamicSmemBytes)) * config.sms;
+    early = std::min({kMaxEarlyBlocks, resident, static_cast<long long>(g.x) * g.y * g.z});
+    if (running != nullptr) running->early_blocks = early;
+  }
   std::vector<Block> blocks;
   auto add_block = [&](unsigned x, unsigned y, unsigned z) {
     blocks.emplace_back();
@@ -466,18 +530,33 @@ inline cudaError_t run_grid(const cudaLaunchConfig_t& cfg, const std::function<v
     b.smem.assign(((cfg.dynamicSmemBytes + 15) / 16) * 16 + kSmemGuard, kPoison);
   };
   Barrier grid;
+  long long n = 0;
   for (unsigned z = 0; z < g.z; ++z)
     for (unsigned y = 0; y < g.y; ++y)
-      for (unsigned x = 0; x < g.x; ++x) {
+      for (unsigned x = 0; x < g.x; ++x, ++n) {
         add_block(x, y, z);
-        if (!cooperative) {
-          run_blocks(blocks, static_cast<int>(nthreads), nullptr);
-          blocks.clear();
-          if (!fault.empty()) return cudaSuccess;  // reported through take_fault()
-        }
+        if (cooperative) continue;
+        if (n + 1 < early) continue;  // gather the early blocks
+        run_blocks(blocks, nthreads, nullptr, n < early ? primary : nullptr);
+        blocks.clear();
+        if (!fault.empty()) return;  // reported through take_fault()
       }
-  if (cooperative) run_blocks(blocks, static_cast<int>(nthreads), &grid);
-  return cudaSuccess;
+  if (cooperative)
+    run_blocks(blocks, nthreads, &grid, primary);
+  else if (!blocks.empty())
+    run_blocks(blocks, nthreads, nullptr, primary);  // a grid smaller than `early`
+}
+
+// The launch that has not run yet (see "Stream order" at the top).
+inline std::function<void()> pending;
+
+// Runs the pending launch: every stream operation, and the binding at the end of a
+// call, does this first.
+inline void flush() {
+  if (!pending) return;
+  std::function<void()> run = std::move(pending);
+  pending = nullptr;
+  run();
 }
 
 // Name of the next launch, for the launch log (set by PK_KERNEL_NAME in the launcher).
@@ -595,10 +674,12 @@ inline cudaError_t cudaGetLastError() {
   return e;
 }
 inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind, cudaStream_t) {
+  pk_emu::flush();
   std::memmove(dst, src, n);
   return cudaSuccess;
 }
 inline cudaError_t cudaMemsetAsync(void* dst, int value, size_t n, cudaStream_t) {
+  pk_emu::flush();
   std::memset(dst, value, n);
   return cudaSuccess;
 }
@@ -613,8 +694,9 @@ inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, void (*
   return cudaSuccess;
 }
 
-// Runs the whole grid before returning (a launch is synchronous here). Kernel faults
-// are left in pk_emu::fault for the binding to raise.
+// Checks the launch, logs it, and leaves it pending (see "Stream order" at the top);
+// a PDL launch with a pending primary runs at once, around it. Kernel faults are
+// left in pk_emu::fault for the binding to raise.
 template <typename... Params, typename... Args>
 inline cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* cfg, void (*kernel)(Params...), Args&&... args) {
   bool pdl = false, cooperative = false;
@@ -624,28 +706,56 @@ inline cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* cfg, void (*kern
       pdl = true;
     if (cfg->attrs[i].id == cudaLaunchAttributeCooperative && cfg->attrs[i].val.cooperative) cooperative = true;
   }
-  if (pdl && pk_emu::config.fail_pdl) {
-    pk_emu::last_error = cudaErrorNotSupported;
-    return cudaErrorNotSupported;
+  const char* name = pk_emu::next_kernel_name != nullptr ? pk_emu::next_kernel_name : "kernel";
+  pk_emu::next_kernel_name = nullptr;
+  cudaError_t e = pdl && pk_emu::config.fail_pdl ? cudaErrorNotSupported : pk_emu::check_launch(*cfg, cooperative);
+  if (e != cudaSuccess) {
+    pk_emu::last_error = e;
+    return e;
   }
   pk_emu::LaunchRecord rec;
-  rec.kernel = pk_emu::next_kernel_name != nullptr ? pk_emu::next_kernel_name : "kernel";
-  pk_emu::next_kernel_name = nullptr;
+  rec.kernel = name;
   rec.grid = cfg->gridDim;
   rec.block = cfg->blockDim;
   rec.smem = cfg->dynamicSmemBytes;
   rec.pdl = pdl;
   rec.cooperative = cooperative;
   pk_emu::launches.push_back(rec);
-  pk_emu::running = &pk_emu::launches.back();
-  std::tuple<std::decay_t<Params>...> held(std::forward<Args>(args)...);  // by value, as CUDA copies them
-  const std::function<void()> body = [&]() { std::apply(kernel, held); };
-  const cudaError_t e = pk_emu::run_grid(*cfg, body, cooperative);
-  std::unordered_set<std::uintptr_t>().swap(pk_emu::running->weights.seen);  // keep the counts only
-  std::unordered_set<std::uintptr_t>().swap(pk_emu::running->activations.seen);
-  pk_emu::running = nullptr;
-  if (e != cudaSuccess) pk_emu::last_error = e;
-  return e;
+  const size_t index = pk_emu::launches.size() - 1;
+  // Everything by value, as CUDA copies the launch (the caller's config and arguments
+  // may be gone when it runs).
+  const cudaLaunchConfig_t c = *cfg;
+  const std::tuple<std::decay_t<Params>...> held(std::forward<Args>(args)...);
+  auto run = [c, held, kernel, cooperative, index](std::function<void()>* primary) {
+    pk_emu::LaunchRecord* const outer = pk_emu::running;  // a PDL launch's, while its primary runs
+    pk_emu::running = &pk_emu::launches.at(index);
+    const std::function<void()> body = [&]() { std::apply(kernel, held); };
+    pk_emu::run_grid(c, body, cooperative, primary);
+    std::unordered_set<std::uintptr_t>().swap(pk_emu::running->weights.seen);  // keep the counts only
+    std::unordered_set<std::uintptr_t>().swap(pk_emu::running->activations.seen);
+    pk_emu::running = outer;
+  };
+  if (pdl && pk_emu::config.pdl_early && pk_emu::pending) {
+    std::function<void()> primary = std::move(pk_emu::pending);
+    pk_emu::pending = nullptr;
+    run(&primary);
+    return cudaSuccess;
+  }
+  pk_emu::flush();
+  pk_emu::pending = [run]() { run(nullptr); };
+  return cudaSuccess;
+}
+
+// griddepcontrol.wait: parks the thread while a PDL launch's early blocks run before
+// the launch it depends on; a no-op otherwise.
+inline void pk_emu_pdl_wait() {
+  ::pk_emu::Barrier* const bar = ::pk_emu::pdl_bar;
+  if (bar == nullptr || bar->gen > 0) return;
+  ::pk_emu::Fiber* const f = ::pk_emu::cur_fiber;
+  f->waiting = bar;
+  f->wait_gen = bar->gen;
+  ::pk_emu::to_scheduler(f);
+  f->waiting = nullptr;
 }
 
 #define PK_KERNEL_NAME(name) (::pk_emu::next_kernel_name = (name))

@@ -12,6 +12,7 @@ namespace pk_emu_selftest {
 struct Params {
   float* out;           // [64]
   const float* buf;     // 16-byte aligned scratch of 64 floats
+  float* mid;           // [64], NaN before the PDL cases' producer runs
   int case_id;
 };
 
@@ -24,10 +25,13 @@ enum Case : int {
   kMisalignedLoad,
   kSmemOverflow,
   kTooMuchSmem,
+  kPdlWaitRead,   // producer, then a PDL consumer that reads mid after its wait
+  kPdlEarlyRead,  // the same consumer reading mid before its wait
   kCount,
 };
-const char* const kNames[kCount] = {"reduce_ok", "missing_barrier", "divergent_barrier", "shuffle_after_exit",
-                                    "mixed_warp_ops", "misaligned_load", "smem_overflow", "too_much_smem"};
+const char* const kNames[kCount] = {"reduce_ok",      "missing_barrier", "divergent_barrier", "shuffle_after_exit",
+                                    "mixed_warp_ops", "misaligned_load", "smem_overflow",     "too_much_smem",
+                                    "pdl_wait_read",  "pdl_early_read"};
 
 __global__ void selftest_kernel(Params p) {
   PK_DYNAMIC_SMEM(float, smem);
@@ -81,6 +85,19 @@ __global__ void selftest_kernel(Params p) {
   }
 }
 
+// The PDL cases: the producer writes mid, the consumer (launched with the PDL
+// attribute) copies it to out, after or before griddepcontrol.wait.
+__global__ void producer_kernel(Params p) { p.mid[threadIdx.x] = 2.f * threadIdx.x; }
+
+__global__ void consumer_kernel(Params p) {
+  const int tid = threadIdx.x;
+  float v = 0.f;
+  if (p.case_id == kPdlEarlyRead) v = p.mid[tid];
+  pk_emu_pdl_wait();
+  if (p.case_id == kPdlWaitRead) v = p.mid[tid];
+  p.out[tid] = v;
+}
+
 }  // namespace pk_emu_selftest
 
 // Runs one named case on one block of 64 threads. Returns the launch error name (""
@@ -93,13 +110,28 @@ std::vector<std::string> pk_emu_run_selftest(const std::string& name, std::vecto
   if (id < 0) return {"unknown self-test " + name, ""};
   out->assign(64, -1.f);
   alignas(16) float buf[64] = {};
-  Params p{out->data(), buf, id};
+  std::vector<float> mid(64, std::nanf(""));
+  Params p{out->data(), buf, mid.data(), id};
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(1);
   cfg.blockDim = dim3(64);
-  cfg.dynamicSmemBytes = id == kSmemOverflow ? 64 : (id == kTooMuchSmem ? 64 * 1024 : 64 * sizeof(float));
-  PK_KERNEL_NAME("selftest");
-  const cudaError_t e = cudaLaunchKernelEx(&cfg, selftest_kernel, p);
+  cudaError_t e;
+  if (id == kPdlWaitRead || id == kPdlEarlyRead) {
+    PK_KERNEL_NAME("producer");
+    e = cudaLaunchKernelEx(&cfg, producer_kernel, p);
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    PK_KERNEL_NAME("consumer");
+    if (e == cudaSuccess) e = cudaLaunchKernelEx(&cfg, consumer_kernel, p);
+  } else {
+    cfg.dynamicSmemBytes = id == kSmemOverflow ? 64 : (id == kTooMuchSmem ? 64 * 1024 : 64 * sizeof(float));
+    PK_KERNEL_NAME("selftest");
+    e = cudaLaunchKernelEx(&cfg, selftest_kernel, p);
+  }
+  pk_emu::flush();
   cudaGetLastError();
   return {e == cudaSuccess ? "" : cudaGetErrorName(e), pk_emu::take_fault()};
 }
