@@ -266,6 +266,18 @@ def test_empty_user_bank_all_ids_minus_one():
     torch.testing.assert_close(y, expected)
 
 
+@pytest.mark.parametrize("fn", [lora_mixture_ref, lora_mixture_ref_loop])
+@pytest.mark.parametrize("name", ["user_A", "user_logit_bias"])
+def test_reference_user_tensors_need_ids(fn, name):
+    """Both forms refuse user tensors without ids (no silent 'every token is user -1')."""
+    x, W, b, kw = make_case(5, 8, 5, 3, 2, 4, 3)
+    kw["user_ids"] = None
+    if name == "user_logit_bias":
+        kw["user_A"] = kw["user_B"] = kw["user_router"] = None
+    with pytest.raises(ValueError, match="user_ids"):
+        fn(x, W, b, **kw)
+
+
 def test_users_without_tokens_get_exactly_zero_grads():
     x, W, b, kw = make_case(9, 6, 5, 3, 2, 6, 2, dtype=torch.float64)
     kw["user_ids"] = torch.tensor([0, 2, -1, 2, 0, 5, -1, 5, 0])

@@ -62,6 +62,12 @@ def _num_experts(expert_A, router_weight, user_logit_bias, user_router) -> int:
     return 0
 
 
+def _check_user_ids(user_ids, *user_tensors) -> None:
+    if user_ids is None and any(t is not None for t in user_tensors):
+        raise ValueError("user-indexed tensors (user_logit_bias/user_A/user_B/user_router) were given: "
+                         "pass user_ids [T] (int, -1 = no user)")
+
+
 # Above this many elements of a per-token copy of the user weights ([T, m, k]), the
 # per-user products run one user segment at a time instead of as one gathered bmm
 # (T = 4096, d_out = 11008, r_u = 16 would otherwise gather 720M floats).
@@ -104,6 +110,7 @@ def lora_mixture_ref(
     Returns (y [T, d_out] in x.dtype, gates [T, K] in the compute dtype or None when
     the layer has no experts). ``d_out`` is needed only when nothing else fixes it.
     """
+    _check_user_ids(user_ids, user_logit_bias, user_A, user_B, user_router)
     cd = compute_dtype(x.dtype)
     xc = x.to(cd)
     T = x.shape[0]
@@ -171,6 +178,7 @@ def lora_mixture_ref_loop(
 
     Same arguments and result as :func:`lora_mixture_ref`.
     """
+    _check_user_ids(user_ids, user_logit_bias, user_A, user_B, user_router)
     cd = compute_dtype(x.dtype)
     xc = x.to(cd)
     T = x.shape[0]
