@@ -105,3 +105,9 @@ def test_plan_ids_are_the_routing():
     p = pk.plan(ids, N)
     y_plan = pk.lora_mixture(x, w, b, user_ids=torch.zeros_like(ids), plan=p, **kw)
     torch.testing.assert_close(y_plan, pk.lora_mixture(x, w, b, user_ids=ids, **kw))
+
+
+def test_plan_must_be_a_routing_plan():
+    ids = good()["user_ids"]
+    with pytest.raises(TypeError, match=r"plan must be a RoutingPlan .*pk\.plan\(user_ids, num_users\).*Tensor"):
+        call(plan=ids)

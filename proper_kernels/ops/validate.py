@@ -12,6 +12,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .plan import RoutingPlan
+
 __all__ = ["MixtureSpec", "check_mixture_args"]
 
 
@@ -187,6 +189,9 @@ def check_mixture_args(
         if user_ids.device != x.device:
             raise ValueError(f"user_ids is on {user_ids.device} but x is on {x.device}")
     if plan is not None:
+        if not isinstance(plan, RoutingPlan):
+            raise TypeError(f"plan must be a RoutingPlan built by pk.plan(user_ids, num_users), "
+                            f"got {type(plan).__name__}")
         if plan.num_tokens != T:
             raise ValueError(f"plan was built for {plan.num_tokens} tokens but x has {T}")
         if N is not None and plan.num_users != N:
