@@ -90,3 +90,17 @@ def test_tied_qwen2_default_targets_all_stages():
     out = pm.generate(ids, user_ids=[2, -1], max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None)
     assert out.shape == (2, 9)
     assert pm.model.lm_head.weight is pm.model.model.embed_tokens.weight  # untouched: still tied
+
+
+# ---------------------------------------------------------------------- dtype
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_add_users_after_casting_the_model_keeps_one_dtype(dtype):
+    pm = get_proper_model(tiny_model(), config(num_users=0))
+    pm.to(dtype)
+    pm.set_stage("group")
+    pm.add_users(2)
+    pm.set_stage("user")
+    dtypes = {n: p.dtype for n, p in pm.named_parameters()}
+    assert set(dtypes.values()) == {dtype}, {n: d for n, d in dtypes.items() if d != dtype}
+    ids = torch.tensor(rand_seqs([5, 5]))
+    pm(input_ids=ids, labels=ids, user_ids=[0, 1]).loss.backward()

@@ -136,3 +136,12 @@ def test_add_users_creates_bank_from_none():
     torch.testing.assert_close(y, base(x))  # fresh users start at the group-level output
     y.sum().backward()
     assert m.user_A.grad is not None
+
+
+def test_add_users_follows_a_cast_of_the_module():
+    m = ProperLinear(nn.Linear(12, 7), num_experts=2, expert_rank=2, user_embed_dim=3, num_users=0, user_rank=2)
+    m.to(torch.bfloat16)
+    m.add_users(2)
+    assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
+    y = m(torch.randn(4, 12, dtype=torch.bfloat16), user_ids=torch.tensor([0, 1, -1, 1]))
+    assert y.dtype == torch.bfloat16

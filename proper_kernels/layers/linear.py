@@ -127,7 +127,7 @@ class ProperLinear(nn.Module):
                 self.bias.requires_grad_(False)
         dev = base.weight.device
         dt = dtype or base.weight.dtype
-        self._dtype = dt
+        self._dtype = dtype  # None: W0's
         self.num_experts, self.expert_rank, self.top_k = num_experts, expert_rank, top_k
         self.expert_scale = expert_alpha / expert_rank if num_experts else 1.0
         self.num_users, self.user_rank, self.user_embed_dim = num_users, user_rank, user_embed_dim
@@ -238,6 +238,14 @@ class ProperLinear(nn.Module):
         self.population_B = None
         self.use_population = False
 
+    def _adapter_dtype(self) -> torch.dtype:
+        # The dtype of the adapters that exist (they follow module.to(dtype)); else the
+        # constructor's ``dtype``, else W0's.
+        for name, p in self.named_parameters():
+            if name not in ("weight", "bias"):
+                return p.dtype
+        return self._dtype or self.weight.dtype
+
     @torch.no_grad()
     def add_users(self, n: int) -> None:
         """Grow the user bank by n users with fresh parameters (B and V at zero)."""
@@ -246,7 +254,7 @@ class ProperLinear(nn.Module):
         if n == 0:
             return
         d_in = self.in_features
-        dev, dt = self.weight.device, self._dtype
+        dev, dt = self.weight.device, self._adapter_dtype()
 
         def grow(p: Optional[nn.Parameter], fresh: Tensor) -> nn.Parameter:
             # A layer built with num_users=0 has no bank yet: the first users create it.
