@@ -646,7 +646,10 @@ def mixture_fwd(
     z_out = None
     if T == 0:
         return y, x.new_empty(0, KR, dtype=f32), x.new_empty(0, r_u_out, dtype=f32), g
-    atomic = cfg.split_k > 1
+    # Split-K (decode) adds d_in slices into zeroed buffers and leaves the gates to the
+    # expand kernel. With d_out = 0 no expand program runs: the shrink then keeps the
+    # whole d_in and finishes the gates itself.
+    atomic = cfg.split_k > 1 and d_out > 0
     gates_in_shrink = has_e and not atomic
     alloc = torch.zeros if atomic else torch.empty
     h = alloc(T, KR, device=dev, dtype=f32)
@@ -673,10 +676,8 @@ def mixture_fwd(
     if has_e or r_u:
         bk = cfg.shrink_block_k
         sbm = cfg.shrink_block_m or cfg.block_m
-        k_per_split = triton.cdiv(triton.cdiv(d_in, cfg.split_k), bk) * bk
-        split = triton.cdiv(d_in, k_per_split) if d_in else 1
-        if split > 1 and not atomic:
-            raise ValueError("config.split_k > 1 needs zeroed buffers: set through fwd_config")
+        k_per_split = triton.cdiv(triton.cdiv(d_in, cfg.split_k if atomic else 1), bk) * bk
+        split = triton.cdiv(d_in, k_per_split) if d_in else 1  # 1 unless atomic
         grid = (triton.cdiv(T, sbm), split)
         _mixture_shrink_kernel[grid](
             x, ptr(A_cat), ptr(router_weight), user_A if r_u else dummy, order_t, uid_t, ptr(c_t), ptr(v_t),
