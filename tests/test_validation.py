@@ -111,3 +111,14 @@ def test_plan_must_be_a_routing_plan():
     ids = good()["user_ids"]
     with pytest.raises(TypeError, match=r"plan must be a RoutingPlan .*pk\.plan\(user_ids, num_users\).*Tensor"):
         call(plan=ids)
+
+
+def test_bad_backend_rejected_on_empty_batch_too(monkeypatch):
+    empty = dict(x=torch.randn(0, D_IN), user_ids=torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        call(backend="fast", **empty)
+    monkeypatch.setenv("PROPER_KERNELS_BACKEND", "fast")
+    with pytest.raises(ValueError, match=r"PROPER_KERNELS_BACKEND.*'fast'"):
+        call(**empty)
+    with pytest.raises(ValueError, match=r"PROPER_KERNELS_BACKEND.*'fast'"):
+        call()

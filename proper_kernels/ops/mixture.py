@@ -72,6 +72,18 @@ def _needs_grad(tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _requested_backend(requested: Optional[str]) -> str:
+    """The backend asked for: ``requested``, else $PROPER_KERNELS_BACKEND, else "auto"; checked."""
+    if requested:
+        source = "backend"
+    else:
+        requested = os.environ.get("PROPER_KERNELS_BACKEND") or "auto"
+        source = "backend (from $PROPER_KERNELS_BACKEND)"
+    if requested not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {requested!r}")
+    return requested
+
+
 def choose_backend(x: Tensor, spec: MixtureSpec, requested: Optional[str], tensors=()) -> str:
     """The one place that picks a backend.
 
@@ -81,9 +93,7 @@ def choose_backend(x: Tensor, spec: MixtureSpec, requested: Optional[str], tenso
     CPU under TRITON_INTERPRET=1, except for bfloat16 tensors, which the interpreter
     gets wrong), the reference otherwise.
     """
-    requested = requested or os.environ.get("PROPER_KERNELS_BACKEND") or "auto"
-    if requested not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
+    requested = _requested_backend(requested)
     if requested == "reference":
         return "reference"
     if requested == "triton":
@@ -187,8 +197,9 @@ def lora_mixture(
         top_k = None  # keeping all K logits is the dense softmax
 
     params = (x, weight, bias, expert_A, expert_B, router_weight, user_logit_bias, user_A, user_B, user_router)
-    which = choose_backend(x, spec, backend, params) if spec.T > 0 else "reference"
-    if which == "cuda" and (backend or os.environ.get("PROPER_KERNELS_BACKEND") or "auto") == "auto":
+    requested = _requested_backend(backend)  # checked even when T = 0 runs the reference
+    which = choose_backend(x, spec, requested, params) if spec.T > 0 else "reference"
+    if which == "cuda" and requested == "auto":
         # auto only: a case the decode kernel does not cover (mixed dtypes, fp64, strided
         # parameters, K > 64, ...) falls back instead of raising.
         why = cuda_decode.unsupported_reason(
