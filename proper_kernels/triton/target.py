@@ -57,8 +57,10 @@ def device_arch(device: torch.device) -> int:
 
 def max_shared_memory(arch: int) -> int:
     """Opt-in shared memory per block (bytes) of compute capability ``arch``."""
+    if arch // 10 == 12:
+        return 99 * 1024  # sm_120 / sm_121 (RTX 50xx, RTX PRO 6000, GB10): 101376 B, as sm_86 / sm_89
     if arch >= 90:
-        return 227 * 1024  # sm_90 (and the sm_100 class)
+        return 227 * 1024  # sm_90 and the sm_100 class
     if arch in (80, 87):
         return 163 * 1024
     if arch >= 86:
