@@ -104,3 +104,15 @@ def test_add_users_after_casting_the_model_keeps_one_dtype(dtype):
     assert set(dtypes.values()) == {dtype}, {n: d for n, d in dtypes.items() if d != dtype}
     ids = torch.tensor(rand_seqs([5, 5]))
     pm(input_ids=ids, labels=ids, user_ids=[0, 1]).loss.backward()
+
+
+# ---------------------------------------------------------------------- user subsets
+def test_load_users_refuses_another_user_scale(tmp_path):
+    pm, _ = trained_user_model()
+    pm.save_pretrained(tmp_path, users=[1])
+    other, _ = trained_user_model(user_alpha=8.0)  # same ranks, another s_u: the rows mean something else
+    before = other.get_user_state([3])
+    with pytest.raises(ValueError, match="user_alpha"):
+        other.load_users(tmp_path, at=[3])
+    after = other.get_user_state([3])
+    assert all(torch.equal(after[k], v) for k, v in before.items())

@@ -609,7 +609,9 @@ class ProperModel(nn.Module):
     def load_users(self, directory: str, at: Optional[UserIds] = None) -> List[int]:
         """Load a user subset saved with ``save_pretrained(dir, users=[...])`` into
         this bank at ids ``at`` (default: the saved ids). Grow the bank with
-        :meth:`add_users` first when the ids do not exist yet. Returns the ids."""
+        :meth:`add_users` first when the ids do not exist yet. The saved user rank and
+        scale (``user_rank``, ``user_alpha``), ``user_embed_dim``, ``user_router``,
+        ``num_experts`` and targets must be this model's. Returns the ids."""
         meta, tensors = self._read(directory)
         saved = meta.get("users")
         if saved is None:
@@ -619,7 +621,7 @@ class ProperModel(nn.Module):
             raise ValueError(f"{directory} holds {len(saved)} users but {len(at)} target ids were given")
         cfg = ProperConfig.from_dict(meta["config"])
         mine = self.proper_config
-        for f in ("user_rank", "user_embed_dim", "num_experts", "target_modules"):
+        for f in ("user_rank", "user_alpha", "user_embed_dim", "user_router", "num_experts", "target_modules"):
             if getattr(cfg, f) != getattr(mine, f):
                 raise ValueError(f"{directory}: {f}={getattr(cfg, f)!r} does not match this model's {getattr(mine, f)!r}")
         self.set_user_state(tensors, at)
