@@ -76,3 +76,13 @@ def test_bad_ids():
         pk.plan(torch.tensor([0.0, 1.0]), 4)
     with pytest.raises(ValueError, match="num_users"):
         pk.plan(torch.tensor([0]), -1)
+
+
+def test_num_users_type():
+    ids = torch.tensor([0, 1, -1])
+    with pytest.raises(ValueError, match="num_users must be a non-negative int"):
+        pk.plan(ids, True)  # a bool is not a bank size
+    with pytest.raises(ValueError, match="num_users must be a non-negative int"):
+        pk.plan(ids, 4.0)
+    p = pk.plan(ids, torch.tensor(4).numpy()[()])  # a numpy integer is an integer
+    assert p.num_users == 4 and type(p.num_users) is int

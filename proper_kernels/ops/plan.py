@@ -10,6 +10,7 @@ valid, e.g. under CUDA-graph capture); ``active_users`` syncs lazily on first us
 """
 from __future__ import annotations
 
+import numbers
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -38,8 +39,9 @@ class RoutingPlan:
             raise TypeError(f"user_ids must be a torch.Tensor, got {type(user_ids).__name__}")
         if user_ids.dtype.is_floating_point or user_ids.dtype.is_complex or user_ids.dtype == torch.bool:
             raise TypeError(f"user_ids must be an integer tensor, got dtype {user_ids.dtype}")
-        if not isinstance(num_users, int) or num_users < 0:
+        if isinstance(num_users, bool) or not isinstance(num_users, numbers.Integral) or num_users < 0:
             raise ValueError(f"num_users must be a non-negative int, got {num_users!r}")
+        num_users = int(num_users)
         ids = user_ids.reshape(-1)
         if check and ids.numel() > 0:
             lo, hi = int(ids.min()), int(ids.max())
