@@ -40,3 +40,29 @@ def test_forced_triton_bf16_under_interpreter_raises():
     x, w, b, kw = _bf16_case()
     with pytest.raises(RuntimeError, match="backend='triton'.*bfloat16"):
         pk.lora_mixture(x, w, b, backend="triton", **kw)
+
+
+def _backends():
+    return [b for b in ("reference", "triton") if b in pk.available_backends("cpu")]
+
+
+@pytest.mark.parametrize("x_dtype,p_dtype", [(torch.float16, torch.float32), (torch.float32, torch.float16),
+                                             (torch.float64, torch.float64)])
+def test_dtype_policy_is_the_same_on_every_backend(x_dtype, p_dtype):
+    """Compute dtype follows x; y in x.dtype, gates in the compute dtype, grads in each tensor's dtype."""
+    m = make_mixture_inputs(5, 16, 12, K=3, r=2, r_u=2, N=3, dtype=p_dtype)
+    x = m.pop("x").to(x_dtype)
+    w, b = m.pop("weight"), m.pop("bias")
+    cd = torch.float64 if x_dtype == torch.float64 else torch.float32
+    out = {}
+    for be in _backends():
+        P = {k: (v.clone().requires_grad_() if torch.is_tensor(v) and v.is_floating_point() else v)
+             for k, v in m.items()}
+        xx = x.clone().requires_grad_()
+        y, g = pk.lora_mixture(xx, w, b, backend=be, return_gates=True, **P)
+        assert y.dtype == x_dtype and g.dtype == cd, be
+        y.float().square().sum().backward()
+        assert xx.grad.dtype == x_dtype and P["user_A"].grad.dtype == p_dtype, be
+        out[be] = (y.float(), g, P["user_A"].grad.float())
+    for a, c in zip(*out.values()) if len(out) == 2 else ():
+        torch.testing.assert_close(a, c, rtol=2e-2, atol=2e-2)

@@ -166,13 +166,16 @@ def lora_mixture(
         plan:            a :class:`RoutingPlan` of user_ids, built once per batch and
                          shared by all layers (built here when omitted). When both are
                          given the plan's ids are used (its range was checked once).
-        return_gates:    also return the gates g [..., K] (float32; None without experts).
+        return_gates:    also return the gates g [..., K] (in the compute dtype: float32,
+                         float64 for float64 x; None without experts).
         backend:         "auto", "reference", "triton" or "cuda"; None (default) reads
                          $PROPER_KERNELS_BACKEND, else "auto".
 
     Returns:
-        y [..., d_out] in x.dtype, or (y, gates) when return_gates. Accumulation is in
-        float32 (float64 for float64 inputs) whatever the input dtype. With experts but
+        y [..., d_out] in x.dtype, or (y, gates) when return_gates. The compute dtype
+        follows x alone: float32 (float64 when x is float64). Parameters may have any
+        floating dtype, also one other than x's; they are converted to the compute
+        dtype, and each gradient comes back in its own tensor's dtype. With experts but
         no router input the gates are uniform, 1/K. Differentiable in every tensor.
     """
     spec = check_mixture_args(
