@@ -116,3 +116,18 @@ def test_load_users_refuses_another_user_scale(tmp_path):
         other.load_users(tmp_path, at=[3])
     after = other.get_user_state([3])
     assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_set_user_state_writes_nothing_when_it_refuses():
+    pm, _ = trained_user_model()
+    before = pm.get_user_state([0, 1])
+    bad = {k: torch.zeros_like(v) for k, v in before.items()}
+    last = list(bad)[-1]
+    bad[last] = bad[last][:, :1]  # the last tensor has a wrong shape
+    with pytest.raises(ValueError, match="expected"):
+        pm.set_user_state(bad, [0, 1])
+    del bad[last]
+    with pytest.raises(KeyError, match="lacks"):
+        pm.set_user_state(bad, [0, 1])
+    after = pm.get_user_state([0, 1])
+    assert all(torch.equal(after[k], v) for k, v in before.items())

@@ -267,26 +267,28 @@ class ProperModel(nn.Module):
 
     @torch.no_grad()
     def set_user_state(self, state: Dict[str, Tensor], users: UserIds) -> None:
-        """Write rows from :meth:`get_user_state` into the bank at ids ``users``."""
+        """Write rows from :meth:`get_user_state` into the bank at ids ``users``.
+        Everything is checked first: on an error nothing is written."""
         idx = self._user_index(users)
-        expected = set()
+        writes = []
         for name, layer in self.adapted_layers():
             for pname in USER_PARAMS:
                 p = getattr(layer, pname)
                 if p is None:
                     continue
                 key = f"{name}.{pname}"
-                expected.add(key)
                 if key not in state:
                     raise KeyError(f"user state lacks {key!r}")
                 src = state[key]
                 if src.shape[0] != idx.numel() or tuple(src.shape[1:]) != tuple(p.shape[1:]):
                     raise ValueError(f"{key}: got shape {list(src.shape)}, expected [{idx.numel()}, "
                                      f"{', '.join(map(str, p.shape[1:]))}] (ranks/dims must match the bank)")
-                p[idx.to(p.device)] = src.to(device=p.device, dtype=p.dtype)
-        extra = sorted(set(state) - expected)
+                writes.append((key, p, src))
+        extra = sorted(set(state) - {key for key, _, _ in writes})
         if extra:
             raise ValueError(f"user state has entries this model does not have: {extra[:4]}")
+        for _, p, src in writes:
+            p[idx.to(p.device)] = src.to(device=p.device, dtype=p.dtype)
 
     def freeze_users(self, users: UserIds, state: Optional[Dict[str, Tensor]] = None) -> None:
         """Per-user early stopping: pin the parameters of ``users``.
