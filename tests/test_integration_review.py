@@ -131,3 +131,37 @@ def test_set_user_state_writes_nothing_when_it_refuses():
         pm.set_user_state(bad, [0, 1])
     after = pm.get_user_state([0, 1])
     assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+# ---------------------------------------------------------------------- PEFT population scale
+def _peft_dir(orig, path, r, alpha, modules, rslora):
+    peft = pytest.importorskip("peft")
+    lcfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=modules, lora_dropout=0.0, task_type="CAUSAL_LM",
+                           use_rslora=rslora)
+    model = peft.get_peft_model(copy.deepcopy(orig), lcfg)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model.save_pretrained(path)
+    return model.eval()
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_peft_population_import_survives_save_load_bit_exact(tmp_path, merged):
+    # r = 5, alpha = 8, rslora: s = 8 / sqrt(5), and (s * 5) / 5 != s in floating point.
+    orig = tiny_model()
+    _peft_dir(orig, tmp_path / "peft", 5, 8, ["up_proj"], True)
+    pm = get_proper_model(copy.deepcopy(orig), config(population_rank=5))
+    pm.set_stage("population")
+    pm.load_peft_adapter(tmp_path / "peft")
+    randomize_population(pm, seed=9)  # train on: every layer's population LoRA, the untouched ones too
+    if merged:
+        pm.set_stage("group")
+    ids = torch.tensor(rand_seqs([7, 7]))
+    users = [0, 1] if merged else None
+    pm.save_pretrained(tmp_path / "ckpt")
+    pm2 = ProperModel.from_pretrained(copy.deepcopy(orig), tmp_path / "ckpt")
+    with torch.no_grad():
+        assert torch.equal(pm2(input_ids=ids, user_ids=users).logits, pm(input_ids=ids, user_ids=users).logits)

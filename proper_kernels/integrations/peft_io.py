@@ -117,12 +117,12 @@ def load_peft_adapter(pm: "ProperModel", peft_dir: str, *, user: Optional[int] =
             raise ValueError(f"{name}: PEFT shapes A{list(A.shape)} B{list(B.shape)} do not fit a "
                              f"{layer.in_features}->{layer.out_features} linear at rank {r}")
         if user is None:
+            layer.population_scale = s_peft  # every layer: the untouched ones may train on
             if A is None:
                 layer.population_B.zero_()
                 continue
             layer.population_A.copy_(A)
             layer.population_B.copy_(B)
-            layer.population_scale = s_peft
         else:
             if A is None:
                 layer.user_B[uid].zero_()
