@@ -169,16 +169,16 @@ def _(dy, x, h, z, g, dg, weight, expert_A, expert_B, router_weight, user_ids, o
     N = seg_offsets.shape[0] - 2 if seg_offsets is not None else None
     shapes = _grad_shapes(x, weight, expert_A, router_weight, user_A, user_B, user_router, d_out, N, K)
     out = []
-    for i, (need, shape, applies) in enumerate(zip(needs, shapes, _applies(weight, expert_A, router_weight, user_A, user_router, K))):
+    for i, (need, shape, applies) in enumerate(zip(needs, shapes, _applies(weight, expert_A, router_weight, user_A, user_router))):
         dt = x.dtype if i == 0 else cd  # dx comes back in x.dtype
         out.append(x.new_empty(shape if (need and applies and shape is not None) else (0,), dtype=dt))
     return out
 
 
-def _applies(weight, expert_A, router_weight, user_A, user_router, K):
+def _applies(weight, expert_A, router_weight, user_A, user_router):
     """Which of the 10 gradients the layer has (the backward returns None for others)."""
     has_e = expert_A is not None
-    return [True, weight is not None, True, has_e, has_e, router_weight is not None, has_e and K > 0,
+    return [True, weight is not None, True, has_e, has_e, router_weight is not None, has_e,
             user_A is not None, user_A is not None, user_router is not None]
 
 
@@ -263,11 +263,10 @@ def lora_mixture_fused(
     """The kernel path of ``lora_mixture`` on validated 2-D inputs; returns (y, gates)."""
     if plan is not None:
         user_ids, order, seg_offsets = plan.user_ids, plan.order, plan.seg_offsets
-    elif user_ids is not None:
-        # Only the base/expert parts are present: no user is indexed, the ids do not matter.
-        user_ids, order, seg_offsets = None, None, None
     else:
-        order = seg_offsets = None
+        # No plan means no user-indexed tensor (lora_mixture builds one for those): the
+        # ids, if any, do not matter.
+        user_ids = order = seg_offsets = None
     x = x.contiguous()
     y, g = LoraMixtureFunction.apply(
         x, weight, bias, expert_A, expert_B, router_weight, user_logit_bias, user_A, user_B,

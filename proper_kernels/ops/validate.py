@@ -91,7 +91,7 @@ def check_mixture_args(
         "user_A": user_A, "user_B": user_B, "user_router": user_router,
     }
     for name, t in named.items():
-        if t is not None and isinstance(t, Tensor) and t.device != x.device:
+        if isinstance(t, Tensor) and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all tensors must share x's device")
 
     # Base linear.
@@ -201,9 +201,8 @@ def check_mixture_args(
     elif user_ids is not None and T > 0:
         # One host sync; a plan built once per batch carries this check for every layer.
         lo, hi = int(user_ids.min()), int(user_ids.max())
-        upper = N if N is not None else None
-        if lo < -1 or (upper is not None and hi >= upper):
-            rng = f"[-1, {upper})" if upper is not None else "[-1, inf)"
+        if lo < -1 or (N is not None and hi >= N):
+            rng = f"[-1, {N})" if N is not None else "[-1, inf)"
             raise ValueError(f"user_ids must lie in {rng} (N = number of users), got values in [{lo}, {hi}]")
 
     if top_k is not None:

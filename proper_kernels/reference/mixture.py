@@ -53,15 +53,6 @@ def gates_from_logits(logits: Tensor, top_k: Optional[int]) -> Tensor:
     return torch.softmax(masked, dim=-1)
 
 
-def _num_experts(expert_A, router_weight, user_logit_bias, user_router) -> int:
-    if expert_A is not None:
-        return expert_A.shape[0]
-    for t, dim in ((router_weight, 0), (user_logit_bias, 1), (user_router, 1)):
-        if t is not None:
-            return t.shape[dim]
-    return 0
-
-
 def _check_user_ids(user_ids, *user_tensors) -> None:
     if user_ids is None and any(t is not None for t in user_tensors):
         raise ValueError("user-indexed tensors (user_logit_bias/user_A/user_B/user_router) were given: "
@@ -134,7 +125,7 @@ def lora_mixture_ref(
         # z_t = A_u x_t per token; tokens without a user get zeros.
         z = _per_user_matvec(user_A.to(cd), xc, safe, vmask)
 
-    K = _num_experts(expert_A, router_weight, user_logit_bias, user_router)
+    K = expert_A.shape[0] if expert_A is not None else 0  # the gates exist only with experts
     gates = None
     if expert_A is not None:
         logits = xc.new_zeros(T, K)
@@ -184,7 +175,7 @@ def lora_mixture_ref_loop(
     T = x.shape[0]
     if d_out is None:
         d_out = _infer_d_out(weight, bias, expert_B, user_B)
-    K = _num_experts(expert_A, router_weight, user_logit_bias, user_router)
+    K = expert_A.shape[0] if expert_A is not None else 0  # the gates exist only with experts
     ids = user_ids.long() if user_ids is not None else torch.full((T,), -1, device=x.device)
 
     rows, gate_rows = [None] * T, [None] * T
