@@ -165,3 +165,13 @@ def test_peft_population_import_survives_save_load_bit_exact(tmp_path, merged):
     pm2 = ProperModel.from_pretrained(copy.deepcopy(orig), tmp_path / "ckpt")
     with torch.no_grad():
         assert torch.equal(pm2(input_ids=ids, user_ids=users).logits, pm(input_ids=ids, user_ids=users).logits)
+
+
+def test_aux_loss_added_to_tuple_outputs_too():
+    pm, _ = trained_user_model()
+    pm.set_stage("group")
+    ids = torch.tensor(rand_seqs([8, 8]))
+    with torch.no_grad():
+        as_dict = pm(input_ids=ids, labels=ids, user_ids=[0, 1]).loss
+        as_tuple = pm(input_ids=ids, labels=ids, user_ids=[0, 1], return_dict=False)[0]
+    assert torch.equal(as_tuple, as_dict)

@@ -450,9 +450,13 @@ class ProperModel(nn.Module):
             cfg = self.proper_config
             add_aux = self.stage == "group" or (self.stage == "user" and cfg.aux_in_user_stage)
             if labels is not None and add_aux and (cfg.balance_weight or cfg.diversity_weight):
-                loss = getattr(out, "loss", None)
-                if loss is not None:
-                    out.loss = loss + self.aux_loss(attention_mask).to(loss.device, loss.dtype)
+                if isinstance(out, tuple):  # return_dict=False: (loss, logits, ...)
+                    if out and isinstance(out[0], Tensor) and out[0].dim() == 0:
+                        out = (out[0] + self.aux_loss(attention_mask).to(out[0].device, out[0].dtype),) + out[1:]
+                else:
+                    loss = getattr(out, "loss", None)
+                    if loss is not None:
+                        out.loss = loss + self.aux_loss(attention_mask).to(loss.device, loss.dtype)
             # Under gradient checkpointing the backward re-runs the layers: they need
             # the routing then, so it stays until the next call (or clear_routing()).
             keep = self._gc_active()
