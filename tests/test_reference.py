@@ -288,3 +288,14 @@ def test_users_without_tokens_get_exactly_zero_grads():
         grads = torch.autograd.grad(y.square().sum() + balance_loss(g), [P[k] for k in names])
         for k, gr in zip(names, grads):
             assert gr[[1, 3, 4]].abs().max().item() == 0.0, k
+
+
+def test_aux_losses_keep_float64_for_gradcheck():
+    g = torch.softmax(torch.randn(6, 4, dtype=torch.float64), -1).requires_grad_()
+    assert balance_loss(g).dtype == torch.float64
+    assert torch.autograd.gradcheck(balance_loss, (g,))
+    A = torch.randn(3, 2, 5, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(3, 4, 2, dtype=torch.float64, requires_grad=True)
+    assert diversity_loss(A, B).dtype == torch.float64
+    assert torch.autograd.gradcheck(diversity_loss, (A, B))
+    assert balance_loss(g.detach().half()).dtype == torch.float32  # low precision still sums in fp32

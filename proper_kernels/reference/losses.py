@@ -6,6 +6,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .mixture import compute_dtype
+
 __all__ = ["balance_loss", "diversity_loss"]
 
 
@@ -23,7 +25,8 @@ def balance_loss(gates: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     """
     if gates.dim() < 1:
         raise ValueError(f"gates must be [..., K], got shape {list(gates.shape)}")
-    g = gates.reshape(-1, gates.shape[-1]).float()
+    g = gates.reshape(-1, gates.shape[-1])
+    g = g.to(compute_dtype(g.dtype))  # fp32 sums; fp64 stays fp64 (gradcheck)
     if mask is not None:
         if tuple(mask.shape) != tuple(gates.shape[:-1]):
             raise ValueError(f"mask must have shape {list(gates.shape[:-1])}, got {list(mask.shape)}")
@@ -38,7 +41,7 @@ def balance_loss(gates: Tensor, mask: Optional[Tensor] = None) -> Tensor:
 def _pairwise_overlap(M: Tensor) -> Tensor:
     """M [K, a, b]: mean over k != l of ||M_k M_l^T||_F^2 with each M_k of unit Frobenius norm."""
     K = M.shape[0]
-    Mf = M.float()
+    Mf = M.to(compute_dtype(M.dtype))
     Mn = Mf / Mf.flatten(1).norm(dim=1).clamp_min(1e-12).view(K, 1, 1)
     flat = Mn.reshape(K * Mn.shape[1], -1)
     gram = (flat @ flat.t()).reshape(K, Mn.shape[1], K, Mn.shape[1])
