@@ -217,12 +217,20 @@ def output_names(case: Case, layers, work: str) -> List[str]:
     return names
 
 
+# The floor of the refcheck tolerance in units of eps(dtype) * max(|ref|, 1) (Oracle).
+TOL_EPS = 4
+
+
 class Oracle:
     """The fp32 reference outputs of a case and the error of the same-dtype plain
     PyTorch computation (the ``loop`` provider in the benchmark dtype), per work kind.
 
-    Tolerance (flash-attention's criterion): a provider passes when, for each output
-    tensor, max|out - ref| <= 3 * max|loop_in_dtype - ref| + 64 eps(dtype) max(|ref|, 1).
+    Tolerance (after flash-attention's criterion: a multiple of the error of the plain
+    computation in the same dtype): a provider passes when, for each output tensor,
+    max|out - ref| <= 3 * max|loop_in_dtype - ref| + TOL_EPS eps(dtype) max(|ref|, 1).
+    The eps term is only a floor for outputs the same-dtype computation gets (nearly)
+    exactly right; it must stay a few ulps: at 64 eps it was half of max|y| in bf16,
+    and a provider that left out the whole expert mixture passed.
     """
 
     def __init__(self, case, layers, x, ids, pl, dy):
@@ -261,7 +269,7 @@ class Oracle:
             if r.numel() == 0:
                 continue
             err = float((o.detach().float() - r).abs().max())
-            tol = 3.0 * be + 64 * eps * max(float(r.abs().max()), 1.0)
+            tol = 3.0 * be + TOL_EPS * eps * max(float(r.abs().max()), 1.0)
             if not math.isfinite(err) or err > tol:
                 return False, err, tol, f"{name}: max err {err:.3g} > tol {tol:.3g}"
             if err / tol >= (worst[0] / worst[1] if worst[1] else -1):
@@ -550,7 +558,8 @@ def run(args) -> int:
         + f"  commit={env['git_commit'] or '-'}" + threads_note,
         f"measured ceilings: copy {ceiling.bandwidth / 1e9:.1f} GB/s; GEMM "
         + ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" for k, v in ceiling.gemm_rate.items()),
-        f"refcheck: {'on (fp32 reference; tol = 3x same-dtype torch error + 64 eps)' if args.refcheck else 'off'}",
+        "refcheck: " + (f"on (fp32 reference; tol = 3x same-dtype torch error + {TOL_EPS} eps max|ref|)"
+                        if args.refcheck else "off"),
     ]
     header = "\n".join(header_lines)
     print(header, flush=True)
