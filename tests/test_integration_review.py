@@ -175,3 +175,12 @@ def test_aux_loss_added_to_tuple_outputs_too():
         as_dict = pm(input_ids=ids, labels=ids, user_ids=[0, 1]).loss
         as_tuple = pm(input_ids=ids, labels=ids, user_ids=[0, 1], return_dict=False)[0]
     assert torch.equal(as_tuple, as_dict)
+
+
+def test_user_ids_scalar_gives_a_clear_error():
+    pm, _ = trained_user_model()
+    ids = torch.tensor(rand_seqs([5]))
+    for call in (lambda: pm(input_ids=ids, user_ids=3),
+                 lambda: pm.generate(ids, user_ids=3, max_new_tokens=1, pad_token_id=0)):
+        with pytest.raises((TypeError, ValueError), match="user_ids"):
+            call()

@@ -360,7 +360,14 @@ class ProperModel(nn.Module):
                 raise ValueError(f"stage {self.stage!r} has user parameters: pass user_ids (one id per row, "
                                  f"{batch} here; -1 = no user)")
             return None
-        ids = user_ids if isinstance(user_ids, Tensor) else torch.as_tensor(list(user_ids))
+        if isinstance(user_ids, Tensor):
+            ids = user_ids
+        else:
+            try:
+                ids = torch.as_tensor(list(user_ids))
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise TypeError(f"user_ids must be an int tensor [batch] or a sequence of ints, one per row "
+                                f"(-1 = no user), got {type(user_ids).__name__}: {user_ids!r}") from e
         if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.dtype.is_complex:
             raise TypeError(f"user_ids must be integers, got dtype {ids.dtype}")
         if ids.dim() != 1:
