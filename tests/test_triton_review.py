@@ -66,3 +66,59 @@ def test_max_shared_memory_table():
     assert max_shared_memory(100) == 227 * kb
     # Consumer / workstation Blackwell (RTX 50xx, RTX PRO 6000): 101376 B, like sm_86 / sm_89.
     assert max_shared_memory(120) == 99 * kb and max_shared_memory(121) == 99 * kb
+
+
+class _Fp32FloatArgs:
+    """Launches a kernel as compiled Triton does: every Python float argument is
+    rounded to fp32 (the interpreter keeps it in fp64)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            args = [float(torch.tensor(a, dtype=torch.float32)) if isinstance(a, float) else a for a in args]
+            return self.fn[grid](*args, **kw)
+        return launch
+
+
+@interp
+@pytest.mark.parametrize("split", [False, True], ids=["one_pass", "split_T"])
+def test_fp64_backward_keeps_fp64_scales(split, monkeypatch):
+    """fp64 gradients with scales that fp32 cannot hold (0.1, 0.3): a compiled kernel
+    gets float arguments as fp32, so e = s_g B^T dy, dz = s_u B_u^T dy and dB_u were off
+    by ~1e-8 relative (fp32 scale) instead of fp64 round-off."""
+    from proper_kernels.reference.rankspace import mixture_bwd_ref
+    from proper_kernels.triton import mixture_bwd as MB
+
+    for name in ("_mixture_bwd_rank_kernel", "_seg_xty_kernel"):
+        monkeypatch.setattr(MB, name, _Fp32FloatArgs(getattr(MB, name)))
+    if split:
+        real = MB._configs
+
+        def small_split(*a, **kw):
+            cfg = real(*a, **kw)
+            for k in ("xty_small_m", "xty_large_m"):
+                cfg[k] = dict(cfg[k], BLOCK_T=16, SPLIT_T=16)
+            return cfg
+
+        monkeypatch.setattr(MB, "_configs", small_split)
+    a = {k: (v.double() if v.is_floating_point() else v) for k, v in _gen_case(37, 20, 18, 3, 2, 4, 3).items()}
+    if split:
+        a["user_ids"] = torch.where(torch.arange(37) % 5 == 0, -1, 2)  # one user, 29 tokens: 2 chunks
+    s_g, s_u = 0.1, 0.3
+    args = (a["x"], a["weight"], None, a["expert_A"], a["expert_B"], a["router_weight"], a["user_ids"],
+            a["user_logit_bias"], a["user_A"], a["user_B"], a["user_router"], s_g, s_u, None, 18)
+    _, h, z, g = mixture_fwd_ref(*args)
+    dy = torch.randn(37, 18, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    plan = RoutingPlan(a["user_ids"], 4)
+    needs = (True,) * 10
+    common = (dy, a["x"], h, z, g, a["weight"], a["expert_A"], a["expert_B"], a["router_weight"])
+    out = MB.mixture_bwd(*common, plan.user_ids, plan.order, plan.seg_offsets, a["user_A"], a["user_B"],
+                         a["user_router"], s_g, s_u, needs)
+    ref = mixture_bwd_ref(*common, a["user_ids"], a["user_A"], a["user_B"], a["user_router"], s_g, s_u, needs,
+                          num_users=4)
+    for name, o, rf in zip(("dx", "dW0", "db", "dA_g", "dB_g", "dW_r", "dc", "dA_u", "dB_u", "dV"), out, ref):
+        assert o.dtype == torch.float64, name
+        err = ((o - rf).abs().max() / rf.abs().max()).item()
+        assert err <= 1e-12, f"{name}: relative error {err:.3g}"

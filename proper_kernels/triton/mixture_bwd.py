@@ -38,6 +38,7 @@ measured (no GPU where this was written). They are plain constants in one place.
 """
 from __future__ import annotations
 
+import struct
 from typing import Optional, Tuple
 
 import torch
@@ -64,6 +65,15 @@ def _tokens_at(ORDER, pos, ok, HAS_ORDER: tl.constexpr):
 
 
 @triton.jit
+def _scale(acc, hi, lo, F64: tl.constexpr):
+    """acc * scale. A compiled kernel receives Python floats as fp32, so fp64 launches
+    pass the scale as two fp32 parts hi + lo (``_scale_parts``) and add both products."""
+    if F64:
+        return acc * hi + acc * lo
+    return acc * hi
+
+
+@triton.jit
 def _tile_rows(TILE_START, SEG, ORDER, pid, bucket, HAS_ORDER: tl.constexpr, BLOCK_M: tl.constexpr):
     """Rows of segment tile ``pid`` (of ``bucket``, tiles.segment_tiles): which of its
     BLOCK_M positions lie in the segment, and their token ids."""
@@ -75,7 +85,7 @@ def _tile_rows(TILE_START, SEG, ORDER, pid, bucket, HAS_ORDER: tl.constexpr, BLO
 @triton.jit
 def _mixture_bwd_rank_kernel(
     DY, H, G, DGX, BG, BU, V, CODE, TILE_BUCKET, TILE_START, ORDER, SEG,
-    d_out, K, R, RU, expert_scale, user_scale,
+    d_out, K, R, RU, expert_scale, expert_scale_lo, user_scale, user_scale_lo,
     stride_dyt, stride_dyn,
     stride_ht, stride_hc,
     stride_gt, stride_gk,
@@ -137,7 +147,7 @@ def _mixture_bwd_rank_kernel(
                 eu += tl.dot(dy, bu.to(dy.dtype), input_precision="ieee")
 
     if HAS_E:
-        e = e * expert_scale
+        e = _scale(e, expert_scale, expert_scale_lo, F64)
         hm = tl.load(H + tok[:, None] * stride_ht + (ck * R + cj)[None, :] * stride_hc,
                      mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         gk = tl.load(G + tok[:, None] * stride_gt + kk[None, :] * stride_gk,
@@ -158,7 +168,7 @@ def _mixture_bwd_rank_kernel(
             tl.store(CODE + tok[:, None] * stride_ct + (DL_OFF + kk)[None, :] * stride_cc, dl,
                      mask=row_ok[:, None] & (kk[None, :] < K))
     if WRITE_DZ:
-        dz = eu * user_scale
+        dz = _scale(eu, user_scale, user_scale_lo, F64)
         if HAS_V:
             vu = tl.load(V + user_safe * stride_vu + kk[:, None] * stride_vk + ju[None, :] * stride_vj,
                          mask=(kk[:, None] < K) & (ju[None, :] < ru_live), other=0.0)
@@ -237,7 +247,7 @@ def _mixture_bwd_dx_kernel(
 
 @triton.jit
 def _seg_xty_kernel(
-    X, Y, OUT, ORDER, SEG, WS, CHUNKS, WS_OFF, M, N, scale, chunk_t,
+    X, Y, OUT, ORDER, SEG, WS, CHUNKS, WS_OFF, M, N, scale, scale_lo, chunk_t,
     stride_xt, stride_xm, stride_yt, stride_yn, stride_ou, stride_om, stride_on,
     stride_wr, stride_wm, stride_wn, stride_ch,
     HAS_ORDER: tl.constexpr, Y_ONES: tl.constexpr, LOWP: tl.constexpr, F64: tl.constexpr, MODE: tl.constexpr,
@@ -274,7 +284,7 @@ def _seg_xty_kernel(
         for _ in range(r0, r1):
             acc += tl.load(ws_ptr, mask=out_mask, other=0.0)
             ws_ptr += stride_wr
-        acc = acc * scale
+        acc = _scale(acc, scale, scale_lo, F64)
         tl.store(OUT + user * stride_ou + m[:, None] * stride_om + n[None, :] * stride_on,
                  acc.to(OUT.dtype.element_ty), mask=out_mask)
     else:
@@ -310,11 +320,11 @@ def _seg_xty_kernel(
                 tl.store(WS + row.to(tl.int64) * stride_wr + m[:, None] * stride_wm + n[None, :] * stride_wn,
                          acc.to(WS.dtype.element_ty), mask=out_mask)
             else:  # the user's only chunk
-                acc = acc * scale
+                acc = _scale(acc, scale, scale_lo, F64)
                 tl.store(OUT + user * stride_ou + m[:, None] * stride_om + n[None, :] * stride_on,
                          acc.to(OUT.dtype.element_ty), mask=out_mask)
         else:
-            acc = acc * scale
+            acc = _scale(acc, scale, scale_lo, F64)
             tl.store(OUT + user * stride_ou + m[:, None] * stride_om + n[None, :] * stride_on,
                      acc.to(OUT.dtype.element_ty), mask=out_mask)
 
@@ -409,6 +419,19 @@ def _mm(a: Tensor, b: Tensor, dt: torch.dtype, out: torch.dtype) -> Tensor:
     return torch.mm(a.to(dt), b.to(dt)).to(out)
 
 
+def _scale_parts(s: float, f64: bool) -> Tuple[float, float]:
+    """(hi, lo) for ``_scale``: with f64, two fp32-exact floats whose sum is s to ~2^-48
+    relative (a compiled kernel rounds a float argument to fp32); else (s, 0.0)."""
+    s = float(s)
+    if not f64:
+        return s, 0.0
+    try:
+        hi = struct.unpack("f", struct.pack("f", s))[0]
+        return hi, struct.unpack("f", struct.pack("f", s - hi))[0]
+    except OverflowError:  # beyond fp32's range: nothing to split
+        return s, 0.0
+
+
 def _seg_xty(X: Tensor, Y: Optional[Tensor], out: Tensor, order: Tensor, seg: Tensor, scale: float,
              lowp: bool, cfg: dict, chunk_tables: Optional[dict] = None) -> Tensor:
     """out[u] = scale * X_seg(u)^T Y_seg(u) for every user u (out [N, M, Nn]); Y None: ones.
@@ -439,12 +462,13 @@ def _seg_xty(X: Tensor, Y: Optional[Tensor], out: Tensor, order: Tensor, seg: Te
     tiles_m, tiles_n = triton.cdiv(M, bm), triton.cdiv(Nn, bn)
     y_ones = Y is None
     Yt = X if y_ones else Y
+    sc = _scale_parts(scale, out.dtype == torch.float64)
     common = (X.stride(0), X.stride(1), Yt.stride(0), Yt.stride(1), out.stride(0), out.stride(1), out.stride(2))
     meta = dict(HAS_ORDER=True, Y_ONES=y_ones, LOWP=lowp, F64=out.dtype == torch.float64, BLOCK_T=bt,
                 BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
     if not split or T <= split:
         _seg_xty_kernel[(N_users, tiles_m, tiles_n)](
-            X, Yt, out, order, seg, out, seg, seg, M, Nn, float(scale), 0, *common, 0, 0, 0, 0, MODE=0, **meta)
+            X, Yt, out, order, seg, out, seg, seg, M, Nn, *sc, 0, *common, 0, 0, 0, 0, MODE=0, **meta)
         return out
     if split % bt:
         raise ValueError(f"SPLIT_T={split} is not a multiple of BLOCK_T={bt}")
@@ -458,10 +482,10 @@ def _seg_xty(X: Tensor, Y: Optional[Tensor], out: Tensor, order: Tensor, seg: Te
     ws_strides = (ws.stride(0), ws.stride(1), ws.stride(2), table.stride(0))
     if C > 0:
         _seg_xty_kernel[(C, tiles_m, tiles_n)](
-            X, Yt, out, order, seg, ws, table, ws_off, M, Nn, float(scale), split, *common, *ws_strides,
+            X, Yt, out, order, seg, ws, table, ws_off, M, Nn, *sc, split, *common, *ws_strides,
             MODE=1, **meta)
     _seg_xty_kernel[(N_users, tiles_m, tiles_n)](
-        X, Yt, out, order, seg, ws, table, ws_off, M, Nn, float(scale), split, *common, *ws_strides,
+        X, Yt, out, order, seg, ws, table, ws_off, M, Nn, *sc, split, *common, *ws_strides,
         MODE=2, **meta)
     return out
 
@@ -553,7 +577,8 @@ def mixture_bwd(
                 dg_ext if dg_ext is not None else code, eA,
                 user_B if has_bu else code, user_router if has_v else code, code,
                 tb, ts, order_arg, seg,
-                d_out, K, r, r_u, float(expert_scale), float(user_scale),
+                d_out, K, r, r_u, *_scale_parts(expert_scale, cd == torch.float64),
+                *_scale_parts(user_scale, cd == torch.float64),
                 dy.stride(0), dy.stride(1),
                 h.stride(0) if has_e else 0, h.stride(1) if has_e else 0,
                 g.stride(0) if has_e else 0, g.stride(1) if has_e else 0,
