@@ -44,3 +44,50 @@ def test_bf16_refcheck_catches_a_missing_term(monkeypatch, capsys, case, drop):
     out = capsys.readouterr().out
     assert rc == 1, out
     assert "refcheck failed: y: max err" in out
+
+
+# --------------------------------------------------------------------------- GPU timer
+def test_gpu_decode_graph_timing_flushes_l2(monkeypatch):
+    """Decode cases timed under CUDA graphs must see a cold L2 like every do_bench row:
+    one call captured in a graph, each replay timed by do_bench (which flushes L2
+    before each call), not do_bench_cudagraph (back-to-back replays, no flush: W0 of
+    a 4096x4096 projection stays in an H100's 50 MB L2 and the roofline % tops 100)."""
+    pytest.importorskip("triton")
+    import triton.testing as tt
+
+    import run
+    from presets import build_cases
+
+    calls = []
+
+    class FakeGraph:
+        def replay(self):
+            calls.append("replay")
+
+    def fake_do_bench(fn, warmup=25, rep=100, quantiles=None, **kw):
+        calls.append(("do_bench", fn))
+        fn()
+        return [1.0, 0.9, 1.1]
+
+    def no_graph_bench(*a, **k):
+        raise AssertionError("do_bench_cudagraph does not flush L2 between calls")
+
+    graph = FakeGraph()
+    monkeypatch.setattr(run, "_capture_graph", lambda fn: graph, raising=False)
+    monkeypatch.setattr(tt, "do_bench", fake_do_bench)
+    monkeypatch.setattr(tt, "do_bench_cudagraph", no_graph_bench)
+    case = [c for c in build_cases("cpu-small", ["decode"], None) if c.T == 16][0]
+    med, p20, p80, timer = run.time_fn(lambda: None, torch.device("cuda"), case, 10.0, graph_safe=True)
+    assert (med, p20, p80, timer) == (1.0, 0.9, 1.1, "cudagraph")
+    assert calls[0][0] == "do_bench" and calls[0][1] == graph.replay and calls[1] == "replay"
+
+    # capture fails (host syncs): plain do_bench of the step, timer "do_bench"
+    def broken(fn):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(run, "_capture_graph", broken)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    step = lambda: None  # noqa: E731
+    calls.clear()
+    assert run.time_fn(step, torch.device("cuda"), case, 10.0, graph_safe=True)[3] == "do_bench"
+    assert calls[0] == ("do_bench", step)
