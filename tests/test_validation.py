@@ -57,6 +57,19 @@ BAD = [
     (dict(user_ids=None), ValueError, "pass user_ids"),
     (dict(router_weight=torch.randn(K, D_IN).to(torch.device("meta"))), ValueError, "router_weight is on meta"),
     (dict(backend="fast"), ValueError, "backend must be one of"),
+    (dict(user_router=torch.randn(N + 1, K, RU)), ValueError, "user_router has 5 users"),
+    (dict(user_router=torch.randn(N, K + 1, RU)), ValueError, r"user_router must have shape \[N, K, r_u\]"),
+    (dict(user_A=torch.randn(N + 1, RU, D_IN), user_B=torch.randn(N + 1, D_OUT, RU)), ValueError,
+     "user_A has 5 users"),
+    (dict(user_B=torch.randn(N, D_OUT + 1, RU)), ValueError, r"user_B must have shape .*d_out = weight.shape\[0\]"),
+    (dict(user_A=torch.randn(N, RU + 1, D_IN)), ValueError, r"user_B must have shape .*r_u = user_A.shape\[1\]"),
+    (dict(expert_A=torch.randn(K, R + 1, D_IN)), ValueError, r"expert_B .*r = expert_A.shape\[1\]"),
+    (dict(expert_B=torch.randn(K, D_OUT)), ValueError, "expert_B must be 3-D"),
+    (dict(weight=torch.randn(D_OUT, D_IN).double()[None]), ValueError, "weight must be 2-D"),
+    (dict(user_ids=torch.tensor([0, 1, -1, 3, 3, 2]).to("meta")), ValueError, "user_ids is on meta"),
+    (dict(user_ids=torch.tensor([0, 1, -1, 3, 3, 2]).reshape(2, 3)), ValueError, r"user_ids must have shape \[6\]"),
+    (dict(top_k=True), ValueError, "top_k"),
+    (dict(expert_scale="2"), TypeError, "expert_scale must be a real number"),
 ]
 
 
