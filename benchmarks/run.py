@@ -426,6 +426,11 @@ def summary_table(rows: List[dict]) -> str:
     return "\n".join(out)
 
 
+def _json_value(v):
+    """NaN and infinities (a failed check's error) are not JSON: null instead."""
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
 def write_outputs(prefix: str, rows: List[dict], header: str, table: str) -> List[str]:
     for ext in (".csv", ".jsonl", ".txt", ".png"):
         if prefix.endswith(ext):
@@ -438,7 +443,7 @@ def write_outputs(prefix: str, rows: List[dict], header: str, table: str) -> Lis
             w.writerow({k: r.get(k, "") for k in COLUMNS})
     with open(prefix + ".jsonl", "w") as f:
         for r in rows:
-            f.write(json.dumps({k: r.get(k, "") for k in COLUMNS}) + "\n")
+            f.write(json.dumps({k: _json_value(r.get(k, "")) for k in COLUMNS}, allow_nan=False) + "\n")
     with open(prefix + ".txt", "w") as f:
         f.write(header + "\n\n" + table + "\n")
     return [prefix + ".csv", prefix + ".jsonl", prefix + ".txt"]

@@ -91,3 +91,35 @@ def test_gpu_decode_graph_timing_flushes_l2(monkeypatch):
     calls.clear()
     assert run.time_fn(step, torch.device("cuda"), case, 10.0, graph_safe=True)[3] == "do_bench"
     assert calls[0] == ("do_bench", step)
+
+
+# --------------------------------------------------------------------------- output files
+def _strict_json(line):
+    def bad(const):
+        raise ValueError(f"not JSON: {const}")
+    return json.loads(line, parse_constant=bad)
+
+
+@pytest.mark.parametrize("wrong", ["nan", "shape"])
+def test_jsonl_stays_valid_json_when_a_provider_fails(monkeypatch, tmp_path, wrong):
+    """A provider returning NaNs or the wrong shape fails the check with a NaN error;
+    the .jsonl must still be JSON (NaN is not), with null for the missing numbers."""
+    import providers
+    import run
+
+    class Wrong(providers.TorchProvider):
+        name = "torch"
+
+        def compose(self, case, layers, ids, plan):
+            fn = super().compose(case, layers, ids, plan)
+            if wrong == "nan":
+                return lambda x: fn(x) * float("nan")
+            return lambda x: fn(x)[:, :-1]
+
+    _patch_provider(monkeypatch, "torch", Wrong())
+    prefix = str(tmp_path / "r")
+    assert run.main(["--op", "decode", "--case", "3", "--providers", "torch", "--output", prefix,
+                     "--no-progress"]) == 1
+    rows = [_strict_json(line) for line in open(prefix + ".jsonl")]
+    assert len(rows) == 1 and rows[0]["status"].startswith("refcheck failed")
+    assert rows[0]["max_err"] is None or isinstance(rows[0]["max_err"], float)
