@@ -25,6 +25,7 @@ import importlib.metadata
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -55,7 +56,7 @@ COLUMNS = [
     "case", "op", "provider", "mode", "shape", "T", "d_in", "d_out", "d_ff", "K", "r", "r_u", "N", "users",
     "popularity", "dtype", "status", "refcheck", "max_err", "tol", "median_ms", "p20_ms", "p80_ms", "tflops",
     "gbps", "roofline_pct", "roofline_ms", "bytes", "flops", "tokens_per_s", "peak_mem_mb", "timer", "note",
-    "device", "gpu", "torch", "triton", "git_commit", "timestamp",
+    "device", "gpu", "torch", "triton", "git_commit", "timestamp", "command",
 ]
 
 
@@ -575,12 +576,14 @@ def run(args) -> int:
             threads_note = f" (load average {load:.1f} on {cores} cores: 1 thread; --threads overrides)"
         threads_note = f"  threads={torch.get_num_threads()}" + threads_note
     env = env_info(device)
+    env["command"] = "python benchmarks/run.py " + shlex.join(args.argv)
     t_start = time.perf_counter()
     ceiling = roofline.measure_device(device)
     header_lines = [
         f"proper-kernels benchmark  preset={preset}  dtype={dtype_name}  device={device}"
         + (f" ({env['gpu']})" if env["gpu"] else "") + f"  torch={env['torch']}  triton={env['triton'] or '-'}"
         + f"  commit={env['git_commit'] or '-'}" + threads_note,
+        f"command: {env['command']}",
         f"measured ceilings: copy {ceiling.bandwidth / 1e9:.1f} GB/s; GEMM "
         + ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" for k, v in ceiling.gemm_rate.items()),
         "refcheck: " + (f"on (fp32 reference; tol = 3x same-dtype torch error + {TOL_EPS} eps max|ref|)"

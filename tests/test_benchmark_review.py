@@ -123,3 +123,22 @@ def test_jsonl_stays_valid_json_when_a_provider_fails(monkeypatch, tmp_path, wro
     rows = [_strict_json(line) for line in open(prefix + ".jsonl")]
     assert len(rows) == 1 and rows[0]["status"].startswith("refcheck failed")
     assert rows[0]["max_err"] is None or isinstance(rows[0]["max_err"], float)
+
+
+def test_output_files_carry_the_command_line(tmp_path):
+    import csv
+
+    import run
+
+    prefix = str(tmp_path / "cmd")
+    argv = ["--op", "decode", "--case", "3", "--providers", "base", "--seed", "5", "--output", prefix,
+            "--no-progress", "--rep-ms", "2"]
+    assert run.main(argv) == 0
+    with open(prefix + ".csv") as f:
+        row = next(csv.DictReader(f))
+    jrow = _strict_json(open(prefix + ".jsonl").readline())
+    for r in (row, jrow):
+        assert r["command"].startswith("python benchmarks/run.py ") and "--case 3" in r["command"]
+        assert "--seed 5" in r["command"]
+    txt = open(prefix + ".txt").read()
+    assert "command: python benchmarks/run.py --op decode --case 3" in txt
