@@ -65,11 +65,13 @@ class UsageError(Exception):
 
 
 # --------------------------------------------------------------------------- arguments
-def _split(value: Optional[str]) -> Optional[List[str]]:
+def _split(value: Optional[str], flag: str) -> Optional[List[str]]:
     if value is None:
         return None
     items = [v.strip() for v in value.split(",") if v.strip()]
-    return items or None
+    if not items:
+        raise UsageError(f"{flag} {value!r} is an empty list (leave the flag out for the default)")
+    return items
 
 
 def _check_choices(kind: str, values: Optional[Sequence[str]], valid: Sequence[str]) -> None:
@@ -111,14 +113,22 @@ def parse_args(argv=None):
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.preset is not None and args.preset not in PRESETS:
         raise UsageError(f"unknown preset {args.preset!r}; valid presets: {', '.join(PRESETS)}")
-    args.ops = _split(args.op)
+    args.ops = _split(args.op, "--op")
     _check_choices("op", args.ops, OPS)
-    provs = _split(args.providers)
-    args.provider_list = list(ALL_PROVIDERS) if provs in (None, ["all"]) else provs
+    provs = _split(args.providers, "--providers")
+    args.provider_list = list(ALL_PROVIDERS) if provs == ["all"] else provs
     _check_choices("provider", args.provider_list, ALL_PROVIDERS)
-    laws = _split(args.popularity)
+    laws = _split(args.popularity, "--popularity")
     args.laws = list(LAWS) if laws == ["all"] else laws
     _check_choices("popularity law", args.laws, LAWS)
+    for flag, value in (("--threads", args.threads), ("--iters", args.iters), ("--rep-ms", args.rep_ms)):
+        if value is not None and not value > 0:  # "not >": NaN too
+            raise UsageError(f"{flag} must be a positive number, got {value}")
+    if args.device is not None:
+        try:
+            torch.device(args.device)
+        except RuntimeError:
+            raise UsageError(f"--device {args.device!r} is not a torch device; use cpu or cuda[:i]") from None
     if args.dtype is not None and args.dtype not in DTYPES:
         raise UsageError(f"unknown dtype {args.dtype!r}; valid dtypes: {', '.join(DTYPES)}")
     if args.decode_table and not {"cuda", "triton"} <= set(args.provider_list):

@@ -142,3 +142,28 @@ def test_output_files_carry_the_command_line(tmp_path):
         assert "--seed 5" in r["command"]
     txt = open(prefix + ".txt").read()
     assert "command: python benchmarks/run.py --op decode --case 3" in txt
+
+
+# --------------------------------------------------------------------------- CLI values
+@pytest.mark.parametrize("argv,words", [
+    (["--threads", "0"], ("--threads", "positive")),
+    (["--threads", "-2"], ("--threads", "positive")),
+    (["--iters", "0"], ("--iters", "positive")),
+    (["--iters", "-1"], ("--iters", "positive")),
+    (["--rep-ms", "0"], ("--rep-ms", "positive")),
+    (["--rep-ms", "-5"], ("--rep-ms", "positive")),
+    (["--rep-ms", "nan"], ("--rep-ms", "positive")),
+    (["--device", "gpu"], ("--device", "'gpu'")),
+    (["--providers", ","], ("--providers", "empty")),
+    (["--op", ""], ("--op", "empty")),
+    (["--popularity", " , "], ("--popularity", "empty")),
+])
+def test_cli_rejects_bad_values_naming_the_flag(capsys, argv, words):
+    import run
+
+    rc = run.main(argv + ["--case", "3", "--providers", "base"] if "--providers" not in argv else argv + ["--case", "3"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith("error: ") and "Traceback" not in err
+    for w in words:
+        assert w in err
