@@ -14,12 +14,16 @@ and the rank-space codes the backward reads. No [T, K, d] tensor is ever built.
 Two kernels, two launches:
 
 * ``_mixture_shrink_kernel``: one read of x against [A_cat; W_r; A_u(t)], fp32
-  accumulators h [BM, K r], l [BM, K], z [BM, r_u]; writes h, z and the raw router
-  logits W_r x. Grid (cdiv(T, BM), SPLIT_K). With SPLIT_K > 1 (decode) each program
-  reduces a slice of d_in and atomically adds into zeroed fp32 buffers.
-* ``_mixture_expand_kernel``: per (token tile, d_out tile): finishes the gates in
-  registers (l += c_u + V_u z, top_k, softmax; the programs of the first d_out tile
-  write g), then y tile = [G*h | z] [B_cat | B_u(t)]^T, plus the base. The base is
+  accumulators h [BM, K r], l [BM, K], z [BM, r_u]; writes h and z. Grid (cdiv(T, BM),
+  SPLIT_K). With SPLIT_K = 1 (prefill) it also finishes the gates in registers
+  (l += c_u + V_u z, top_k, softmax), writes g and the scaled gated codes s_g G*h in
+  the dot dtype. With SPLIT_K > 1 (decode) each program reduces a slice of d_in and
+  atomically adds h, z and the raw router logits W_r x into zeroed fp32 buffers
+  (with three or more slices the order of those fp32 additions is not fixed, so
+  decode outputs are not bitwise reproducible run to run).
+* ``_mixture_expand_kernel``: per (token tile, d_out tile): after a split-K shrink it
+  finishes the gates from W_r x (the programs of the first d_out tile write g), then
+  y tile = [s_g G*h | s_u z] [B_cat | B_u(t)]^T, plus the base. The base is
   either computed in the same kernel (variant "fused": the d_in loop of the base
   GEMM runs first and the rank-space expand is appended to its accumulator,
   LoRAFusion style), or read from y, which torch's GEMM wrote (variant
@@ -27,7 +31,8 @@ Two kernels, two launches:
 
 Token tiles. Tokens are visited in the routing plan's sorted order (``order``, a
 stable sort of token indices by user): tile i is sorted positions [i BM, (i+1) BM),
-rows are gathered by index (x is never copied or permuted). A tile may hold several
+rows are gathered by index (x is never permuted; the launcher makes a
+non-contiguous x contiguous once). A tile may hold several
 users; the user terms loop over the distinct users present in the tile (a ``while``
 over the sorted ids), each loading its A_u / V_u / B_u block once and applying it to
 its own rows through a row mask. Each user's adapter is therefore read once per tile
@@ -418,7 +423,8 @@ def _mixture_shrink_kernel(
 @triton.jit
 def _softmax_gates(lg, e_ok, offs_e, BLOCK_M: tl.constexpr, K_PAD: tl.constexpr, TOP_K: tl.constexpr):
     """Row-wise softmax of lg [BM, K_PAD] over the valid experts; with TOP_K > 0 over
-    the TOP_K largest only (ties to the lower index, like torch.topk), 0 elsewhere."""
+    the TOP_K largest only (ties to the lower index, as the reference's stable
+    descending sort: torch.topk does not promise it), 0 elsewhere."""
     lg = tl.where(e_ok, lg, float("-inf"))
     if TOP_K > 0:
         keep = tl.zeros([BLOCK_M, K_PAD], dtype=tl.int32)
@@ -586,7 +592,10 @@ def mixture_fwd(
     """Fused forward: x [T, d_in] -> (y [T, d_out] x.dtype, h [T, K r], z [T, r_u], g [T, K]).
 
     Args (any parameter may be None; its output is then [T, 0]):
-        x:               [T, d_in] fp16 / bf16 / fp32 (fp64 runs the torch reference).
+        x:               [T, d_in] fp16 / bf16 / fp32 (fp64 runs the torch reference); a
+                         non-contiguous x is copied to a contiguous one (parameters
+                         are read through their strides; bias, and an expert_A that
+                         cannot be viewed as [K r, d_in], are copied).
         weight, bias:    W0 [d_out, d_in], b [d_out].
         expert_A:        A_g [K, r, d_in]; expert_B: B_g [K, d_out, r].
         router_weight:   W_r [K, d_in].
