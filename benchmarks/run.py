@@ -569,7 +569,10 @@ def run(args) -> int:
     if args.case is not None:
         picked = [c for c in cases if c.index == args.case]
         if not picked:
-            raise UsageError(f"--case {args.case} is not a case of {preset} (valid: 0..{len(cases) - 1}; see --list)")
+            idx = [c.index for c in cases]
+            valid = f"{idx[0]}..{idx[-1]}" if idx == list(range(idx[0], idx[-1] + 1)) else ", ".join(map(str, idx))
+            raise UsageError(f"--case {args.case} is not a case of {preset}"
+                             + (f" with --op {args.op}" if args.ops else "") + f" (valid: {valid}; see --list)")
         cases = picked
     if args.ncu:
         print("\n".join(ncu_lines(args, cases, preset, dtype_name)))

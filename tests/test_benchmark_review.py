@@ -167,3 +167,16 @@ def test_cli_rejects_bad_values_naming_the_flag(capsys, argv, words):
     assert err.startswith("error: ") and "Traceback" not in err
     for w in words:
         assert w in err
+
+
+def test_cli_case_error_lists_the_valid_indices_of_the_selected_ops(capsys):
+    """Case indices are numbered over all the preset's ops: with --op decode the valid
+    ones of cpu-small are 3..4, not 0..1; with --op fwd,decode 0, 1, 3, 4."""
+    import run
+
+    assert run.main(["--op", "decode", "--case", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--case 0" in err and "valid: 3..4;" in err
+    assert run.main(["--op", "fwd,decode", "--case", "2"]) == 2
+    assert "valid: 0, 1, 3, 4;" in capsys.readouterr().err
+
