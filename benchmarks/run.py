@@ -551,6 +551,10 @@ def run(args) -> int:
     if args.list:
         list_all(args, device)
         return 0
+    if args.decode_table and device.type != "cuda" and not args.ncu:
+        # Refuse before timing anything: the table's entry needs the cuda provider.
+        print("error: --decode-table needs a CUDA device (it times the cuda and triton providers)", file=sys.stderr)
+        return 2
     if args.plot is not None:
         try:
             import matplotlib  # noqa: F401
@@ -646,9 +650,6 @@ def run(args) -> int:
         plot(rows, path)
     failed = any(r["status"].startswith("refcheck failed") for r in rows)
     if args.decode_table:
-        if device.type != "cuda":
-            print("error: --decode-table needs a CUDA device (it times the cuda and triton providers)", file=sys.stderr)
-            return 2
         try:
             major, minor = torch.cuda.get_device_capability(device)
             entry = update_decode_table(args.decode_table, rows, f"sm_{major}{minor}", env, args.argv)

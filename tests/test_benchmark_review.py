@@ -180,3 +180,14 @@ def test_cli_case_error_lists_the_valid_indices_of_the_selected_ops(capsys):
     assert run.main(["--op", "fwd,decode", "--case", "2"]) == 2
     assert "valid: 0, 1, 3, 4;" in capsys.readouterr().err
 
+
+def test_cli_decode_table_refuses_on_cpu_before_running(monkeypatch, capsys):
+    """Without CUDA --decode-table can never be written: refuse before timing anything."""
+    import run
+
+    ran = []
+    monkeypatch.setattr(run, "run_case", lambda *a, **k: ran.append(1) or [])
+    monkeypatch.setattr(run.roofline, "measure_device", lambda *a, **k: ran.append(1))
+    rc = run.main(["--op", "decode", "--providers", "cuda,triton", "--decode-table", "t.json", "--device", "cpu"])
+    assert rc == 2 and not ran
+    assert "--decode-table needs a CUDA device" in capsys.readouterr().err
