@@ -5,6 +5,7 @@ loaded into a model with another user scale, PEFT imports whose scale must survi
 save/load bit-exactly, tuple outputs (return_dict=False), and clear user_ids errors.
 """
 import copy
+import os
 
 import pytest
 import torch
@@ -184,3 +185,39 @@ def test_user_ids_scalar_gives_a_clear_error():
                  lambda: pm.generate(ids, user_ids=3, max_new_tokens=1, pad_token_id=0)):
         with pytest.raises((TypeError, ValueError), match="user_ids"):
             call()
+
+
+# ---------------------------------------------------------------------- checkpoints of tied models
+def test_state_dict_of_a_tied_model_saves_with_safetensors_and_loads_back(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    pm = get_proper_model(tied_llama(), config())
+    pm.set_stage("population")
+    randomize_population(pm)
+    sd = pm.state_dict()
+    assert "model.model.embed_tokens.weight" in sd and "model.lm_head.weight" not in sd  # one copy of a tie
+    save_file(sd, tmp_path / "m.safetensors")  # refuses tensors that share memory
+    other = get_proper_model(tied_llama(seed=1), config())
+    other.set_stage("population")
+    other.load_state_dict(load_file(tmp_path / "m.safetensors"))  # strict: the tied key is filled in
+    assert other.model.lm_head.weight is other.model.model.embed_tokens.weight
+    ids = torch.tensor(rand_seqs([6, 6]))
+    with torch.no_grad():
+        assert torch.equal(other(input_ids=ids).logits, pm(input_ids=ids).logits)
+
+
+def test_trainer_checkpoints_a_tied_model_and_resumes(tmp_path):
+    from test_integration import _collate, _corpus
+    from transformers import Trainer, TrainingArguments
+
+    def args(steps, save):
+        return TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=steps,
+                                 save_strategy="steps" if save else "no", save_steps=2, report_to=[],
+                                 logging_strategy="no", use_cpu=True, remove_unused_columns=False, disable_tqdm=True)
+
+    pm = get_proper_model(tied_llama(), config(num_users=2))
+    pm.set_stage("group")
+    Trainer(model=pm, args=args(2, True), train_dataset=_corpus(), data_collator=_collate).train()
+    assert os.path.isfile(tmp_path / "checkpoint-2" / "model.safetensors")
+    Trainer(model=pm, args=args(3, False), train_dataset=_corpus(), data_collator=_collate).train(
+        resume_from_checkpoint=str(tmp_path / "checkpoint-2"))

@@ -124,6 +124,33 @@ class ProperModel(nn.Module):
             setattr(parent, attr, layer)
             self.layer_names.append(full)
         self._apply_stage_flags(None)
+        self.register_state_dict_post_hook(ProperModel._drop_tied_keys)
+        self.register_load_state_dict_pre_hook(ProperModel._fill_tied_keys)
+
+    # ------------------------------------------------------------------ tied weights
+    # state_dict() holds one entry per tied parameter (an lm_head tied to the input
+    # embedding: the first name, as HF saves it), so safetensors (and the HF Trainer's
+    # checkpoints of this non-PreTrainedModel) can save it; load_state_dict() fills the
+    # other names back in, so a strict load of it works.
+    def _tied_names(self) -> List[List[str]]:
+        names: Dict[int, List[str]] = {}
+        for n, p in self.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), []).append(n)
+        return [ns for ns in names.values() if len(ns) > 1]
+
+    @staticmethod
+    def _drop_tied_keys(module, state_dict, prefix, local_metadata) -> None:
+        for names in module._tied_names():
+            for n in names[1:]:
+                state_dict.pop(prefix + n, None)
+
+    @staticmethod
+    def _fill_tied_keys(module, state_dict, prefix, *args) -> None:
+        for names in module._tied_names():
+            have = [prefix + n for n in names if prefix + n in state_dict]
+            for n in names:
+                if have and prefix + n not in state_dict:
+                    state_dict[prefix + n] = state_dict[have[0]]
 
     # ------------------------------------------------------------------ passthrough
     def __getattr__(self, name: str):
