@@ -637,8 +637,8 @@ def run(args) -> int:
         for k, why in skipped.items():
             print(f"  {why}")
     elapsed = time.perf_counter() - t_start
-    print(f"\n{len(rows)} rows, {sum(r['status'] == 'ok' for r in rows)} timed, "
-          f"{sum(r['status'].startswith('refcheck failed') or r['status'].startswith('error') for r in rows)} failed, "
+    n_failed = sum(r["status"].startswith(("refcheck failed", "error")) for r in rows)
+    print(f"\n{len(rows)} rows, {sum(r['status'] == 'ok' for r in rows)} timed, {n_failed} failed, "
           f"in {elapsed:.1f} s")
     prefix = None
     if args.output:
@@ -648,7 +648,6 @@ def run(args) -> int:
     if args.plot is not None:
         path = args.plot if args.plot != "auto" else ((prefix or "benchmark") + ".png")
         plot(rows, path)
-    failed = any(r["status"].startswith("refcheck failed") for r in rows)
     if args.decode_table:
         try:
             major, minor = torch.cuda.get_device_capability(device)
@@ -658,7 +657,7 @@ def run(args) -> int:
             return 2
         print(f"decode table {args.decode_table}: {entry['arch']} {entry['dtype']} max_T = {entry['max_T']}, "
               f"launch = {entry['launch']}")
-    return 1 if failed else 0
+    return 1 if n_failed else 0
 
 
 def decode_crossover(rows: List[dict]) -> Dict[str, Dict[str, object]]:

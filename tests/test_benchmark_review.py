@@ -191,3 +191,23 @@ def test_cli_decode_table_refuses_on_cpu_before_running(monkeypatch, capsys):
     rc = run.main(["--op", "decode", "--providers", "cuda,triton", "--decode-table", "t.json", "--device", "cpu"])
     assert rc == 2 and not ran
     assert "--decode-table needs a CUDA device" in capsys.readouterr().err
+
+
+def test_cli_exit_status_counts_providers_that_raised(monkeypatch, capsys):
+    """The summary counts an 'error:' row as failed; the exit status must agree."""
+    import providers
+    import run
+
+    class Broken(providers.TorchProvider):
+        name = "torch"
+
+        def compose(self, case, layers, ids, plan):
+            def fn(x):
+                raise RuntimeError("kernel launch failed")
+            return fn
+
+    _patch_provider(monkeypatch, "torch", Broken())
+    rc = run.main(["--op", "decode", "--case", "3", "--providers", "base,torch", "--no-progress", "--rep-ms", "2"])
+    out = capsys.readouterr().out
+    assert "error: RuntimeError: kernel launch failed" in out and "1 failed" in out
+    assert rc == 1
