@@ -100,7 +100,6 @@ class ProperModel(nn.Module):
         # Population LoRA factors kept after merging (for save/load and PEFT export).
         self._merged_population: Dict[str, Tuple[Tensor, Tensor]] = {}
         self.last_aux_losses: Dict[str, Tensor] = {}
-        self._keep_routing = False
         for p in model.parameters():
             p.requires_grad_(False)
         targets = _find_targets(model, config.target_modules)
