@@ -15,7 +15,7 @@ Three kernels and a handful of dense GEMMs:
    dl = g * (dg - <g, dg>), and dz = s_u B_u^T dy + V_u^T dl. It writes dh, dl, dz
    into the code buffer (rank space, small).
 2. ``_mixture_bwd_dx_kernel``: dx = dy W0 + dh A_cat + dl W_r + dz A_u(t), per (tile,
-   d_in block). dy W0 is a dense GEMM (cuBLAS via torch, see ``_DENSE``); the kernel
+   d_in block). dy W0 is a dense GEMM (cuBLAS via torch, see ``_mm``); the kernel
    reads that result tile, adds the rank-space terms and writes dx once (in place when
    the dtypes agree).
 3. ``_seg_xty_kernel``: ScatterMoE-groupXtY-style per-user reductions
@@ -406,8 +406,7 @@ def _configs(K: int, r: int, r_u: int, dtype: torch.dtype = torch.bfloat16, arch
 # reduction over T (or a full d_out x d_in GEMM): cuBLAS through torch is the right
 # tool, and a one-segment groupXtY would need a split over T to fill the GPU. The
 # rank-space operand is cast to the activations' dtype (a [T, K r + K] copy, small);
-# x and dy are never copied. This is the one place that makes that choice.
-_DENSE = "torch"
+# x and dy are never copied (same dtype). ``_mm`` is the one place that runs them.
 
 
 def _gemm_dtype(act: torch.dtype) -> torch.dtype:
@@ -558,10 +557,9 @@ def mixture_bwd(
 
     if seg_offsets is None:
         seg = torch.tensor([0, T], dtype=torch.int32, device=dev)
-        order_t, has_order = seg, False  # dummy pointer
+        order_t, has_order = seg, False  # dummy pointer: HAS_ORDER is off
     else:
         seg, order_t, has_order = seg_offsets, order, True
-    order_arg = order_t if has_order else seg
 
     KR = K * r
     dh_off, dl_off, dz_off = 0, KR, KR + K
@@ -576,7 +574,7 @@ def mixture_bwd(
                 dy, h if has_e else code, g if has_e else code,
                 dg_ext if dg_ext is not None else code, eA,
                 user_B if has_bu else code, user_router if has_v else code, code,
-                tb, ts, order_arg, seg,
+                tb, ts, order_t, seg,
                 d_out, K, r, r_u, *_scale_parts(expert_scale, cd == torch.float64),
                 *_scale_parts(user_scale, cd == torch.float64),
                 dy.stride(0), dy.stride(1),
@@ -621,7 +619,7 @@ def mixture_bwd(
                 _mixture_bwd_dx_kernel[grid](
                     dx, base if base is not None else x, x, code, A_cat,
                     router_weight if use_dl else code, user_A if use_dz else code,
-                    tb, ts, order_arg, seg,
+                    tb, ts, order_t, seg,
                     d_in, KR, K, r_u,
                     dx.stride(0), dx.stride(1),
                     *((base.stride(0), base.stride(1)) if base is not None else (0, 0)),

@@ -625,13 +625,11 @@ def mixture_fwd(
     K, r = (expert_A.shape[0], expert_A.shape[1]) if has_e else (0, 0)
     KR = K * r
     r_u = user_A.shape[1] if user_A is not None else 0
+    r_u_out = r_u  # z is [T, r_u] whenever user_A is given (zeros without ids)
     has_users = order is not None and user_ids is not None
     if not has_users:  # without ids no user term can apply
         user_A = user_B = user_logit_bias = user_router = None
-        r_u_out = r_u
         r_u = 0
-    else:
-        r_u_out = r_u
     if top_k is not None and (not has_e or top_k >= K):
         top_k = None
 
@@ -652,7 +650,6 @@ def mixture_fwd(
 
     y = torch.empty(T, d_out, device=dev, dtype=x.dtype)
     g = torch.empty(T, K, device=dev, dtype=f32)
-    z_out = None
     if T == 0:
         return y, x.new_empty(0, KR, dtype=f32), x.new_empty(0, r_u_out, dtype=f32), g
     # Split-K (decode) adds d_in slices into zeroed buffers and leaves the gates to the
@@ -666,8 +663,6 @@ def mixture_fwd(
     lg = alloc(T, K, device=dev, dtype=f32) if (router_weight is not None and not gates_in_shrink) else None
     # Gated codes G*h in the dot dtype, written by the shrink when it owns the gates.
     hg = torch.empty(T, KR, device=dev, dtype=x.dtype if same else f32) if gates_in_shrink else None
-    if r_u == 0:
-        z_out = torch.zeros(T, r_u_out, device=dev, dtype=f32)
 
     KR_PAD, K_PAD, RU_PAD = _pad16(KR), _pad16(K), _pad16(r_u)
     A_cat = expert_A.reshape(KR, d_in) if has_e else None
@@ -738,4 +733,4 @@ def mixture_fwd(
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             **({} if interp else dict(num_warps=cfg.expand_warps, num_stages=cfg.expand_stages)),
         )
-    return y, h, (z if r_u else z_out), g
+    return y, h, (z if r_u else torch.zeros(T, r_u_out, device=dev, dtype=f32)), g
