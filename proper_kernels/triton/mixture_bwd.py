@@ -2,9 +2,11 @@
 
 The launcher computes, from the saved rank-space codes (h, z, g) of the forward, the
 gradients of ``proper_kernels.reference.rankspace.mixture_bwd_ref`` (the contract;
-its docstring has the chain rule). Nothing of shape [T, K, d] is ever built: the only
-extra memory is one fp32 buffer of rank-space codes ``[T, K r + K + r_u]``, plus the
-gradients themselves.
+its docstring has the chain rule). Nothing of shape [T, K, d] is ever built: besides
+the gradients themselves, the extra memory is rank-space sized (one fp32 buffer of
+codes ``[T, K r + K + r_u]``, the gated codes G*h of dB_g, the 16-bit copies of those
+operands for the GEMMs) plus, on the split path, a workspace of < 2 T / SPLIT_T rows
+of one user's gradient.
 
 Three kernels and a handful of dense GEMMs:
 
@@ -31,6 +33,9 @@ Three kernels and a handful of dense GEMMs:
 Dtypes: every accumulator is fp32 (fp64 for fp64 inputs). Tensor-core dots run in the
 activations' dtype when it is 16-bit (the weight/code operand is cast to it, as
 ``torch.autocast`` would), else in fp32 with ``input_precision="ieee"`` (or fp64).
+Two exceptions with 16-bit activations: dA_u = sum dz x^T takes its dtype from the
+fp32 code dz (x is cast up: a tf32 dot on the GPU), and dV / dc (code times code) run
+in IEEE fp32.
 
 Tuning: the block sizes of ``_configs`` are first guesses for H100 at the target
 shape (d=4096, K=8, r=16, r_u=16, 64 users, T=8192, bf16); they have NOT been
