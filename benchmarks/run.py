@@ -461,7 +461,8 @@ def write_outputs(prefix: str, rows: List[dict], header: str, table: str) -> Lis
 
 
 def plot(rows: List[dict], path: str) -> None:
-    """One panel per op: median ms per case (x) and provider (one marker series each), log y."""
+    """One panel per op: median ms per case (x) and provider (one marker series each), log y;
+    e2e: tokens/s (its loop provider times only some of the users, so ms do not compare)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -477,13 +478,14 @@ def plot(rows: List[dict], path: str) -> None:
         rs = [r for r in timed if r["op"] == op]
         cases = sorted({r["case"] for r in rs})
         labels = {r["case"]: f"#{r['case']} {r['mode']} T={r['T']} {r['popularity']}" for r in rs}
-        for prov in [p for p in PROVIDERS if any(r["provider"] == p for r in rs)]:
-            pts = [(cases.index(r["case"]), r["median_ms"]) for r in rs if r["provider"] == prov]
+        metric = "tokens_per_s" if op == "e2e" else "median_ms"
+        for prov in [p for p in ALL_PROVIDERS if any(r["provider"] == p for r in rs)]:
+            pts = [(cases.index(r["case"]), r[metric]) for r in rs if r["provider"] == prov]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="-", label=prov)
         ax.set_xticks(range(len(cases)))
         ax.set_xticklabels([labels[c] for c in cases], rotation=20, ha="right", fontsize=8)
         ax.set_yscale("log")
-        ax.set_ylabel("median ms")
+        ax.set_ylabel("tokens/s" if op == "e2e" else "median ms")
         ax.set_title(f"{op}: {OP_DOC[op]}", fontsize=9)
         ax.legend(fontsize=8)
         ax.grid(True, which="both", alpha=0.3)

@@ -211,3 +211,32 @@ def test_cli_exit_status_counts_providers_that_raised(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "error: RuntimeError: kernel launch failed" in out and "1 failed" in out
     assert rc == 1
+
+
+def test_plot_shows_every_e2e_provider_as_tokens_per_s(monkeypatch, tmp_path):
+    """e2e rows of provider 'proper' (not a kernel provider) were left out of the plot,
+    and their median ms is not comparable (the loop times only some users): plot tok/s."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+
+    import run
+
+    seen = {}
+    real_plot = matplotlib.axes.Axes.plot
+
+    calls = []
+
+    def spy(self, xs, ys, *a, **k):
+        calls.append((self, k.get("label"), list(ys)))
+        return real_plot(self, xs, ys, *a, **k)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
+    rows = [dict(op="e2e", status="ok", case=7, mode="train-step", T=8, popularity="distinct", provider=p,
+                 median_ms=ms, tokens_per_s=tps) for p, ms, tps in (("proper", 70.0, 7000.0), ("loop", 90.0, 700.0))]
+    rows.append(dict(op="decode", status="ok", case=3, mode="decode", T=1, popularity="uniform", provider="torch",
+                     median_ms=0.1, tokens_per_s=""))
+    run.plot(rows, str(tmp_path / "p.png"))
+    for ax, label, ys in calls:  # titles are set after the series
+        seen.setdefault(ax.get_title().split(":")[0], {})[label] = ys
+    assert seen["e2e"] == {"proper": [7000.0], "loop": [700.0]}
+    assert seen["decode"] == {"torch": [0.1]}
