@@ -221,3 +221,16 @@ def test_trainer_checkpoints_a_tied_model_and_resumes(tmp_path):
     assert os.path.isfile(tmp_path / "checkpoint-2" / "model.safetensors")
     Trainer(model=pm, args=args(3, False), train_dataset=_corpus(), data_collator=_collate).train(
         resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_export_peft_user_after_moving_the_merged_model(tmp_path):
+    pm, _ = trained_user_model()  # merged on the CPU
+    pm.to("cuda")
+    pm.export_peft_user(tmp_path, 1)  # the kept population factors are still on the CPU
+    pm.to("cpu")
+    pm.export_peft_user(tmp_path / "cpu", 1)
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "adapter_model.safetensors"), load_file(tmp_path / "cpu" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -159,7 +159,9 @@ def export_peft_user(pm: "ProperModel", save_directory: str, user: int, *, inclu
     tensors = {}
     r_out, alpha_out = pc.user_rank, pc.user_alpha
     for name, layer in pm.adapted_layers():
-        A, B = layer.user_A[uid].detach(), layer.user_B[uid].detach()
+        # On the CPU: the kept factors of a merged population LoRA stay where the merge
+        # ran, which need not be where the model is now.
+        A, B = layer.user_A[uid].detach().cpu(), layer.user_B[uid].detach().cpu()
         pop = None
         if include_population:
             if name in pm._merged_population:
@@ -168,8 +170,8 @@ def export_peft_user(pm: "ProperModel", save_directory: str, user: int, *, inclu
                 pop = (layer.population_A.detach(), layer.population_B.detach())
         if pop is not None:
             Ap, Bp = pop
-            A = torch.cat([Ap.to(A.dtype), A], 0)
-            B = torch.cat([(layer.population_scale * Bp.double()).to(B.dtype),
+            A = torch.cat([Ap.to("cpu", A.dtype), A], 0)
+            B = torch.cat([(layer.population_scale * Bp.cpu().double()).to(B.dtype),
                            (layer.user_scale * B.double()).to(B.dtype)], 1)
             r_out = A.shape[0]
             alpha_out = float(r_out)  # scale 1: the scales are folded into B
