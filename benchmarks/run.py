@@ -42,7 +42,7 @@ import torch  # noqa: E402
 import presets as presets_mod  # noqa: E402
 import roofline  # noqa: E402
 from presets import OP_DOC, OPS, PRESETS, Case, build_cases, default_preset  # noqa: E402
-from providers import GRAD_PARAMS, PROVIDERS, REGISTRY, Skip, strip_params  # noqa: E402
+from providers import GRAD_PARAMS, PROVIDERS, REGISTRY, Provider, Skip, strip_params  # noqa: E402
 
 LAWS = ("distinct", "uniform", "zipf", "identical", "skewed")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -522,7 +522,9 @@ def ncu_lines(args, cases, preset, dtype_name) -> List[str]:
     pop = f" --popularity {args.popularity}" if args.popularity else ""
     for c in cases:
         for prov in args.provider_list:
-            if c.op == "e2e":
+            # e2e is not profiled per kernel; skip the providers that only skip this case
+            # (the base checks: e2e-only, decode-only, forward-only; not the device's).
+            if c.op == "e2e" or prov not in REGISTRY or Provider.skip_reason(REGISTRY[prov], c, None):
                 continue
             if prov == "triton":
                 # The fused ops push these NVTX ranges (proper_kernels/ops/fused.py).

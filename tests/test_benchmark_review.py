@@ -240,3 +240,16 @@ def test_plot_shows_every_e2e_provider_as_tokens_per_s(monkeypatch, tmp_path):
         seen.setdefault(ax.get_title().split(":")[0], {})[label] = ys
     assert seen["e2e"] == {"proper": [7000.0], "loop": [700.0]}
     assert seen["decode"] == {"torch": [0.1]}
+
+
+def test_ncu_lines_only_for_providers_that_run_the_case(capsys):
+    """--ncu printed a command per requested provider even where that provider only
+    skips (proper is e2e only, cuda decode only, peft forward only): ncu would profile nothing."""
+    import run
+
+    assert run.main(["--ncu", "--preset", "square-4096", "--op", "decode,fwdbwd"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    provs = {(l.split("--op ")[1].split()[0], l.split("--providers ")[1].split()[0]) for l in lines}
+    assert ("decode", "cuda") in provs and ("decode", "triton") in provs and ("fwdbwd", "triton") in provs
+    assert not {p for p in provs if p[1] == "proper"}
+    assert ("fwdbwd", "cuda") not in provs and ("fwdbwd", "peft") not in provs
