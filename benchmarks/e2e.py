@@ -82,7 +82,8 @@ def build(case, device: torch.device, dtype: torch.dtype):
     pm.set_stage("group")
     pm.set_stage("user")
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, cfg_kw["vocab_size"], (case.N, case.T), generator=g).to(device)
+    # Token ids from 1: generate(pad_token_id=0) with no attention mask masks every 0.
+    ids = torch.randint(1, cfg_kw["vocab_size"], (case.N, case.T), generator=g).to(device)
     users = torch.arange(case.N, device=device)
     return base, pm, ids, users, cfg_kw
 

@@ -253,3 +253,19 @@ def test_ncu_lines_only_for_providers_that_run_the_case(capsys):
     assert ("decode", "cuda") in provs and ("decode", "triton") in provs and ("fwdbwd", "triton") in provs
     assert not {p for p in provs if p[1] == "proper"}
     assert ("fwdbwd", "cuda") not in provs and ("fwdbwd", "peft") not in provs
+
+
+def test_e2e_prompts_hold_no_pad_token():
+    """generate(pad_token_id=0) without an attention mask masks every token equal to 0
+    (transformers infers the mask from the pad id): random prompts must avoid it."""
+    import e2e
+    from presets import build_cases
+
+    why = e2e.integration_skip_reason()
+    if why:
+        pytest.skip(why)
+    case = [c for c in build_cases("cpu-small", ["e2e"], None) if c.mode == "generate"][0]
+    case.N = 64
+    case.T = 64  # 64 x 64 tokens of a 256-token vocabulary: a 0 is all but certain without the fix
+    _, _, ids, _, cfg = e2e.build(case, torch.device("cpu"), torch.float32)
+    assert ids.shape == (64, 64) and int(ids.min()) >= 1 and int(ids.max()) < cfg["vocab_size"]
