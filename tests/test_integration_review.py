@@ -234,3 +234,14 @@ def test_export_peft_user_after_moving_the_merged_model(tmp_path):
 
     a, b = load_file(tmp_path / "adapter_model.safetensors"), load_file(tmp_path / "cpu" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_callers_config_is_not_mutated(tmp_path):
+    cfg = config(population_rank=5)
+    pm = get_proper_model(tiny_model(), cfg)
+    pm.add_users(2)
+    _peft_dir(tiny_model(), tmp_path, 5, 8, ["up_proj"], True)
+    pm.load_peft_adapter(tmp_path)  # sets the population scale to PEFT's
+    assert pm.num_users == 6 and pm.proper_config.population_alpha != 16.0
+    assert cfg == config(population_rank=5)  # the caller's object: what it was
+    assert get_proper_model(tiny_model(), cfg).num_users == 4

@@ -16,6 +16,7 @@ Usage::
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -85,7 +86,7 @@ class ProperModel(nn.Module):
 
     Attributes:
         model: the wrapped (modified in place) causal LM.
-        proper_config: the :class:`ProperConfig`; ``num_users`` tracks the bank size.
+        proper_config: a copy of the :class:`ProperConfig`; ``num_users`` tracks the bank size.
         stage: None (nothing active), "population", "group" or "user".
         population_merged: whether the population LoRA was folded into W0.
     """
@@ -93,7 +94,7 @@ class ProperModel(nn.Module):
     def __init__(self, model: nn.Module, config: ProperConfig):
         super().__init__()
         self.model = model
-        self.proper_config = config
+        self.proper_config = copy.deepcopy(config)  # add_users / PEFT import update it: not the caller's
         self.stage: Optional[str] = None
         self.stages_done: List[str] = []
         self.population_merged = False
