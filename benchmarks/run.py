@@ -599,7 +599,8 @@ def run(args) -> int:
     env = env_info(device)
     env["command"] = "python benchmarks/run.py " + shlex.join(args.argv)
     t_start = time.perf_counter()
-    ceiling = roofline.measure_device(device)
+    # The GEMM ceiling of the run's dtype (the roofline uses it) and fp32 for reference.
+    ceiling = roofline.measure_device(device, dtypes=tuple(dict.fromkeys((dtype, torch.float32))))
     header_lines = [
         f"proper-kernels benchmark  preset={preset}  dtype={dtype_name}  device={device}"
         + (f" ({env['gpu']})" if env["gpu"] else "") + f"  torch={env['torch']}  triton={env['triton'] or '-'}"

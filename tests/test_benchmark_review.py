@@ -2,6 +2,7 @@
 state, the output files and the CLI's handling of bad values (all run on CPU)."""
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -269,3 +270,14 @@ def test_e2e_prompts_hold_no_pad_token():
     case.T = 64  # 64 x 64 tokens of a 256-token vocabulary: a 0 is all but certain without the fix
     _, _, ids, _, cfg = e2e.build(case, torch.device("cpu"), torch.float32)
     assert ids.shape == (64, 64) and int(ids.min()) >= 1 and int(ids.max()) < cfg["vocab_size"]
+
+
+def test_roofline_uses_the_gemm_rate_of_the_run_dtype(capsys):
+    """measure_device measured bf16 and fp32 only, so a float16 run took the fastest of
+    those as its GEMM ceiling (on this CPU fp16 GEMMs are ~30x slower than bf16)."""
+    import run
+
+    assert run.main(["--op", "decode", "--case", "3", "--providers", "base", "--dtype", "float16",
+                     "--no-progress", "--rep-ms", "2"]) == 0
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("measured ceilings")][0]
+    assert re.search(r"\bfloat16 [0-9.]+ TFLOP/s", line), line
