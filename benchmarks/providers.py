@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import abc
 import importlib
-import os
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -36,7 +35,6 @@ PROVIDERS = ("base", "reference", "loop", "torch", "torch-compile", "peft", "tri
 # The tensors of one adapted linear that get gradients in ``fwdbwd`` (W0 and b are frozen,
 # as in every PROPER stage after the population merge).
 GRAD_PARAMS = ("expert_A", "expert_B", "router_weight", "user_logit_bias", "user_A", "user_B", "user_router")
-ADAPTER_PARAMS = GRAD_PARAMS
 
 # torch's one-hot formulation multiplies by every user of the bank; beyond this many
 # rank rows (N * r_u) it switches to a per-user segment loop.
@@ -116,7 +114,7 @@ def loop_linear(x: Tensor, p: Dict[str, object], ids: Tensor, active: List[int])
     return y
 
 
-def pack_wide(p: Dict[str, object], N: int) -> Dict[str, Optional[Tensor]]:
+def pack_wide(p: Dict[str, object]) -> Dict[str, Optional[Tensor]]:
     """Stack one layer's weights for torch_linear: the shrink [K r + K + N r_u, d_in],
     the LoRA-aware router in rank space [N r_u, K] and the expand [d_out, K r + N r_u]."""
     A_g, B_g, W_r = p["expert_A"], p["expert_B"], p["router_weight"]
@@ -147,7 +145,7 @@ def torch_linear(x: Tensor, p: Dict[str, object], ids: Tensor, packed: Dict[str,
     over [s_g B_g | s_u B_u(all users)] of the gated, masked rank vector.
     """
     A_g, A_u = p["expert_A"], p["user_A"]
-    packed = packed if packed is not None else pack_wide(p, 0)
+    packed = packed if packed is not None else pack_wide(p)
     y = F.linear(x, p["weight"], p["bias"])
     if packed["shrink"] is None:
         return y
@@ -303,8 +301,8 @@ class TorchProvider(LayerwiseProvider):
             for p in layers:
                 # Without grad a deployed layer keeps the packed weights; with grad they are
                 # packed inside the step so the gradients reach the original tensors.
-                packed = None if case.grad else pack_wide(p, case.N)
-                fns.append(lambda x, p=p, packed=packed: torch_linear(x, p, ids, packed if packed is not None else pack_wide(p, case.N)))
+                packed = None if case.grad else pack_wide(p)
+                fns.append(lambda x, p=p, packed=packed: torch_linear(x, p, ids, packed if packed is not None else pack_wide(p)))
             return fns
         order = plan.order.long()
         segs = [(u, order[s:e]) for u, s, e in plan.segments()]
@@ -419,8 +417,6 @@ class TritonProvider(LayerwiseProvider):
         return None
 
     def setup(self, case, layers, ids, plan):
-        from proper_kernels import lora_mixture
-
         return [lambda x, p=p: _call_op(x, p, ids, plan, "triton") for p in layers]
 
 

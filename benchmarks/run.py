@@ -39,7 +39,6 @@ for _p in (HERE, ROOT):
 
 import torch  # noqa: E402
 
-import presets as presets_mod  # noqa: E402
 import roofline  # noqa: E402
 from presets import OP_DOC, OPS, PRESETS, Case, build_cases, default_preset  # noqa: E402
 from providers import GRAD_PARAMS, PROVIDERS, REGISTRY, Provider, Skip, strip_params  # noqa: E402
