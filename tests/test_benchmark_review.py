@@ -281,3 +281,37 @@ def test_roofline_uses_the_gemm_rate_of_the_run_dtype(capsys):
                      "--no-progress", "--rep-ms", "2"]) == 0
     line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("measured ceilings")][0]
     assert re.search(r"\bfloat16 [0-9.]+ TFLOP/s", line), line
+
+
+# --------------------------------------------------------------------------- reported numbers
+def test_square_4096_decode_rows_match_the_hand_arithmetic(tmp_path):
+    """KERNELS.md section 12 by hand, plus what the op also moves (the base linear and the
+    routers): square-4096 decode, T = 64, 64 distinct users, bf16.
+
+    adapters: experts 8*16*(4096+4096) + W_r 8*4096 = 1,081,344 el; users 64 * (16*8192 +
+    V 8*16 + c_u 8) = 8,397,312 el -> 2 B * 9,478,656 = 18,957,312 B (KERNELS: 18.9 MB);
+    W0 + b 16,781,312 el; x + y 64*8192 el; ids 4 B * 64 -> 53,568,768 B.
+    FLOPs: 2*64*144*8192 + 2*64*8*4096 + 2*64*128 + 2*64*4096^2 = 2,302,689,280.
+    Every row's users column is the number of distinct ids of its batch."""
+    import csv
+
+    import run
+    from presets import build_cases
+
+    prefix = str(tmp_path / "sq")
+    assert run.main(["--preset", "square-4096", "--op", "decode", "--providers", "base,torch", "--no-refcheck",
+                     "--rep-ms", "1", "--no-progress", "--output", prefix]) == 0
+    rows = list(csv.DictReader(open(prefix + ".csv")))
+    cases = {c.index: c for c in build_cases("square-4096", ["decode"], None)}
+    for r in rows:
+        c = cases[int(r["case"])]
+        _, _, ids, _, _ = run.make_layers(c, torch.bfloat16, torch.device("cpu"), 0)
+        assert int(r["users"]) == ids.unique().numel(), r
+        if r["provider"] == "torch" and c.T == 64 and c.law == "distinct":
+            assert int(r["users"]) == 64
+            assert float(r["bytes"]) == 53_568_768 and float(r["flops"]) == 2_302_689_280
+        if r["provider"] == "torch" and c.law == "identical":
+            assert int(r["users"]) == 1
+        roof = float(r["roofline_ms"])
+        assert float(r["roofline_pct"]) == pytest.approx(100 * roof / float(r["median_ms"]))
+        assert float(r["gbps"]) == pytest.approx(float(r["bytes"]) / float(r["median_ms"]) / 1e6)
