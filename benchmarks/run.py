@@ -824,6 +824,14 @@ def run_e2e_case(case, args, device, dtype, base_row, skipped) -> List[dict]:
                 continue
         try:
             step = e2e.make_fn(case, name, case.mode, device, dtype)
+            if args.iters:
+                with _nvtx(bench_label(case, name), device):
+                    for _ in range(args.iters):
+                        step()
+                    _sync(device)
+                row["status"] = f"ran {args.iters} untimed"
+                rows.append(row)
+                continue
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             with _nvtx(bench_label(case, name), device):

@@ -315,3 +315,17 @@ def test_square_4096_decode_rows_match_the_hand_arithmetic(tmp_path):
         roof = float(r["roofline_ms"])
         assert float(r["roofline_pct"]) == pytest.approx(100 * roof / float(r["median_ms"]))
         assert float(r["gbps"]) == pytest.approx(float(r["bytes"]) / float(r["median_ms"]) / 1e6)
+
+
+def test_iters_runs_e2e_untimed_too(capsys):
+    """--iters N runs each case N times untimed (for nsys/ncu) instead of timing it; the
+    e2e rows were timed regardless."""
+    import e2e
+    import run
+
+    why = e2e.integration_skip_reason()
+    if why:
+        pytest.skip(why)
+    assert run.main(["--op", "e2e", "--case", "7", "--providers", "proper", "--iters", "1", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "ran 1 untimed" in out and "tok/s" not in out
