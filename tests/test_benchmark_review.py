@@ -329,3 +329,13 @@ def test_iters_runs_e2e_untimed_too(capsys):
     assert run.main(["--op", "e2e", "--case", "7", "--providers", "proper", "--iters", "1", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "ran 1 untimed" in out and "tok/s" not in out
+
+
+def test_plot_creates_its_folder(tmp_path):
+    """--output creates its folder; --plot PATH crashed (after the whole run) on a new one."""
+    pytest.importorskip("matplotlib")
+    import run
+
+    path = tmp_path / "new" / "dir" / "p.png"
+    assert run.main(["--case", "3", "--providers", "base", "--plot", str(path), "--no-progress", "--rep-ms", "2"]) == 0
+    assert path.stat().st_size > 0
