@@ -8,10 +8,11 @@
 
 Every provider runs on the same inputs. Before timing, each one's output (and, for
 ``fwdbwd`` and mlp training, its gradients) is checked against the fp32 reference
-(``--no-refcheck`` skips that); a provider that fails is reported, not timed. Times
-are medians with p20/p80 (``triton.testing.do_bench`` on GPU, L2 flushed before each
-call, tiny decode shapes as CUDA graph replays; wall clock on CPU), reported with TFLOP/s, GB/s and the fraction of
-the roofline measured on this device in the same run (benchmarks/roofline.py).
+(``--no-refcheck`` skips that); a provider that fails is reported, not timed, and
+makes the exit status 1. Times are medians with p20/p80 (``triton.testing.do_bench``
+on GPU, L2 flushed before each call, tiny decode shapes as CUDA graph replays; wall
+clock on CPU), reported with TFLOP/s, GB/s and the fraction of the roofline measured
+on this device in the same run (benchmarks/roofline.py).
 
 Imports triton, transformers and peft only inside the providers that need them.
 """
