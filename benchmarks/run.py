@@ -44,7 +44,7 @@ import roofline  # noqa: E402
 from presets import OP_DOC, OPS, PRESETS, Case, build_cases, default_preset  # noqa: E402
 from providers import GRAD_PARAMS, PROVIDERS, REGISTRY, Provider, Skip, strip_params  # noqa: E402
 
-LAWS = ("distinct", "uniform", "zipf", "identical", "skewed")
+from proper_kernels.testing import POPULARITY_LAWS as LAWS  # noqa: E402
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 

@@ -1,29 +1,58 @@
 """Helpers shared by tests and benchmarks: user-popularity laws and random mixtures.
 
-Punica's popularity laws decide which user each token of a batch belongs to:
+Popularity laws decide which user each token of a batch belongs to. Punica's four
+workloads (Distinct, Uniform, Skewed, Identical; Chen et al. 2023) are ``distinct``,
+``punica-uniform``, ``punica-skewed`` and ``identical``, exactly: contiguous segments
+of the batch, one user each, as in its benchmarks. The others are random draws:
 
-* ``distinct``  every token a different user (cycling 0, 1, ..., N-1, 0, ... when T > N)
-* ``uniform``   each token's user drawn uniformly from [0, N)
-* ``zipf``      users ranked by a random permutation, rank k drawn with p ∝ k^-1.5
-* ``identical`` every token the same user
-* ``skewed``    half of the tokens one user, the rest uniform, positions shuffled
+* ``distinct``        every token a different user (cycling 0, 1, ..., N-1, 0, ... when T > N)
+* ``uniform``         each token's user drawn uniformly from [0, N)
+* ``zipf``            users ranked by a random permutation, rank k drawn with p ∝ k^-1.5
+* ``identical``       every token the same user
+* ``skewed``          half of the tokens one user, the rest uniform, positions shuffled
+* ``punica-uniform``  ceil(sqrt(T)) users with equal segments (the first T mod n one longer)
+* ``punica-skewed``   segments of floor(1.5^k) tokens, k = 0, 1, ..., while they fit, the
+                      remainder one more segment; longest first, a different user each
+
+Segments of the punica laws get distinct users, drawn at random (cycling when there
+are more segments than users).
 
 Nothing here imports triton, transformers or peft.
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["POPULARITY_LAWS", "ZIPF_ALPHA", "sample_user_ids", "make_mixture_inputs", "MIXTURE_PARAM_NAMES"]
+__all__ = ["POPULARITY_LAWS", "ZIPF_ALPHA", "punica_segments", "sample_user_ids", "make_mixture_inputs", "MIXTURE_PARAM_NAMES"]
 
-POPULARITY_LAWS = ("distinct", "uniform", "zipf", "identical", "skewed")
+POPULARITY_LAWS = ("distinct", "uniform", "zipf", "identical", "skewed", "punica-uniform", "punica-skewed")
 ZIPF_ALPHA = 1.5
 
 # The keyword tensors of ``proper_kernels.lora_mixture`` that make_mixture_inputs fills.
 MIXTURE_PARAM_NAMES = ("expert_A", "expert_B", "router_weight", "user_logit_bias", "user_A", "user_B", "user_router")
+
+
+def punica_segments(T: int, law: str) -> list:
+    """Segment lengths (tokens per user, in batch order) of Punica's ``punica-uniform``
+    or ``punica-skewed`` workload for a batch of T tokens; they add up to T."""
+    if T == 0:
+        return []
+    if law == "punica-uniform":
+        n = math.isqrt(T - 1) + 1  # ceil(sqrt(T))
+        base, extra = divmod(T, n)
+        return [base + 1] * extra + [base] * (n - extra)
+    if law != "punica-skewed":
+        raise ValueError(f"{law!r} is not a segment law (punica-uniform, punica-skewed)")
+    lens, a = [], 1.0
+    while sum(lens) + math.floor(a) < T:
+        lens.append(math.floor(a))
+        a *= ZIPF_ALPHA
+    lens.append(T - sum(lens))
+    return sorted(lens, reverse=True)
 
 
 def sample_user_ids(T: int, N: int, law: str, generator: Optional[torch.Generator] = None,
@@ -57,6 +86,11 @@ def sample_user_ids(T: int, N: int, law: str, generator: Optional[torch.Generato
         draws = torch.multinomial(p / p.sum(), T, replacement=True, generator=g) if T else torch.zeros(0, dtype=torch.int64)
         perm = torch.randperm(N, generator=g)  # which user holds rank 1, 2, ...
         ids = perm[draws]
+    elif law.startswith("punica-"):
+        lens = torch.tensor(punica_segments(T, law), dtype=torch.int64)
+        perm = torch.randperm(N, generator=g)
+        users = perm[torch.arange(lens.numel()) % N]
+        ids = torch.repeat_interleave(users, lens)
     elif law == "identical":
         hot = int(torch.randint(0, N, (1,), generator=g))
         ids = torch.full((T,), hot, dtype=torch.int64)

@@ -366,3 +366,27 @@ def test_gpu_session_script(tmp_path):
     assert "usage:" in r.stderr and "decode" in r.stderr and "all" in r.stderr
     text = open(script).read()
     assert "--decode-table proper_kernels/ops/decode_table.json" in text
+
+
+def test_punica_laws_are_punicas_segments():
+    """punica-uniform / punica-skewed are Punica's Uniform and Skewed workloads:
+    contiguous segments of ceil(sqrt T) equal shares, and of floor(1.5^k) tokens
+    (the remainder last), longest first, one distinct user each."""
+    from proper_kernels.testing import punica_segments
+    assert punica_segments(64, "punica-uniform") == [8] * 8
+    assert punica_segments(7, "punica-uniform") == [3, 2, 2]
+    assert punica_segments(64, "punica-skewed") == [17, 17, 11, 7, 5, 3, 2, 1, 1]
+    assert punica_segments(1, "punica-skewed") == [1] and punica_segments(0, "punica-uniform") == []
+    for T in (1, 2, 5, 16, 63, 64, 256, 1000):
+        for law in ("punica-uniform", "punica-skewed"):
+            lens = punica_segments(T, law)
+            assert sum(lens) == T and min(lens) >= 1 and lens == sorted(lens, reverse=True)
+    g = torch.Generator().manual_seed(3)
+    ids = sample_user_ids(64, 64, "punica-skewed", generator=g)
+    runs = torch.unique_consecutive(ids, return_counts=True)
+    assert runs[1].tolist() == punica_segments(64, "punica-skewed")
+    assert runs[0].unique().numel() == 9  # one user per segment
+    ids = sample_user_ids(10, 2, "punica-uniform", generator=g)  # 4 segments, 2 users: reused
+    assert ids.unique().numel() == 2 and torch.unique_consecutive(ids).numel() == 4
+    with pytest.raises(ValueError, match="segment law"):
+        punica_segments(8, "uniform")
