@@ -300,6 +300,7 @@ def test_decode_table_written_and_read(tmp_path, monkeypatch):
 
     path = tmp_path / "table.json"
     path.write_text(open(cd._TABLE_PATH).read())
+    (default_T,) = [e["max_T"] for e in json.loads(path.read_text())["entries"] if e["arch"] == "default"]
     env = dict(gpu="NVIDIA H100 80GB HBM3", torch="2.11", triton="3.6", git_commit="abc", timestamp="2026-11-25T00:00:00")
     rows = _decode_rows({(1, 0): (0.010, 0.020), (16, 1): (0.011, 0.020), (64, 2): (0.012, 0.020), (256, 3): (0.1, 0.05)})
     entry = run.update_decode_table(str(path), rows, "sm_90", env, ["--op", "decode"])
@@ -309,7 +310,7 @@ def test_decode_table_written_and_read(tmp_path, monkeypatch):
     # a second run replaces the entry instead of adding one
     run.update_decode_table(str(path), rows[:2], "sm_90", env, [])
     table = json.loads(path.read_text())
-    assert [(e["arch"], e["dtype"], e["max_T"]) for e in table["entries"]] == [("default", "*", 16), ("sm_90", "bfloat16", 1)]
+    assert [(e["arch"], e["dtype"], e["max_T"]) for e in table["entries"]] == [("default", "*", default_T), ("sm_90", "bfloat16", 1)]
     assert table["about"].startswith("When lora_mixture")
 
     # the package reads it: (arch, dtype) first, then the defaults
@@ -319,8 +320,8 @@ def test_decode_table_written_and_read(tmp_path, monkeypatch):
     monkeypatch.setattr(cd, "_arch_of", lambda device: "sm_90" if device == "fake-h100" else "default")
     monkeypatch.delenv("PROPER_KERNELS_CUDA_DECODE_MAX_T", raising=False)
     assert cd.decode_threshold("fake-h100", torch.bfloat16) == 1
-    assert cd.decode_threshold("fake-h100", torch.float16) == 16  # sm_90 has no fp16 entry
-    assert cd.decode_threshold("cpu", torch.bfloat16) == 16
+    assert cd.decode_threshold("fake-h100", torch.float16) == default_T  # sm_90 has no fp16 entry
+    assert cd.decode_threshold("cpu", torch.bfloat16) == default_T
     monkeypatch.setenv("PROPER_KERNELS_CUDA_DECODE_MAX_T", "40")
     assert cd.decode_threshold("fake-h100", torch.bfloat16) == 40
     # the launch mode comes from the same table
