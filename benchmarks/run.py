@@ -164,6 +164,15 @@ def _nvtx(label: str, device: torch.device):
     return contextlib.nullcontext()
 
 
+def _run_untimed(step, label: str, device: torch.device, iters: int) -> str:
+    """--iters: run the step ``iters`` times inside an NVTX range (for a profiler); the row's status."""
+    with _nvtx(label, device):
+        for _ in range(iters):
+            step()
+        _sync(device)
+    return f"ran {iters} untimed"
+
+
 # --------------------------------------------------------------------------- inputs
 def make_layers(case: Case, dtype, device, seed: int):
     """(layers: list of parameter dicts, x, user_ids, plan, dy) for a case."""
@@ -764,11 +773,7 @@ def run_case(case: Case, args, device, dtype, dtype_name, elem, ceiling, env, sk
             else:
                 row["refcheck"] = "off"
             if args.iters:
-                with _nvtx(label, device):
-                    for _ in range(args.iters):
-                        step()
-                    _sync(device)
-                row["status"] = f"ran {args.iters} untimed"
+                row["status"] = _run_untimed(step, label, device, args.iters)
                 rows.append(row)
                 continue
             if device.type == "cuda":
@@ -827,11 +832,7 @@ def run_e2e_case(case, args, device, dtype, base_row, skipped) -> List[dict]:
         try:
             step = e2e.make_fn(case, name, case.mode, device, dtype)
             if args.iters:
-                with _nvtx(bench_label(case, name), device):
-                    for _ in range(args.iters):
-                        step()
-                    _sync(device)
-                row["status"] = f"ran {args.iters} untimed"
+                row["status"] = _run_untimed(step, bench_label(case, name), device, args.iters)
                 rows.append(row)
                 continue
             if device.type == "cuda":

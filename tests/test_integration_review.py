@@ -13,15 +13,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from proper_kernels.integrations import ProperModel, get_proper_model  # noqa: E402
-from test_integration import VOCAB, config, rand_seqs, randomize, tiny_model, trained_user_model  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from test_integration import (  # noqa: E402,F401 - _one_thread: the same autouse fixture here
+    VOCAB, _one_thread, config, rand_seqs, randomize, tiny_model, trained_user_model)
 
 
 @torch.no_grad()

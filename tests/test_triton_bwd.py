@@ -681,11 +681,8 @@ def test_segment_chunks_table():
         assert (table[:, len(want):] == torch.tensor([[-1], [0], [-1]], dtype=torch.int32)).all()
 
 
-@interp
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("law", ["identical", "skewed"])
-def test_launcher_with_split_matches_contract(law, dtype, monkeypatch, xty_modes):
-    """The whole backward with the split forced: every per-user gradient vs the contract."""
+def force_small_split(monkeypatch):
+    """Make the backward split user segments over tokens in chunks of 16 (SPLIT_T)."""
     real = MB._configs
 
     def small_split(*a, **kw):
@@ -695,6 +692,14 @@ def test_launcher_with_split_matches_contract(law, dtype, monkeypatch, xty_modes
         return cfg
 
     monkeypatch.setattr(MB, "_configs", small_split)
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("law", ["identical", "skewed"])
+def test_launcher_with_split_matches_contract(law, dtype, monkeypatch, xty_modes):
+    """The whole backward with the split forced: every per-user gradient vs the contract."""
+    force_small_split(monkeypatch)
     p = make_inputs(45, 21, 19, 3, 4, 5, 4, law, 0.1, dtype=dtype, seed=7)
     needs = _applies(p)
     out, ref = run_launcher(p, 4, None, needs)

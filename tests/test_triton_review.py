@@ -18,6 +18,7 @@ from proper_kernels.reference.rankspace import mixture_fwd_ref  # noqa: E402
 from proper_kernels.triton import mixture_fwd as fwd_mod  # noqa: E402
 from proper_kernels.triton.mixture_fwd import DECODE_MAX_T, fwd_config, mixture_fwd  # noqa: E402
 from proper_kernels.triton.target import max_shared_memory  # noqa: E402
+from test_triton_bwd import force_small_split  # noqa: E402
 
 _INTERPRETED = type(fwd_mod._mixture_shrink_kernel).__name__ == "InterpretedFunction"
 interp = pytest.mark.skipif(not _INTERPRETED or os.environ.get("TRITON_INTERPRET") != "1",
@@ -94,15 +95,7 @@ def test_fp64_backward_keeps_fp64_scales(split, monkeypatch):
     for name in ("_mixture_bwd_rank_kernel", "_seg_xty_kernel"):
         monkeypatch.setattr(MB, name, _Fp32FloatArgs(getattr(MB, name)))
     if split:
-        real = MB._configs
-
-        def small_split(*a, **kw):
-            cfg = real(*a, **kw)
-            for k in ("xty_small_m", "xty_large_m"):
-                cfg[k] = dict(cfg[k], BLOCK_T=16, SPLIT_T=16)
-            return cfg
-
-        monkeypatch.setattr(MB, "_configs", small_split)
+        force_small_split(monkeypatch)
     a = {k: (v.double() if v.is_floating_point() else v) for k, v in _gen_case(37, 20, 18, 3, 2, 4, 3).items()}
     if split:
         a["user_ids"] = torch.where(torch.arange(37) % 5 == 0, -1, 2)  # one user, 29 tokens: 2 chunks
