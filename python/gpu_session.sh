@@ -8,7 +8,7 @@
 #   bash python/gpu_session.sh prefill    # square-4096 fwd + fwdbwd T in {1024,8192} (peak memory too)
 #   bash python/gpu_session.sh mlp        # llama-7b-mlp
 #   bash python/gpu_session.sh e2e        # tokens/s of a stage-3 step and of generation
-#   bash python/gpu_session.sh all        # the kernel tests (GPU + bf16; emulated ones skipped)
+#   bash python/gpu_session.sh all        # the kernel tests (GPU + bf16; emulated and interpreter ones skipped: CI runs them)
 #                                         # + decode, in one call (first call of a session)
 #
 # Files follow benchmarks/results/README.md: <gpu>-<date>-<preset>[-<op>].{csv,jsonl,txt};
@@ -55,7 +55,7 @@ case "$stage" in
     mlp)     install && bench llama-7b-mlp --preset llama-7b-mlp ;;
     e2e)     install && bench e2e --preset e2e ;;
     all)     install && timeout 330 python -m pytest tests/test_cuda_decode.py tests/test_triton_fwd.py \
-                 tests/test_triton_bwd.py -q -x -rs -k "not emulat" 2>&1 | tee "$prefix-tests.txt" | tail -30
+                 tests/test_triton_bwd.py -q -x -rs -k "not emulat and not interpreter_suite" 2>&1 | tee "$prefix-tests.txt" | tail -30
              decode_bench ;;
     *) echo "usage: $0 {tests|decode|prefill|mlp|e2e|all}" >&2; exit 2 ;;
 esac

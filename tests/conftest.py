@@ -6,6 +6,9 @@
 * PROPER_KERNELS_BACKEND=reference makes ``backend="auto"`` pick the reference on
   the CPU, so tests of the module, the integration and the benchmark do not run the
   (slow) interpreter by accident; kernel tests ask for backend="triton" explicitly.
+* Modules that run kernels in the interpreter call :func:`skip_if_interpreter_broken`:
+  an interpreter that cannot run at all (triton < 3.7 with numpy >= 2.3) skips them
+  with the fix in the reason instead of failing every test.
 """
 import os
 
@@ -21,6 +24,17 @@ except ImportError:  # pragma: no cover
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ.setdefault("PROPER_KERNELS_BACKEND", "reference")
+
+
+def skip_if_interpreter_broken():
+    """Skip the calling test module when its kernels run in the interpreter
+    (TRITON_INTERPRET=1, also in a GPU machine's subprocess rerun) and that cannot run
+    them (see proper_kernels.triton.target.interpreter_problem)."""
+    from proper_kernels.triton.target import interpreter_problem
+
+    why = interpreter_problem() if os.environ.get("TRITON_INTERPRET") == "1" else None
+    if why:
+        pytest.skip(why, allow_module_level=True)
 
 
 def pytest_configure(config):

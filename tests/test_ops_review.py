@@ -66,3 +66,24 @@ def test_dtype_policy_is_the_same_on_every_backend(x_dtype, p_dtype):
         out[be] = (y.float(), g, P["user_A"].grad.float())
     for a, c in zip(*out.values()) if len(out) == 2 else ():
         torch.testing.assert_close(a, c, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("triton_v,numpy_v,broken", [
+    ((3, 6), (2, 4), True), ((3, 6), (2, 2), False), ((3, 7), (2, 4), False), ((3, 9), (2, 3), False),
+    (None, (2, 4), False),
+])
+def test_interpreter_problem_names_the_fix(monkeypatch, triton_v, numpy_v, broken):
+    """Interpreters of triton < 3.7 cannot run with numpy >= 2.3: the reason says so
+    and how to fix it (auto then uses the reference, backend='triton' raises it)."""
+    from proper_kernels.triton import target
+
+    monkeypatch.setattr(target, "_version", lambda dist: {"triton": triton_v, "numpy": numpy_v}[dist])
+    target.interpreter_problem.cache_clear()
+    try:
+        why = target.interpreter_problem()
+    finally:
+        monkeypatch.undo()
+        target.interpreter_problem.cache_clear()
+    assert bool(why) is broken
+    if broken:
+        assert "triton 3.6" in why and "numpy 2.4" in why and "triton >= 3.7 or numpy < 2.3" in why

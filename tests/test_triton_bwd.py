@@ -26,7 +26,10 @@ _CUDA = torch.cuda.is_available()
 if not _CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from conftest import skip_if_interpreter_broken  # noqa: E402
+
 triton = pytest.importorskip("triton")
+skip_if_interpreter_broken()
 
 import proper_kernels  # noqa: E402
 from proper_kernels.ops.plan import RoutingPlan  # noqa: E402

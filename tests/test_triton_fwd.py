@@ -25,7 +25,10 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from conftest import skip_if_interpreter_broken  # noqa: E402
+
 triton = pytest.importorskip("triton")
+skip_if_interpreter_broken()
 
 import proper_kernels  # noqa: E402
 from proper_kernels.ops.plan import RoutingPlan  # noqa: E402
@@ -436,6 +439,10 @@ def test_interpreter_suite_in_subprocess():
     the interpreter), rerun this file's interpreter tests in a child process."""
     if _INTERPRETED or _IN_CHILD:
         pytest.skip("interpreter tests already run in this process")
+    from proper_kernels.triton.target import interpreter_problem
+
+    if interpreter_problem():
+        pytest.skip(interpreter_problem())
     env = dict(os.environ, TRITON_INTERPRET="1", PROPER_FWD_TEST_CHILD="1", CUDA_VISIBLE_DEVICES="")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],

@@ -11,7 +11,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from conftest import skip_if_interpreter_broken  # noqa: E402
+
 triton = pytest.importorskip("triton")
+skip_if_interpreter_broken()
 
 from proper_kernels.ops.plan import RoutingPlan  # noqa: E402
 from proper_kernels.reference.rankspace import mixture_fwd_ref  # noqa: E402

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ..reference.mixture import lora_mixture_ref
+from ..triton.target import interpreter_problem
 from . import cuda_decode
 from .plan import RoutingPlan
 from .validate import MixtureSpec, check_mixture_args
@@ -18,6 +19,8 @@ from .validate import MixtureSpec, check_mixture_args
 __all__ = ["lora_mixture", "available_backends", "choose_backend", "BACKENDS"]
 
 BACKENDS = ("auto", "reference", "triton", "cuda")
+# Read once: torch.compile traces the dispatch, and a constant is all it needs to see.
+_INTERPRETER_PROBLEM: Optional[str] = interpreter_problem()
 
 
 def _module(name: str):
@@ -35,7 +38,7 @@ def _triton_usable(device: torch.device) -> bool:
         return False
     if device.type == "cuda":
         return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1" and _INTERPRETER_PROBLEM is None
 
 
 def _interpreter_unsupported(device: torch.device, tensors) -> Optional[str]:
@@ -98,9 +101,10 @@ def choose_backend(x: Tensor, spec: MixtureSpec, requested: Optional[str], tenso
         return "reference"
     if requested == "triton":
         if not _triton_usable(x.device):
+            why = _INTERPRETER_PROBLEM if x.device.type == "cpu" else None
             raise RuntimeError(
                 f"backend='triton' is not usable on {x.device}: it needs triton and a CUDA device "
-                "(or TRITON_INTERPRET=1 on CPU)"
+                "(or TRITON_INTERPRET=1 on CPU)" + (f"; here {why}" if why else "")
             )
         why = _interpreter_unsupported(x.device, tensors)
         if why is not None:

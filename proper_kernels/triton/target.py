@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
+from importlib import metadata
 from contextvars import ContextVar
 from typing import Iterator, Optional
 
 import torch
 
-__all__ = ["DEFAULT_ARCH", "target_arch", "device_arch", "max_shared_memory"]
+__all__ = ["DEFAULT_ARCH", "target_arch", "device_arch", "max_shared_memory", "interpreter_problem"]
 
 # The table the configs were first tuned for (H100); CPU / meta launches get it.
 DEFAULT_ARCH = 90
@@ -68,3 +70,25 @@ def max_shared_memory(arch: int) -> int:
     if arch >= 70:
         return 96 * 1024 if arch < 75 else 64 * 1024
     return 48 * 1024
+
+
+def _version(dist: str):
+    try:
+        m = re.match(r"(\d+)\.(\d+)", metadata.version(dist))
+    except metadata.PackageNotFoundError:
+        return None
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+@functools.lru_cache(maxsize=None)
+def interpreter_problem() -> Optional[str]:
+    """Why the installed triton's CPU interpreter (TRITON_INTERPRET=1) cannot run the
+    kernels, or None. Interpreters before triton 3.7 turn one-element arrays into loop
+    bounds with int(), which numpy >= 2.3 refuses: every kernel with a loop fails with
+    "only 0-dimensional arrays can be converted to Python scalars". Compiled kernels
+    (CUDA) are not affected."""
+    tv, nv = _version("triton"), _version("numpy")
+    if tv is not None and nv is not None and tv < (3, 7) and nv >= (2, 3):
+        return (f"the CPU interpreter of triton {tv[0]}.{tv[1]} fails with numpy {nv[0]}.{nv[1]} "
+                "(int() of one-element arrays): install triton >= 3.7 or numpy < 2.3")
+    return None
