@@ -74,8 +74,8 @@ PRESETS: Dict[str, Dict[str, object]] = {
         "dtype": "bfloat16",
         "dims": dict(d_in=4096, d_out=4096, K=8, r=16, r_u=16, N=64),
         "ops": {
-            "decode": [((1, 16, 64, 256), ("uniform",)),
-                       ((64,), ("distinct", "zipf", "identical", "skewed", "punica-uniform", "punica-skewed"))],
+            "decode": [((1, 16, 64, 256), ("distinct", "uniform")),
+                       ((64,), ("zipf", "identical", "skewed", "punica-uniform", "punica-skewed"))],
             "fwd": [((1024, 8192), ("uniform",)), ((8192,), ("zipf", "identical"))],
             "fwdbwd": [((1024, 8192), ("uniform",)), ((8192,), ("zipf",))],
         },
