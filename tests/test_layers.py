@@ -102,6 +102,20 @@ def test_merge_population_keeps_output():
     torch.testing.assert_close(m(x), before, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_merge_population_rounds_once(dtype):
+    """In 16-bit the merged W0 is W0 + s_p B_p A_p formed in fp32 and rounded once."""
+    base, m = _layer(num_experts=0, num_users=0)
+    m = m.to(dtype)
+    with torch.no_grad():
+        m.population_B.normal_()
+        m.weight.mul_(100)  # |W0| >> |delta|: rounding delta first would lose bits
+    w0, a, b = m.weight.detach().clone(), m.population_A.detach().clone(), m.population_B.detach().clone()
+    m.merge_population()
+    want = (w0.float() + m.population_scale * (b.float() @ a.float())).to(dtype)
+    assert torch.equal(m.weight, want)
+
+
 def test_add_users_fresh_and_gradients_per_user():
     _, m = _layer(population_rank=0)
     old_A = m.user_A.detach().clone()

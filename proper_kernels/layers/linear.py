@@ -229,11 +229,12 @@ class ProperLinear(nn.Module):
     # ------------------------------------------------------------------ stages
     @torch.no_grad()
     def merge_population(self) -> None:
-        """Fold s_p B_p A_p into the base weight and drop the population LoRA."""
+        """Fold s_p B_p A_p into the base weight and drop the population LoRA. The sum
+        is formed in fp32 and rounded once to W0's dtype (not delta, then the sum)."""
         if self.population_A is None:
             return
         delta = self.population_scale * (self.population_B.float() @ self.population_A.float())
-        self.weight.add_(delta.to(self.weight.dtype))
+        self.weight.copy_(self.weight.float() + delta)
         self.population_A = None
         self.population_B = None
         self.use_population = False
