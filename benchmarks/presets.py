@@ -40,13 +40,13 @@ class Case:
     loop_users: int = 0    # e2e loop: users timed one at a time (0: all N; tokens/s is a rate)
 
     def shape(self) -> str:
-        if self.op == "mlp":
-            dims = f"d={self.d_in} ff={self.d_ff}"
-        elif self.op == "e2e":
+        if self.op == "e2e":  # T is the sequence length of each of the N users' rows
             dims = f"seq={self.T}" + (f" new={self.new_tokens}" if self.mode == "generate" else "")
+        elif self.op == "mlp":
+            dims = f"T={self.T} d={self.d_in} ff={self.d_ff}"
         else:
-            dims = f"{self.d_in}->{self.d_out}"
-        return f"T={self.T} {dims} K={self.K} r={self.r} r_u={self.r_u} N={self.N}"
+            dims = f"T={self.T} {self.d_in}->{self.d_out}"
+        return f"{dims} K={self.K} r={self.r} r_u={self.r_u} N={self.N}"
 
     def as_dict(self) -> Dict[str, object]:
         return asdict(self)

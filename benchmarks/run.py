@@ -617,7 +617,7 @@ def run(args) -> int:
         + f"  commit={env['git_commit'] or '-'}" + threads_note,
         f"command: {env['command']}",
         f"measured ceilings: copy {ceiling.bandwidth / 1e9:.1f} GB/s; GEMM "
-        + ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" for k, v in ceiling.gemm_rate.items()),
+        + ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in ceiling.gemm_rate.items()),
         "refcheck: " + (f"on (fp32 reference; tol = 3x same-dtype torch error + {TOL_EPS} eps max|ref|)"
                         if args.refcheck else "off"),
     ]
