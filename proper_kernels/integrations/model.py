@@ -124,8 +124,16 @@ class ProperModel(nn.Module):
             setattr(parent, attr, layer)
             self.layer_names.append(full)
         self._apply_stage_flags(None)
-        self.register_state_dict_post_hook(ProperModel._drop_tied_keys)
-        self.register_load_state_dict_pre_hook(ProperModel._fill_tied_keys)
+        # Older torch (our floor is 2.4) may have only the private names, which take the
+        # same hooks.
+        if hasattr(self, "register_state_dict_post_hook"):
+            self.register_state_dict_post_hook(ProperModel._drop_tied_keys)
+        else:  # pragma: no cover - older torch
+            self._register_state_dict_hook(ProperModel._drop_tied_keys)
+        if hasattr(self, "register_load_state_dict_pre_hook"):
+            self.register_load_state_dict_pre_hook(ProperModel._fill_tied_keys)
+        else:  # pragma: no cover - older torch
+            self._register_load_state_dict_pre_hook(ProperModel._fill_tied_keys, with_module=True)
 
     # ------------------------------------------------------------------ tied weights
     # state_dict() holds one entry per tied parameter (an lm_head tied to the input
