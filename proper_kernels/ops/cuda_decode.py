@@ -409,6 +409,11 @@ def lora_mixture_decode_cuda(
     T, d_in = x.shape
     d_out, K, r, r_u = spec.d_out, spec.K, spec.r, spec.r_u
     N = spec.N or 0
+    if N == 0:
+        # No user tensors, or a bank of zero users (every id is -1, checked above): every
+        # user term is zero, so the kernel gets none of them (it needs N >= 1 for any).
+        user_logit_bias = user_A = user_B = user_router = None
+        r_u = 0
     device = x.device
     if emulated:
         dev_index, ctx = 0, contextlib.nullcontext()
