@@ -46,3 +46,32 @@ def test_empty_user_bank(run):
     y_ref, g_ref = lora_mixture_ref(x, W, b, **kw)
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(gates, g_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_plan_without_user_ids(run):
+    """A plan carries the ids: check_decode_args accepts user tensors with a plan and
+    no user_ids, so the kernel must read the plan's (it got none: RuntimeError)."""
+    x, W, b, kw = make_case(T=11, N=5, users="with_none", dtype=torch.float32, top_k=3)
+    plan = pk.plan(kw["user_ids"], 5)
+    y = run(x, W, b, plan=plan, **{k: v for k, v in kw.items() if k != "user_ids"})
+    y_ref, _ = decode_loop_ref(x, W, b, **kw)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_plan_ids_are_the_ones_used(run):
+    """With a plan and user_ids both given, the plan's (range-checked) ids are used, as
+    in proper_kernels.lora_mixture; the unchecked user_ids used to win."""
+    x, W, b, kw = make_case(T=9, N=5, users="distinct", dtype=torch.float32)
+    plan = pk.plan(kw["user_ids"], 5)
+    other = torch.full_like(kw["user_ids"], 7)  # out of range: no range check ran on it
+    y = run(x, W, b, plan=plan, **dict(kw, user_ids=other))
+    y_ref, _ = decode_loop_ref(x, W, b, **kw)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_out_must_not_overlap_plan_ids(emu):
+    x, W, b, kw = make_case(T=4, d_out=1, N=5, dtype=torch.float32)
+    plan = pk.plan(kw.pop("user_ids"), 5)
+    out = plan.user_ids.view(torch.float32).view(4, 1)
+    with pytest.raises(ValueError, match="overlap"):
+        cd.run_extension(emu, x, W, b, plan=plan, out=out, **kw)

@@ -286,7 +286,8 @@ def check_decode_args(
             raise ValueError(f"out is on {out.device} but x is on {x.device}")
         if not out.is_contiguous():
             raise ValueError("out [T, d_out] must be contiguous")
-        for name, t in dict(tensors, x=x, user_ids=user_ids).items():
+        plan_ids = plan.user_ids if plan is not None else None
+        for name, t in dict(tensors, x=x, user_ids=user_ids, plan_user_ids=plan_ids).items():
             if t is not None and _overlaps(out, t):
                 raise ValueError(f"out must not overlap {name} (the kernel reads it while writing out)")
     return spec
@@ -364,7 +365,11 @@ def lora_mixture_decode_cuda(
             bias=None this is the add-into-y variant for a base GEMM done elsewhere.
         return_gates: also return the gates.
         plan: the batch's RoutingPlan; its ids were range-checked when it was built,
-            so passing it skips the per-call host sync of that check.
+            so passing it skips the per-call host sync of that check. Its ids are the
+            ones used (user_ids may then be omitted; when both are given the plan
+            wins, as in :func:`proper_kernels.lora_mixture`). A plan built with
+            ``check=False`` from ids outside [-1, N): the kernel treats those tokens
+            as having no user (it never reads outside the user bank).
         launch: "two" (shrink and expand kernels; the expand with programmatic
             dependent launch on sm_90) or "one" (a single cooperative kernel with a
             grid barrier between the phases); None: $PROPER_KERNELS_CUDA_DECODE_LAUNCH,
@@ -444,6 +449,8 @@ def lora_mixture_decode_cuda(
         # else: the kernel writes delta alone (y_in = 0), or adds it into out (accumulate).
 
         ids = None
+        if plan is not None:
+            user_ids = plan.user_ids  # int32 [T], range-checked when the plan was built
         if user_ids is not None and N > 0:
             ids = user_ids.to(dtype=torch.int32).contiguous()
         gates = None
