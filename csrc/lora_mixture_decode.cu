@@ -746,13 +746,16 @@ std::string decode_launch(const DecodeArgs& a) {
   Layout lay;
   std::string err = check_sizes(a.T, a.d_in, a.K, a.r, a.r_u, a.router_weight != 0, &lay);
   if (!err.empty()) return err;
-  if (a.d_out < 1 || a.d_out > (int64_t{1} << 30)) return "d_out out of range";
+  if (a.d_out < 0 || a.d_out > (int64_t{1} << 30)) return "d_out out of range";
   if (a.dtype != kFloat32 && a.dtype != kFloat16 && a.dtype != kBFloat16)
     return "dtype must be 0 (float32), 1 (float16) or 2 (bfloat16)";
-  if (a.x == 0 || a.y_out == 0) return "x and y_out must be given";
-  if (a.K > 0 && (a.expert_A == 0 || a.expert_B == 0)) return "K > 0 needs expert_A and expert_B";
+  // d_out = 0: nothing to write (y_out, expert_B and user_B may be empty, i.e. 0), but
+  // the gates are still computed (one expand tile per token tile).
+  const bool has_out = a.d_out > 0;
+  if (a.x == 0 || (has_out && a.y_out == 0)) return "x and y_out must be given";
+  if (a.K > 0 && (a.expert_A == 0 || (has_out && a.expert_B == 0))) return "K > 0 needs expert_A and expert_B";
   if (a.K > 0 && (a.top_k < 1 || a.top_k > a.K)) return "top_k must be in [1, K]";
-  if (a.r_u > 0 && (a.N < 1 || a.user_A == 0 || a.user_B == 0 || a.user_ids == 0))
+  if (a.r_u > 0 && (a.N < 1 || a.user_A == 0 || (has_out && a.user_B == 0) || a.user_ids == 0))
     return "r_u > 0 needs N >= 1, user_A, user_B and user_ids";
   if ((a.user_logit_bias != 0 || a.user_router != 0) && (a.N < 1 || a.user_ids == 0 || a.K == 0))
     return "user_logit_bias / user_router need N >= 1, user_ids and experts";
@@ -765,7 +768,7 @@ std::string decode_launch(const DecodeArgs& a) {
   const int esize = a.dtype == kFloat32 ? 4 : 2;
 
   if (lay.R == 0) {  // nothing to add: y_out = y_in (or 0)
-    if (a.y_out != a.y_in) {
+    if (a.y_out != a.y_in && has_out) {
       const size_t bytes = static_cast<size_t>(a.T * a.d_out * esize);
       cudaError_t e = a.y_in != 0
                           ? cudaMemcpyAsync(reinterpret_cast<void*>(a.y_out),
@@ -870,7 +873,7 @@ std::string decode_launch(const DecodeArgs& a) {
   p.g1x = static_cast<int>(ceil_div(lay.R, int64_t{kWarps} * kRowsPerWarp));
   p.g1y = static_cast<int>(tiles);
   p.g1z = splits;
-  p.g2x = static_cast<int>(ceil_div(a.d_out, int64_t{kThreads / G} * kOutPerThread));
+  p.g2x = static_cast<int>(std::max<int64_t>(1, ceil_div(a.d_out, int64_t{kThreads / G} * kOutPerThread)));
   p.g2y = static_cast<int>(tiles);
   const size_t smem = (static_cast<size_t>(kTokTile) * p.Rp + static_cast<size_t>(kTokTile) * p.Kp) *
                           sizeof(float) + kTokTile * sizeof(int);

@@ -31,7 +31,8 @@ constexpr int64_t kMaxRankTotal = 1024;  // K*r + r_u + K (rank rows of the shri
 // user_logit_bias [N, K], user_ids int32 [T], user_A [N, r_u, d_in],
 // user_B [N, d_out, r_u], user_router [N, K, r_u], gates fp32 [T, K].
 // Every tensor is dense row-major (contiguous). A pointer of 0 means "absent":
-// K = 0 means no experts, r_u = 0 no user adapters, N = 0 no user tensors at all.
+// K = 0 means no experts, r_u = 0 no user adapters, N = 0 no user tensors at all;
+// d_out = 0 writes nothing (y_out, expert_B, user_B may be 0) but still the gates.
 // y_out = (y_in ? y_in : 0) + delta; y_in == y_out is the add-into-y variant.
 struct DecodeArgs {
   int dtype = kBFloat16;

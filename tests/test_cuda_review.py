@@ -75,3 +75,22 @@ def test_out_must_not_overlap_plan_ids(emu):
     out = plan.user_ids.view(torch.float32).view(4, 1)
     with pytest.raises(ValueError, match="overlap"):
         cd.run_extension(emu, x, W, b, plan=plan, out=out, **kw)
+
+
+@pytest.mark.parametrize("parts", ["full", "experts only", "no experts"])
+def test_zero_width_output(run, parts):
+    """d_out = 0 is legal (the reference returns [T, 0] and the gates); the launcher
+    refused it with 'd_out out of range'."""
+    case = dict(T=10, d_out=0, N=3, users="with_none", dtype=torch.float32, top_k=2)
+    if parts == "experts only":
+        case.update(user_lora=False, user_bias=False, user_router=False, weight=False, bias=False)
+    if parts == "no experts":
+        case.update(experts=False, top_k=None)
+    x, W, b, kw = make_case(**case)
+    y, gates = run(x, W, b, return_gates=True, **kw)
+    y_ref, g_ref = lora_mixture_ref(x, W, b, **kw)
+    assert y.shape == (10, 0) and y.dtype == x.dtype
+    if g_ref is None:
+        assert gates is None
+    else:
+        torch.testing.assert_close(gates, g_ref, rtol=1e-4, atol=1e-6)
