@@ -94,3 +94,9 @@ def test_zero_width_output(run, parts):
         assert gates is None
     else:
         torch.testing.assert_close(gates, g_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_auto_falls_back_for_empty_d_in():
+    """unsupported_reason covers every shape check_decode_args rejects (d_in = 0)."""
+    x = torch.zeros(3, 0)
+    assert cd.unsupported_reason(x, torch.zeros(4, 0), None) is not None

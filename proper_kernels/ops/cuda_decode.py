@@ -167,6 +167,8 @@ def unsupported_reason(x, weight, bias, *, expert_A=None, expert_B=None, router_
         return f"dtype {x.dtype} (needs float16, bfloat16 or float32)"
     if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_TOKENS:
         return f"T = {x.shape[0]} outside [1, {MAX_TOKENS}]"
+    if x.shape[1] < 1:
+        return "d_in = 0"
     tensors = (x, weight, bias, expert_A, expert_B, router_weight, user_logit_bias, user_A, user_B, user_router)
     for t in tensors:
         if t is not None and t.dtype != x.dtype:
