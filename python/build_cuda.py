@@ -13,7 +13,9 @@ skipped and the package installs without it (the Triton / PyTorch paths still ru
 Architectures: `PROPER_KERNELS_CUDA_ARCH_LIST`, torch-style, e.g. "8.0;9.0+PTX"
 (also "80 90", "sm_80,sm_90a"); default "8.0;9.0+PTX" = SASS for sm_80 (runs on all
 8.x GPUs) and sm_90, plus compute_90 PTX for JIT on newer GPUs. A compile error makes
-the build skip the extension with a message unless `PROPER_KERNELS_REQUIRE_CUDA_BUILD=1`.
+the build skip the extension with a message unless `PROPER_KERNELS_REQUIRE_CUDA_BUILD=1`,
+which also turns every other reason to skip it (no nvcc, no pybind11, a malformed
+arch list) into an error; `PROPER_KERNELS_SKIP_CUDA_BUILD=1` still wins.
 
 The extension links only the CUDA runtime, statically (cudart_static), so it needs
 no libcudart on the library path and never links torch; it needs a driver at least
@@ -163,13 +165,17 @@ def _make_build_ext(nvcc: str, cuda_home: str, archs: list[tuple[str, bool]]):
 
 def cuda_extensions(repo_root: str, verbose: bool = True):
     """(ext_modules, cmdclass) for setup(); ([], {}) with a message when skipped."""
+    if os.environ.get("PROPER_KERNELS_SKIP_CUDA_BUILD") == "1":
+        if verbose:
+            _say(f"skipping the CUDA extension {EXT_NAME}: PROPER_KERNELS_SKIP_CUDA_BUILD=1")
+        return [], {}
+
     def skip(why: str):
+        if os.environ.get("PROPER_KERNELS_REQUIRE_CUDA_BUILD") == "1":
+            raise RuntimeError(f"PROPER_KERNELS_REQUIRE_CUDA_BUILD=1 but {EXT_NAME} cannot be built: {why}")
         if verbose:
             _say(f"skipping the CUDA extension {EXT_NAME}: {why}")
         return [], {}
-
-    if os.environ.get("PROPER_KERNELS_SKIP_CUDA_BUILD") == "1":
-        return skip("PROPER_KERNELS_SKIP_CUDA_BUILD=1")
     cuda_home, nvcc = find_cuda_home()
     if nvcc is None:
         return skip("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
@@ -216,6 +222,9 @@ def check(repo_root: str) -> int:
     os.chdir(repo_root)
     try:
         exts, cmdclass = cuda_extensions(repo_root)
+    except RuntimeError as exc:  # PROPER_KERNELS_REQUIRE_CUDA_BUILD=1 and a reason to skip
+        _say(str(exc))
+        exts = []
     finally:
         os.chdir(cwd)
     if not exts:

@@ -100,3 +100,20 @@ def test_auto_falls_back_for_empty_d_in():
     """unsupported_reason covers every shape check_decode_args rejects (d_in = 0)."""
     x = torch.zeros(3, 0)
     assert cd.unsupported_reason(x, torch.zeros(4, 0), None) is not None
+
+
+def test_require_build_fails_on_bad_arch_list(monkeypatch):
+    """PROPER_KERNELS_REQUIRE_CUDA_BUILD=1 means a missing extension fails the install:
+    a malformed arch list used to skip the build quietly and install without it."""
+    bc = _load_build_cuda()
+    if bc.find_cuda_home()[0] is None:
+        pytest.skip("no CUDA toolkit: the build is skipped before the arch list is read")
+    pytest.importorskip("pybind11")
+    monkeypatch.delenv("PROPER_KERNELS_SKIP_CUDA_BUILD", raising=False)
+    monkeypatch.setenv("PROPER_KERNELS_CUDA_ARCH_LIST", "banana")
+    assert bc.cuda_extensions(ROOT, verbose=False) == ([], {})
+    monkeypatch.setenv("PROPER_KERNELS_REQUIRE_CUDA_BUILD", "1")
+    with pytest.raises(RuntimeError, match="banana"):
+        bc.cuda_extensions(ROOT, verbose=False)
+    monkeypatch.setenv("PROPER_KERNELS_SKIP_CUDA_BUILD", "1")  # an explicit skip still wins
+    assert bc.cuda_extensions(ROOT, verbose=False) == ([], {})
