@@ -70,7 +70,7 @@ PRESETS: Dict[str, Dict[str, object]] = {
         },
     },
     "square-4096": {
-        "doc": "one 4096->4096 projection, K=8, r=16, r_u=16, 64 users (KERNELS.md section 12; GPU default)",
+        "doc": "one 4096->4096 projection, K=8, r=16, r_u=16, 64 users (H100 decode floor at T=64: 18.9 MB of adapters, ~6 us; GPU default)",
         "dtype": "bfloat16",
         "dims": dict(d_in=4096, d_out=4096, K=8, r=16, r_u=16, N=64),
         "ops": {
