@@ -187,7 +187,8 @@ def cuda_extensions(repo_root: str, verbose: bool = True):
         return skip("pybind11 is not importable at build time "
                     "(pip build isolation? use `pip install --no-build-isolation -e .`)")
     try:
-        archs = parse_arch_list(os.environ.get("PROPER_KERNELS_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST))
+        # Set but empty is unset (as torch's TORCH_CUDA_ARCH_LIST): the default list.
+        archs = parse_arch_list(os.environ.get("PROPER_KERNELS_CUDA_ARCH_LIST", "").strip() or DEFAULT_ARCH_LIST)
     except ValueError as exc:
         return skip(str(exc))
     try:

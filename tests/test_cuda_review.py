@@ -117,3 +117,16 @@ def test_require_build_fails_on_bad_arch_list(monkeypatch):
         bc.cuda_extensions(ROOT, verbose=False)
     monkeypatch.setenv("PROPER_KERNELS_SKIP_CUDA_BUILD", "1")  # an explicit skip still wins
     assert bc.cuda_extensions(ROOT, verbose=False) == ([], {})
+
+
+def test_empty_arch_list_env_means_default(monkeypatch):
+    """PROPER_KERNELS_CUDA_ARCH_LIST= (set but empty) is the default list, as torch's
+    TORCH_CUDA_ARCH_LIST; it used to skip the build ('is empty')."""
+    bc = _load_build_cuda()
+    if bc.find_cuda_home()[0] is None:
+        pytest.skip("no CUDA toolkit")
+    pytest.importorskip("pybind11")
+    monkeypatch.delenv("PROPER_KERNELS_SKIP_CUDA_BUILD", raising=False)
+    monkeypatch.setenv("PROPER_KERNELS_CUDA_ARCH_LIST", " ")
+    exts, cmdclass = bc.cuda_extensions(ROOT, verbose=False)
+    assert len(exts) == 1 and "build_ext" in cmdclass
