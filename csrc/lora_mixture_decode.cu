@@ -193,8 +193,9 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-// User of token t, or -1 for "no user" and for ids outside [0, N) (Python rejects
-// those; the kernel never dereferences an out-of-range adapter).
+// User of token t, or -1 for "no user" and for ids outside [0, N) (Python range-checks
+// the ids, or the RoutingPlan did unless built with check=False; either way the kernel
+// never dereferences an out-of-range adapter: such a token gets no user terms).
 __device__ __forceinline__ int token_user(const KernelParams& p, int t) {
   if (p.user_ids == nullptr || t >= p.T) return -1;
   const int u = p.user_ids[t];

@@ -24,7 +24,7 @@ enum Launch : int { kLaunchTwo = 0, kLaunchOne = 1 };
 // Limits of the decode kernel (checked again in Python before any pointer is used).
 constexpr int64_t kMaxTokens = 4096;     // T: the decode path is for small batches
 constexpr int64_t kMaxExperts = 64;      // K
-constexpr int64_t kMaxRankTotal = 1024;  // K*r + r_u + K (rank rows of the shrink)
+constexpr int64_t kMaxRankTotal = 1024;  // K*r + r_u (+ K with a router): rank rows of the shrink
 
 // All arguments of one call. Sizes: x [T, d_in], y_in/y_out [T, d_out],
 // expert_A [K, r, d_in], expert_B [K, d_out, r], router_weight [K, d_in],
