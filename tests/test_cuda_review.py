@@ -130,3 +130,26 @@ def test_empty_arch_list_env_means_default(monkeypatch):
     monkeypatch.setenv("PROPER_KERNELS_CUDA_ARCH_LIST", " ")
     exts, cmdclass = bc.cuda_extensions(ROOT, verbose=False)
     assert len(exts) == 1 and "build_ext" in cmdclass
+
+
+def test_empty_user_bank_alone(run):
+    """Only user adapters, with N = 0: nothing to add, y = 0 (the launcher's copy path)."""
+    x, W, b, kw = make_case(T=5, N=1, users="all_none", dtype=torch.float16, experts=False, weight=False, bias=False)
+    for name in ("user_A", "user_B"):
+        kw[name] = kw[name][:0].contiguous()
+    y = run(x, W, b, out=torch.full((5, 80), float("nan"), dtype=torch.float16), **kw)
+    assert torch.equal(y, torch.zeros(5, 80, dtype=torch.float16))
+
+
+def test_unchecked_plan_ids_out_of_range_get_no_user(run):
+    """Documented: ids the plan holds are not checked again (e.g. new ids copied into a
+    captured plan's buffer before a CUDA-graph replay); a token whose id is outside
+    [0, N) gets no user terms and nothing outside the user bank is read."""
+    x, W, b, kw = make_case(T=9, N=5, users="distinct", dtype=torch.float32)
+    plan = pk.plan(kw["user_ids"], 5)
+    bad = kw["user_ids"].clone()
+    bad[::2] = torch.tensor([5, 1000, -2, -(2 ** 31), 2 ** 31 - 1])
+    plan.user_ids.copy_(bad)
+    y = run(x, W, b, plan=plan, **{k: v for k, v in kw.items() if k != "user_ids"})
+    y_ref, _ = decode_loop_ref(x, W, b, **dict(kw, user_ids=torch.where((bad >= 0) & (bad < 5), bad, -1)))
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)

@@ -369,9 +369,10 @@ def lora_mixture_decode_cuda(
         plan: the batch's RoutingPlan; its ids were range-checked when it was built,
             so passing it skips the per-call host sync of that check. Its ids are the
             ones used (user_ids may then be omitted; when both are given the plan
-            wins, as in :func:`proper_kernels.lora_mixture`). A plan built with
-            ``check=False`` from ids outside [-1, N): the kernel treats those tokens
-            as having no user (it never reads outside the user bank).
+            wins, as in :func:`proper_kernels.lora_mixture`). They are not checked
+            again (e.g. ids copied into a captured plan before a CUDA-graph replay):
+            a token whose id lies outside [0, N) gets no user terms; the kernel never
+            reads outside the user bank.
         launch: "two" (shrink and expand kernels; the expand with programmatic
             dependent launch on sm_90) or "one" (a single cooperative kernel with a
             grid barrier between the phases); None: $PROPER_KERNELS_CUDA_DECODE_LAUNCH,
