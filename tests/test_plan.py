@@ -86,3 +86,11 @@ def test_num_users_type():
         pk.plan(ids, 4.0)
     p = pk.plan(ids, torch.tensor(4).numpy()[()])  # a numpy integer is an integer
     assert p.num_users == 4 and type(p.num_users) is int
+
+
+@pytest.mark.parametrize("bad", [3, 7, -2])
+def test_unchecked_plan_still_names_out_of_range_ids(bad):
+    """check=False skips the range check's host sync, but an id outside [-1, N) still
+    gets a ValueError naming user_ids, not a torch shape error from inside the plan."""
+    with pytest.raises(ValueError, match=r"user_ids must lie in \[-1, 3\).*check=False"):
+        pk.plan(torch.tensor([0, bad, 1]), 3, check=False)

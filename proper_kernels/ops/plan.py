@@ -58,7 +58,14 @@ class RoutingPlan:
         # A stable sort keeps each user's tokens in their original order, which makes
         # every per-user reduction deterministic.
         self.order = torch.sort(bucket, stable=True).indices.to(torch.int32)
-        bucket_counts = torch.bincount(bucket, minlength=num_users + 1)
+        try:
+            bucket_counts = torch.bincount(bucket, minlength=num_users + 1)
+        except RuntimeError as exc:  # an id < -1 (only reachable with check=False)
+            raise ValueError(f"user_ids must lie in [-1, {num_users}) (num_users={num_users}); "
+                             f"check=False skipped the range check ({exc})") from None
+        if bucket_counts.numel() > num_users + 1:  # an id >= num_users (check=False)
+            raise ValueError(f"user_ids must lie in [-1, {num_users}) (num_users={num_users}), got an id >= "
+                             f"{num_users}; check=False skipped the range check")
         offsets = torch.zeros(num_users + 2, dtype=torch.int64, device=ids.device)
         offsets[1:] = torch.cumsum(bucket_counts, 0)
         self.seg_offsets = offsets.to(torch.int32)
