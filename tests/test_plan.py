@@ -90,7 +90,35 @@ def test_num_users_type():
 
 @pytest.mark.parametrize("bad", [3, 7, -2])
 def test_unchecked_plan_still_names_out_of_range_ids(bad):
-    """check=False skips the range check's host sync, but an id outside [-1, N) still
-    gets a ValueError naming user_ids, not a torch shape error from inside the plan."""
-    with pytest.raises(ValueError, match=r"user_ids must lie in \[-1, 3\).*check=False"):
+    """check=False skips the range check's host sync on CUDA; on the CPU, where it
+    costs none, an id outside [-1, N) still gets a ValueError naming user_ids."""
+    with pytest.raises(ValueError, match=r"user_ids must lie in \[-1, 3\)"):
         pk.plan(torch.tensor([0, bad, 1]), 3, check=False)
+
+
+@pytest.mark.gpu
+def test_unchecked_plan_builds_without_a_host_sync_and_in_a_cuda_graph():
+    """check=False on CUDA: no host sync (sync debug mode 'error' would raise), so the
+    plan can be rebuilt inside a captured CUDA graph for new ids at every replay."""
+    N, T = 9, 50
+    ids = torch.randint(-1, N, (T,), device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        p = pk.plan(ids, N, check=False)
+        p.tile_table(16)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    ref = pk.plan(ids.cpu(), N)
+    assert torch.equal(p.seg_offsets.cpu(), ref.seg_offsets) and torch.equal(p.order.cpu(), ref.order)
+    static = ids.clone()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = pk.plan(static, N, check=False)
+    new = torch.randint(-1, N, (T,), device="cuda")
+    static.copy_(new)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = pk.plan(new.cpu(), N)
+    assert torch.equal(captured.seg_offsets.cpu(), ref.seg_offsets)
+    assert torch.equal(captured.counts.cpu(), ref.counts) and torch.equal(captured.order.cpu(), ref.order)

@@ -4,9 +4,12 @@ Tokens are grouped by user through a stable sort *of indices* (x itself is never
 copied). Bucket 0 holds the tokens without a user (id -1), bucket ``u + 1`` the
 tokens of user ``u``; bucket ``b`` is ``order[seg_offsets[b]:seg_offsets[b + 1]]``.
 
-Everything is computed with tensor ops on the ids' device. The one host sync is the
-range check of the ids (skip it with ``check=False`` when the ids are known to be
-valid, e.g. under CUDA-graph capture); ``active_users`` syncs lazily on first use.
+Everything is computed with tensor ops on the ids' device, with no atomics (the
+segment offsets are a search in the sorted ids, not a bincount, which syncs on CUDA).
+The one host sync is the range check of the ids: skip it with ``check=False`` when
+the ids are known to be valid, e.g. to build the plan inside a captured CUDA graph
+(on the CPU the check always runs: it costs no sync there). ``active_users`` syncs
+lazily on first use.
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ class RoutingPlan:
             raise ValueError(f"num_users must be a non-negative int, got {num_users!r}")
         num_users = int(num_users)
         ids = user_ids.reshape(-1)
-        if check and ids.numel() > 0:
+        if (check or ids.device.type == "cpu") and ids.numel() > 0:
             lo, hi = int(ids.min()), int(ids.max())
             if lo < -1 or hi >= num_users:
                 raise ValueError(
@@ -57,19 +60,13 @@ class RoutingPlan:
         bucket = ids.long() + 1  # 0 = no user
         # A stable sort keeps each user's tokens in their original order, which makes
         # every per-user reduction deterministic.
-        self.order = torch.sort(bucket, stable=True).indices.to(torch.int32)
-        try:
-            bucket_counts = torch.bincount(bucket, minlength=num_users + 1)
-        except RuntimeError as exc:  # an id < -1 (only reachable with check=False)
-            raise ValueError(f"user_ids must lie in [-1, {num_users}) (num_users={num_users}); "
-                             f"check=False skipped the range check ({exc})") from None
-        if bucket_counts.numel() > num_users + 1:  # an id >= num_users (check=False)
-            raise ValueError(f"user_ids must lie in [-1, {num_users}) (num_users={num_users}), got an id >= "
-                             f"{num_users}; check=False skipped the range check")
-        offsets = torch.zeros(num_users + 2, dtype=torch.int64, device=ids.device)
-        offsets[1:] = torch.cumsum(bucket_counts, 0)
+        sorted_bucket, order = torch.sort(bucket, stable=True)
+        self.order = order.to(torch.int32)
+        # Bucket b starts at the first sorted position whose bucket is >= b.
+        buckets = torch.arange(num_users + 2, dtype=sorted_bucket.dtype, device=ids.device)
+        offsets = torch.searchsorted(sorted_bucket, buckets)
         self.seg_offsets = offsets.to(torch.int32)
-        self.counts = bucket_counts[1:].to(torch.int32)
+        self.counts = (offsets[2:] - offsets[1:-1]).to(torch.int32)
         self._active: Optional[Tensor] = None
         self._tiles: Dict[int, Tuple[Tensor, Tensor, int]] = {}
 
