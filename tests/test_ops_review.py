@@ -87,3 +87,23 @@ def test_interpreter_problem_names_the_fix(monkeypatch, triton_v, numpy_v, broke
     assert bool(why) is broken
     if broken:
         assert "triton 3.6" in why and "numpy 2.4" in why and "triton >= 3.7 or numpy < 2.3" in why
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_no_adapter_is_the_base_linear(dtype):
+    """No adapter tensor: y is F.linear itself (no fp32 copy of W0 per call), within
+    rounding of the fp32-accumulating reference, with grads for x and W0."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 24, generator=g).to(dtype).requires_grad_()
+    W = torch.randn(17, 24, generator=g).to(dtype).requires_grad_()
+    b = torch.randn(17, generator=g).to(dtype)
+    y, gates = pk.lora_mixture(x, W, b, return_gates=True)
+    assert gates is None and y.dtype == dtype and y.shape == (2, 5, 17)
+    assert torch.equal(y, torch.nn.functional.linear(x, W, b))
+    ref = (x.double() @ W.double().t() + b.double()).to(dtype)
+    torch.testing.assert_close(y, ref, rtol=2 * torch.finfo(dtype).eps, atol=torch.finfo(dtype).eps * 8)
+    y.sum().backward()
+    assert x.grad is not None and W.grad is not None
+    # a W0 in another dtype than x keeps the documented policy (compute in x's precision via the op)
+    y32 = pk.lora_mixture(x.detach().float(), W.detach(), b)
+    assert y32.dtype == torch.float32

@@ -8,6 +8,7 @@ import sys
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..reference.mixture import lora_mixture_ref
@@ -69,6 +70,12 @@ def available_backends(device: torch.device | str = "cpu") -> list:
     if _cuda_usable(device):
         out.append("cuda")
     return out
+
+
+def _base_only(x: Tensor, weight, bias, tensors) -> bool:
+    """No adapter tensor, and W0 (and b) in x's dtype: y = x W0^T + b is all there is."""
+    return (weight is not None and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)
+            and all(t is None for t in tensors[3:]))
 
 
 def _needs_grad(tensors) -> bool:
@@ -205,6 +212,11 @@ def lora_mixture(
 
     params = (x, weight, bias, expert_A, expert_B, router_weight, user_logit_bias, user_A, user_B, user_router)
     requested = _requested_backend(backend)  # checked even when T = 0 runs the reference
+    if requested in ("auto", "reference") and _base_only(x, weight, bias, params):
+        # Nothing to adapt (no stage on, or only a merged population): the base linear
+        # itself, with no fp32 copy of W0 per call.
+        y = F.linear(x, weight, bias)
+        return (y, None) if return_gates else y
     which = choose_backend(x, spec, requested, params) if spec.T > 0 else "reference"
     if which == "cuda" and requested == "auto":
         # auto only: a case the decode kernel does not cover (mixed dtypes, fp64, strided
