@@ -646,6 +646,11 @@ void plan_splits(int64_t T, int64_t d_in, int64_t R, int sms, int* splits, int* 
   *splits = static_cast<int>(ceil_div(units, per));
 }
 
+// fp32 split partials of the shrink: [splits, T, R].
+int64_t workspace_need(int splits, int64_t T, int64_t R) {
+  return static_cast<int64_t>(splits) * T * R * static_cast<int64_t>(sizeof(float));
+}
+
 int sm_count(int device, std::string* err) {
   int sms = 0;
   cudaError_t e = device_attr(device, cudaDevAttrMultiProcessorCount, &sms);
@@ -740,7 +745,7 @@ int64_t decode_workspace_bytes(int device, int64_t T, int64_t d_in, int64_t K, i
   if (sms < 0) return -1;
   int splits = 1, split_len = 0;
   plan_splits(T, d_in, lay.R, sms, &splits, &split_len);
-  return static_cast<int64_t>(splits) * T * lay.R * static_cast<int64_t>(sizeof(float));
+  return workspace_need(splits, T, lay.R);
 }
 
 std::string decode_launch(const DecodeArgs& a) {
@@ -795,7 +800,7 @@ std::string decode_launch(const DecodeArgs& a) {
 
   int splits = 1, split_len = 0;
   plan_splits(a.T, a.d_in, lay.R, sms, &splits, &split_len);
-  const int64_t ws_need = static_cast<int64_t>(splits) * a.T * lay.R * 4;
+  const int64_t ws_need = workspace_need(splits, a.T, lay.R);
   if (a.workspace == 0 || a.workspace_bytes < ws_need)
     return "workspace too small: need " + std::to_string(ws_need) + " bytes, got " +
            std::to_string(a.workspace_bytes);

@@ -45,12 +45,16 @@ def report() -> dict:
         if not info["cuda_extension_built"]:
             info["cuda_extension_note"] = cuda_decode.unavailable_reason()
         dev = torch.device("cuda") if torch.cuda.is_available() else None
-        max_T = cuda_decode.decode_threshold(dev, torch.bfloat16)
-        info["cuda_decode_dispatch"] = (
-            (f"T <= {max_T} (bf16), " if max_T else "off for auto (bf16, max_T = 0), ")
-            + f"launch={cuda_decode.launch_mode(None, dev, torch.bfloat16)}, "
-            + ("measured" if (cuda_decode._table_entry(dev, torch.bfloat16) or {}).get("measured") else "not measured")
-            + " (proper_kernels/ops/decode_table.json)")
+        try:
+            max_T = cuda_decode.decode_threshold(dev, torch.bfloat16)
+            info["cuda_decode_dispatch"] = (
+                (f"T <= {max_T} (bf16), " if max_T else "off for auto (bf16, max_T = 0), ")
+                + f"launch={cuda_decode.launch_mode(None, dev, torch.bfloat16)}, "
+                + ("measured" if (cuda_decode._table_entry(dev, torch.bfloat16) or {}).get("measured")
+                   else "not measured")
+                + " (proper_kernels/ops/decode_table.json)")
+        except ValueError as exc:  # a bad PROPER_KERNELS_CUDA_DECODE_* value
+            info["cuda_decode_dispatch"] = f"error: {exc}"
     except ImportError as exc:
         info["cuda_extension_built"] = False
         info["cuda_extension_archs"] = []

@@ -264,6 +264,11 @@ def test_threshold():
     os.environ["PROPER_KERNELS_CUDA_DECODE_MAX_T"] = "40"
     try:
         assert cd.decode_threshold() == 40
+        os.environ["PROPER_KERNELS_CUDA_DECODE_MAX_T"] = "sixteen"
+        with pytest.raises(ValueError, match="PROPER_KERNELS_CUDA_DECODE_MAX_T must be an int"):
+            cd.decode_threshold()
+        from proper_kernels.env import report
+        assert report()["cuda_decode_dispatch"].startswith("error: PROPER_KERNELS_CUDA_DECODE_MAX_T")
     finally:
         del os.environ["PROPER_KERNELS_CUDA_DECODE_MAX_T"]
     os.environ["PROPER_KERNELS_CUDA_DECODE_MAX_T"] = "16"

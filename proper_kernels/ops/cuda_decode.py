@@ -141,7 +141,7 @@ def decode_threshold(device=None, dtype: Optional[torch.dtype] = None) -> int:
         try:
             return max(0, min(int(env), MAX_TOKENS))
         except ValueError:
-            pass
+            raise ValueError(f"PROPER_KERNELS_CUDA_DECODE_MAX_T must be an int (tokens), got {env!r}") from None
     entry = _table_entry(device, dtype)
     return min(entry["max_T"], MAX_TOKENS) if entry is not None else 0
 
