@@ -515,7 +515,7 @@ inline void run_grid(const cudaLaunchConfig_t& cfg, const std::function<void()>&
   long long early = 0;
   if (primary != nullptr && *primary) {
     const long long resident = static_cast<long long>(blocks_per_sm(nthreads, cfg.dynamicSmemBytes)) * config.sms;
-    early = std::min({kMaxEarlyBlocks, resident, static_cast<long long>(g.x) * g.y * g.z});
+    early = std::max(1LL, std::min({kMaxEarlyBlocks, resident, static_cast<long long>(g.x) * g.y * g.z}));
     if (running != nullptr) running->early_blocks = early;
   }
   std::vector<Block> blocks;
@@ -541,10 +541,7 @@ inline void run_grid(const cudaLaunchConfig_t& cfg, const std::function<void()>&
         blocks.clear();
         if (!fault.empty()) return;  // reported through take_fault()
       }
-  if (cooperative)
-    run_blocks(blocks, nthreads, &grid, primary);
-  else if (!blocks.empty())
-    run_blocks(blocks, nthreads, nullptr, primary);  // a grid smaller than `early`
+  if (cooperative) run_blocks(blocks, nthreads, &grid, primary);
 }
 
 // The launch that has not run yet (see "Stream order" at the top).
