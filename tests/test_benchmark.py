@@ -124,7 +124,7 @@ def _rows(prefix):
 
 def test_cli_cpu_small_end_to_end(tmp_path):
     prefix = str(tmp_path / "out" / "cpu-small")
-    r = _cli("--preset", "cpu-small", "--op", "fwd,fwdbwd,decode,mlp",
+    r = _cli("--preset", "cpu-small", "--device", "cpu", "--op", "fwd,fwdbwd,decode,mlp",
              "--providers", "base,reference,loop,torch,peft,triton,cuda", "--output", prefix + ".csv",
              "--no-progress", "--rep-ms", "20")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -159,7 +159,7 @@ def test_cli_bf16_refcheck_grads(tmp_path):
 
     prefix = str(tmp_path / "bf16")
     rc = run.main(["--op", "fwdbwd", "--providers", "torch,loop,reference", "--dtype", "bfloat16",
-                   "--popularity", "skewed", "--output", prefix, "--no-progress", "--rep-ms", "5"])
+                   "--popularity", "skewed", "--output", prefix, "--no-progress", "--rep-ms", "5", "--device", "cpu"])
     assert rc == 0
     rows, _ = _rows(prefix)
     assert {r["popularity"] for r in rows} == {"skewed"}
@@ -171,7 +171,7 @@ def test_cli_torch_compile_decode(tmp_path):
 
     prefix = str(tmp_path / "compile")
     rc = run.main(["--op", "decode", "--case", "4", "--providers", "torch-compile", "--dtype", "bfloat16",
-                   "--output", prefix, "--no-progress", "--rep-ms", "5"])
+                   "--output", prefix, "--no-progress", "--rep-ms", "5", "--device", "cpu"])
     assert rc == 0
     rows, _ = _rows(prefix)
     assert len(rows) == 1 and rows[0]["status"] == "ok" and rows[0]["refcheck"] == "pass", rows
@@ -190,7 +190,7 @@ def test_cli_refcheck_catches_a_wrong_provider(monkeypatch, capsys):
 
     monkeypatch.setitem(providers.REGISTRY, "torch", Wrong())
     monkeypatch.setitem(run.REGISTRY, "torch", providers.REGISTRY["torch"])
-    rc = run.main(["--op", "decode", "--case", "3", "--providers", "torch,reference", "--no-progress"])
+    rc = run.main(["--op", "decode", "--case", "3", "--providers", "torch,reference", "--no-progress", "--device", "cpu"])
     out = capsys.readouterr().out
     assert rc == 1
     assert "refcheck failed: y: max err" in out
@@ -238,7 +238,8 @@ def test_cli_plot_without_matplotlib_fails_clearly(monkeypatch, capsys, tmp_path
     import run
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
-    rc = run.main(["--op", "decode", "--case", "3", "--providers", "base", "--plot", str(tmp_path / "p.png")])
+    rc = run.main(["--op", "decode", "--case", "3", "--providers", "base", "--plot", str(tmp_path / "p.png"),
+                   "--device", "cpu"])
     assert rc == 2
     assert "--plot needs matplotlib" in capsys.readouterr().err
     assert not (tmp_path / "p.png").exists()
@@ -249,7 +250,7 @@ def test_cli_plot(tmp_path):
     import run
 
     rc = run.main(["--op", "decode", "--case", "3", "--providers", "base,torch", "--plot", str(tmp_path / "p.png"),
-                   "--no-progress", "--rep-ms", "5"])
+                   "--no-progress", "--rep-ms", "5", "--device", "cpu"])
     assert rc == 0
     assert (tmp_path / "p.png").stat().st_size > 0
 

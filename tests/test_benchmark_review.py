@@ -41,7 +41,7 @@ def test_bf16_refcheck_catches_a_missing_term(monkeypatch, capsys, case, drop):
 
     _patch_provider(monkeypatch, "torch", Wrong())
     rc = run.main(["--op", "decode", "--case", str(case), "--providers", "torch", "--dtype", "bfloat16",
-                   "--no-progress", "--rep-ms", "5"])
+                   "--no-progress", "--rep-ms", "5", "--device", "cpu"])
     out = capsys.readouterr().out
     assert rc == 1, out
     assert "refcheck failed: y: max err" in out
@@ -120,7 +120,7 @@ def test_jsonl_stays_valid_json_when_a_provider_fails(monkeypatch, tmp_path, wro
     _patch_provider(monkeypatch, "torch", Wrong())
     prefix = str(tmp_path / "r")
     assert run.main(["--op", "decode", "--case", "3", "--providers", "torch", "--output", prefix,
-                     "--no-progress"]) == 1
+                     "--no-progress", "--device", "cpu"]) == 1
     rows = [_strict_json(line) for line in open(prefix + ".jsonl")]
     assert len(rows) == 1 and rows[0]["status"].startswith("refcheck failed")
     assert rows[0]["max_err"] is None or isinstance(rows[0]["max_err"], float)
@@ -133,7 +133,7 @@ def test_output_files_carry_the_command_line(tmp_path):
 
     prefix = str(tmp_path / "cmd")
     argv = ["--op", "decode", "--case", "3", "--providers", "base", "--seed", "5", "--output", prefix,
-            "--no-progress", "--rep-ms", "2"]
+            "--no-progress", "--rep-ms", "2", "--device", "cpu"]
     assert run.main(argv) == 0
     with open(prefix + ".csv") as f:
         row = next(csv.DictReader(f))
@@ -175,10 +175,10 @@ def test_cli_case_error_lists_the_valid_indices_of_the_selected_ops(capsys):
     ones of cpu-small are 3..4, not 0..1; with --op fwd,decode 0, 1, 3, 4."""
     import run
 
-    assert run.main(["--op", "decode", "--case", "0"]) == 2
+    assert run.main(["--op", "decode", "--case", "0", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "--case 0" in err and "valid: 3..4;" in err
-    assert run.main(["--op", "fwd,decode", "--case", "2"]) == 2
+    assert run.main(["--op", "fwd,decode", "--case", "2", "--device", "cpu"]) == 2
     assert "valid: 0, 1, 3, 4;" in capsys.readouterr().err
 
 
@@ -208,7 +208,8 @@ def test_cli_exit_status_counts_providers_that_raised(monkeypatch, capsys):
             return fn
 
     _patch_provider(monkeypatch, "torch", Broken())
-    rc = run.main(["--op", "decode", "--case", "3", "--providers", "base,torch", "--no-progress", "--rep-ms", "2"])
+    rc = run.main(["--op", "decode", "--case", "3", "--providers", "base,torch", "--no-progress", "--rep-ms", "2",
+                   "--device", "cpu"])
     out = capsys.readouterr().out
     assert "error: RuntimeError: kernel launch failed" in out and "1 failed" in out
     assert rc == 1
@@ -278,7 +279,7 @@ def test_roofline_uses_the_gemm_rate_of_the_run_dtype(capsys):
     import run
 
     assert run.main(["--op", "decode", "--case", "3", "--providers", "base", "--dtype", "float16",
-                     "--no-progress", "--rep-ms", "2"]) == 0
+                     "--no-progress", "--rep-ms", "2", "--device", "cpu"]) == 0
     line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("measured ceilings")][0]
     assert re.search(r"\bfloat16 [0-9.]+ TFLOP/s", line), line
 
@@ -326,7 +327,8 @@ def test_iters_runs_e2e_untimed_too(capsys):
     why = e2e.integration_skip_reason()
     if why:
         pytest.skip(why)
-    assert run.main(["--op", "e2e", "--case", "7", "--providers", "proper", "--iters", "1", "--no-progress"]) == 0
+    assert run.main(["--op", "e2e", "--case", "7", "--providers", "proper", "--iters", "1", "--no-progress",
+                     "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "ran 1 untimed" in out and "tok/s" not in out
 
@@ -337,5 +339,6 @@ def test_plot_creates_its_folder(tmp_path):
     import run
 
     path = tmp_path / "new" / "dir" / "p.png"
-    assert run.main(["--case", "3", "--providers", "base", "--plot", str(path), "--no-progress", "--rep-ms", "2"]) == 0
+    assert run.main(["--case", "3", "--providers", "base", "--plot", str(path), "--no-progress", "--rep-ms", "2",
+                     "--device", "cpu"]) == 0
     assert path.stat().st_size > 0
