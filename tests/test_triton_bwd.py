@@ -442,8 +442,6 @@ def test_gpu_backward_memory_is_rank_space():
     needs = (True, False, False, True, True, True, True, True, True, True)
     run_launcher(p, N, None, needs, dx_dtype=torch.bfloat16)  # warm up / compile
     torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
     pl = RoutingPlan(p["user_ids"], N)
     _, h, z, g = mixture_fwd_ref(p["x"], p["weight"], None, p["expert_A"], p["expert_B"], p["router_weight"],
                                  p["user_ids"], p["user_logit_bias"], p["user_A"], p["user_B"], p["user_router"],
@@ -460,7 +458,6 @@ def test_gpu_backward_memory_is_rank_space():
     rank_space = T * (K * r + K + r_u) * 4 * 3  # code buffer + its 16-bit copies for the GEMMs, generous
     dense_tmp = 2 * T * d * 2  # dy W0 in bf16 (becomes dx) + one GEMM workspace
     assert peak <= grads + rank_space + dense_tmp + (64 << 20), (peak, grads)
-    assert before >= 0
 
 
 @interp
