@@ -371,6 +371,8 @@ def _configs(K: int, r: int, r_u: int, dtype: torch.dtype = torch.bfloat16, arch
       spill) and the per-user reductions in 32-token steps with 8 warps (3 KB).
     * fp64, both: the rank kernel at BM = 32, BN = 32, 8 warps, 2 stages (its e tile
       takes two registers per element; 16 warps spill at 128 registers).
+    * sm_12x (RTX 50xx / RTX PRO 6000 Blackwell), 16-bit: the rank kernel at BM = 32
+      (the sm_90 tile spills 156 B there; 240 registers, no spill at 32).
     """
     k_pad = _p2(K)
     r_pad = _p2(r)
@@ -393,6 +395,8 @@ def _configs(K: int, r: int, r_u: int, dtype: torch.dtype = torch.bfloat16, arch
     if arch >= 90:
         if wide:
             cfg["rank"].update(num_stages=2)
+        if arch // 10 == 12:
+            cfg["rank"].update(BLOCK_M=min(rank_bm, 32))
     else:
         cfg["rank"].update(BLOCK_M=min(rank_bm, 32), BLOCK_N=32, num_stages=2, num_warps=16 if wide else 8)
         if wide:
