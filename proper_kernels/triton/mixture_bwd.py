@@ -466,6 +466,8 @@ def _seg_xty(X: Tensor, Y: Optional[Tensor], out: Tensor, order: Tensor, seg: Te
         c = cfg["xty_large_m"]
         bm, bn = min(_p2(M, 16), c["BLOCK_M"]), min(_p2(Nn, 16), 64)
     bt, w, st, split = c["BLOCK_T"], c["num_warps"], c["num_stages"], c.get("SPLIT_T", 0)
+    if bm * bn <= 256:  # a 16 x 16 tile (dV, dc): 2 warps (4 spill 4 B with triton 3.6 on sm_90)
+        w = min(w, 2)
     T = X.shape[0]
     tiles_m, tiles_n = triton.cdiv(M, bm), triton.cdiv(Nn, bn)
     y_ones = Y is None
