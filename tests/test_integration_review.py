@@ -5,6 +5,7 @@ loaded into a model with another user scale, PEFT imports whose scale must survi
 save/load bit-exactly, tuple outputs (return_dict=False), and clear user_ids errors.
 """
 import copy
+import json
 import os
 
 import pytest
@@ -238,3 +239,24 @@ def test_the_callers_config_is_not_mutated(tmp_path):
     assert pm.num_users == 6 and pm.proper_config.population_alpha != 16.0
     assert cfg == config(population_rank=5)  # the caller's object: what it was
     assert get_proper_model(tiny_model(), cfg).num_users == 4
+
+
+def test_full_save_keeps_the_frozen_users(tmp_path):
+    """Per-user early stopping survives a checkpoint: users frozen before a full save
+    are pinned again, at their saved rows, after from_pretrained (a subset save
+    carries no freeze)."""
+    pm, orig = trained_user_model()
+    pm.freeze_users([2, 0])
+    pm.save_pretrained(tmp_path / "full")
+    pm.save_pretrained(tmp_path / "sub", users=[2])
+    pm2 = ProperModel.from_pretrained(copy.deepcopy(orig), tmp_path / "full")
+    assert pm2.frozen_users == [0, 2]
+    pinned = pm2.get_user_state([0, 2])
+    opt = torch.optim.AdamW(pm2.trainable_parameters(), lr=1e-2)
+    ids = torch.tensor(rand_seqs([6, 6, 6]))
+    opt.zero_grad()
+    pm2(input_ids=ids, labels=ids, user_ids=[0, 1, 2]).loss.backward()
+    opt.step()
+    pm2.restore_frozen_users()
+    assert all(torch.equal(pm2.get_user_state([0, 2])[k], v) for k, v in pinned.items())
+    assert json.loads((tmp_path / "sub" / "proper_config.json").read_text())["frozen_users"] == []

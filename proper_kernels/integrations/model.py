@@ -558,6 +558,8 @@ class ProperModel(nn.Module):
             "population_merged": self.population_merged,
             "layers": list(self.layer_names),
             "users": users,
+            # Per-user early stopping survives a full save: these are pinned again on load.
+            "frozen_users": self.frozen_users if users is None else [],
         }
 
     def adapter_state_dict(self) -> Dict[str, Tensor]:
@@ -580,7 +582,8 @@ class ProperModel(nn.Module):
         never the base weights).
 
         ``users=None``: everything (shared parts and the whole bank), reloaded
-        bit-exactly by :meth:`from_pretrained` on the same base model.
+        bit-exactly by :meth:`from_pretrained` on the same base model, which also pins
+        the users frozen here (:meth:`freeze_users`) again, at their saved rows.
         ``users=[...]``: only those users' rows (e_u, A_u, B_u, V_u of every layer),
         nothing shared: for privacy and size; load it with :meth:`load_users`.
         """
@@ -652,6 +655,7 @@ class ProperModel(nn.Module):
         pm.stages_done = list(meta["stages_done"])
         pm.stage = meta["stage"]
         pm._apply_stage_flags(pm.stage)
+        pm.freeze_users(meta.get("frozen_users", []))  # saves before this field had none
         return pm
 
     def load_users(self, directory: str, at: Optional[UserIds] = None) -> List[int]:
