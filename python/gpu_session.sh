@@ -33,8 +33,16 @@ install() {
     # build/ is git-ignored, so the device machine keeps it between calls: install once.
     if [ ! -f build/.gpu-installed ]; then
         mkdir -p build
-        python -m pip install --no-deps --no-build-isolation -e . > build/install.log 2>&1 \
-            || { tail -20 build/install.log; return 1; }
+        # The CUDA extension is the point of a GPU session: a build that would be skipped
+        # (no nvcc, no pybind11, a compile error) fails loudly here, and the session goes
+        # on without it so that the Triton tests and benchmarks still run.
+        if ! PROPER_KERNELS_REQUIRE_CUDA_BUILD=1 python -m pip install --no-deps --no-build-isolation -e . \
+                > build/install.log 2>&1; then
+            echo "!! the CUDA extension did not build (install.log); installing without it"
+            tail -30 build/install.log
+            python -m pip install --no-deps --no-build-isolation -e . >> build/install.log 2>&1 \
+                || { tail -20 build/install.log; return 1; }
+        fi
         touch build/.gpu-installed
     fi
     cp build/install.log "$OUT/install.log"
