@@ -39,18 +39,22 @@ def _load_build_cuda():
 # ---- reference: per-token loop, exactly the formula ---------------------------------
 
 
+def _d_out(weight, bias, expert_B, user_B) -> int:
+    for t, dim in ((weight, 0), (bias, 0), (expert_B, 1), (user_B, 1)):
+        if t is not None:
+            return t.shape[dim]
+    raise ValueError("no tensor gives d_out")
+
+
 def decode_loop_ref(x, weight, bias, *, expert_A=None, expert_B=None, expert_scale=1.0,
                     router_weight=None, user_ids=None, user_logit_bias=None, user_A=None,
                     user_B=None, user_scale=1.0, user_router=None, top_k=None, dtype=torch.float32):
     """Every tensor cast to `dtype` and every op done in `dtype`: with float32 it is
     the oracle; with x's dtype it is "the same computation in torch" of STYLE.md."""
     c = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-    x, weight, bias = c(x), c(weight), c(bias)
-    expert_A, expert_B, router_weight = c(expert_A), c(expert_B), c(router_weight)
-    user_logit_bias, user_A, user_B, user_router = c(user_logit_bias), c(user_A), c(user_B), c(user_router)
-    T = x.shape[0]
-    d_out = weight.shape[0] if weight is not None else (bias.shape[0] if bias is not None else
-                                                        (expert_B.shape[1] if expert_B is not None else user_B.shape[1]))
+    x, weight, bias, expert_A, expert_B, router_weight, user_logit_bias, user_A, user_B, user_router = (
+        c(t) for t in (x, weight, bias, expert_A, expert_B, router_weight, user_logit_bias, user_A, user_B, user_router))
+    T, d_out = x.shape[0], _d_out(weight, bias, expert_B, user_B)
     K = expert_A.shape[0] if expert_A is not None else 0
     ys, gs = [], []
     for t in range(T):
@@ -98,12 +102,9 @@ def decode_batched_ref(x, weight, bias, *, expert_A=None, expert_B=None, expert_
     def mm(eq, *ops):
         return torch.einsum(eq, *(o.float() for o in ops)).to(dtype)
 
-    x, weight, bias = c(x), c(weight), c(bias)
-    expert_A, expert_B, router_weight = c(expert_A), c(expert_B), c(router_weight)
-    user_logit_bias, user_A, user_B, user_router = c(user_logit_bias), c(user_A), c(user_B), c(user_router)
-    T = x.shape[0]
-    d_out = weight.shape[0] if weight is not None else (bias.shape[0] if bias is not None else
-                                                        (expert_B.shape[1] if expert_B is not None else user_B.shape[1]))
+    x, weight, bias, expert_A, expert_B, router_weight, user_logit_bias, user_A, user_B, user_router = (
+        c(t) for t in (x, weight, bias, expert_A, expert_B, router_weight, user_logit_bias, user_A, user_B, user_router))
+    T, d_out = x.shape[0], _d_out(weight, bias, expert_B, user_B)
     ids = user_ids.long() if user_ids is not None else torch.full((T,), -1, dtype=torch.long)
     has = (ids >= 0).to(dtype)[:, None]
     idc = ids.clamp(min=0)

@@ -102,14 +102,21 @@ def test_auto_falls_back_for_empty_d_in():
     assert cd.unsupported_reason(x, torch.zeros(4, 0), None) is not None
 
 
-def test_require_build_fails_on_bad_arch_list(monkeypatch):
-    """PROPER_KERNELS_REQUIRE_CUDA_BUILD=1 means a missing extension fails the install:
-    a malformed arch list used to skip the build quietly and install without it."""
+def _build_cuda_that_would_build(monkeypatch):
+    """python/build_cuda.py, where a build would be attempted (a CUDA toolkit, pybind11,
+    no PROPER_KERNELS_SKIP_CUDA_BUILD); skips otherwise (the arch list is never read)."""
     bc = _load_build_cuda()
     if bc.find_cuda_home()[0] is None:
         pytest.skip("no CUDA toolkit: the build is skipped before the arch list is read")
     pytest.importorskip("pybind11")
     monkeypatch.delenv("PROPER_KERNELS_SKIP_CUDA_BUILD", raising=False)
+    return bc
+
+
+def test_require_build_fails_on_bad_arch_list(monkeypatch):
+    """PROPER_KERNELS_REQUIRE_CUDA_BUILD=1 means a missing extension fails the install:
+    a malformed arch list used to skip the build quietly and install without it."""
+    bc = _build_cuda_that_would_build(monkeypatch)
     monkeypatch.setenv("PROPER_KERNELS_CUDA_ARCH_LIST", "banana")
     assert bc.cuda_extensions(ROOT, verbose=False) == ([], {})
     monkeypatch.setenv("PROPER_KERNELS_REQUIRE_CUDA_BUILD", "1")
@@ -122,11 +129,7 @@ def test_require_build_fails_on_bad_arch_list(monkeypatch):
 def test_empty_arch_list_env_means_default(monkeypatch):
     """PROPER_KERNELS_CUDA_ARCH_LIST= (set but empty) is the default list, as torch's
     TORCH_CUDA_ARCH_LIST; it used to skip the build ('is empty')."""
-    bc = _load_build_cuda()
-    if bc.find_cuda_home()[0] is None:
-        pytest.skip("no CUDA toolkit")
-    pytest.importorskip("pybind11")
-    monkeypatch.delenv("PROPER_KERNELS_SKIP_CUDA_BUILD", raising=False)
+    bc = _build_cuda_that_would_build(monkeypatch)
     monkeypatch.setenv("PROPER_KERNELS_CUDA_ARCH_LIST", " ")
     exts, cmdclass = bc.cuda_extensions(ROOT, verbose=False)
     assert len(exts) == 1 and "build_ext" in cmdclass
