@@ -5,7 +5,7 @@ Needs no GPU: the launchers (``mixture_fwd``, ``mixture_bwd``) run on ``meta``
 tensors with their kernels swapped for recorders, so the kernels, the configs and
 the specializations checked are exactly the ones the launchers would use (the
 config tables are never duplicated here). The launchers pick their configs for the
-checked arch through ``proper_kernels.triton.target.target_arch`` (on meta tensors
+checked arch through ``proper_kernels.runtime.target.target_arch`` (on meta tensors
 they would otherwise pick the default, sm_90's). Each distinct launch is then compiled
 with triton's AOT API (``triton.compile(ASTSource(...), target=GPUTarget(...))``)
 for the chosen target, and ptxas' resource report (``-v``) gives registers, spill
@@ -76,7 +76,8 @@ except ImportError as e:  # another triton layout
 
 from proper_kernels.triton import mixture_bwd as mb  # noqa: E402
 from proper_kernels.triton import mixture_fwd as mf  # noqa: E402
-from proper_kernels.triton.target import max_shared_memory, target_arch  # noqa: E402
+from proper_kernels.reference.adapters import Adapters  # noqa: E402
+from proper_kernels.runtime.target import max_shared_memory, target_arch  # noqa: E402
 
 
 def aot_unavailable(arch: int = 90) -> Optional[str]:
@@ -174,10 +175,8 @@ def record(dims=DIMS, decode_t=DECODE_T, prefill_t=PREFILL_T, variants=VARIANTS,
                     for var in variants:
                         p = _problem(T, d_in, d_out, _DT[dt], weight=var != "mixture")
                         case[0] = f"fwd {var} {dt} {regime} T={T} {d_in}->{d_out}"
-                        mf.mixture_fwd(p["x"], p["weight"], p["bias"], p["expert_A"], p["expert_B"],
-                                       p["router_weight"], p["user_ids"], p["order"], p["seg_offsets"],
-                                       p["user_logit_bias"], p["user_A"], p["user_B"], p["user_router"],
-                                       1.0, 1.0, None, d_out, variant=None if var == "mixture" else var)
+                        mf.mixture_fwd(p["x"], p["weight"], p["bias"], Adapters.from_kwargs(p), p["user_ids"],
+                                       p["order"], d_out, variant=None if var == "mixture" else var)
                 # The backward kernels depend on T only through the per-user reductions'
                 # split over tokens (mixture_bwd._seg_xty: one pass when T <= SPLIT_T,
                 # chunk + reduce passes above): the largest decode and prefill T cover both.
@@ -191,9 +190,8 @@ def record(dims=DIMS, decode_t=DECODE_T, prefill_t=PREFILL_T, variants=VARIANTS,
                                    torch.empty(T, K * r, device="meta", dtype=f32),
                                    torch.empty(T, r_u, device="meta", dtype=f32),
                                    torch.empty(T, K, device="meta", dtype=f32),
-                                   p["weight"], p["expert_A"], p["expert_B"], p["router_weight"], p["user_ids"],
-                                   p["order"], p["seg_offsets"], p["user_A"], p["user_B"], p["user_router"],
-                                   1.0, 1.0, (True,) * 10)
+                                   p["weight"], Adapters.from_kwargs(p), p["order"], p["seg_offsets"],
+                                   (True,) * 10)
     return sink
 
 

@@ -36,11 +36,15 @@ class UserRouting:
         RoutingPlan(row_user_ids, num_users)  # range check (raises with the bad values)
         self.row_user_ids = row_user_ids
         self.num_users = num_users
+        self._version = row_user_ids._version  # the cached plans are of these ids
         self._plans: Dict[tuple, RoutingPlan] = {}
 
     def for_input(self, x: Tensor):
         """(token user ids [...], plan) for x [B, S, d] or [B, d]."""
         B = self.row_user_ids.shape[0]
+        if not torch.compiler.is_compiling() and self.row_user_ids._version != self._version:
+            raise ValueError("user_ids were modified in place after the batch's routing was set: "
+                             "build a new UserRouting (the model does so on each call) instead")
         if x.shape[0] != B:
             raise ValueError(f"user_ids has {B} rows but the layer input has batch size {x.shape[0]}")
         lead = tuple(x.shape[:-1])
@@ -61,10 +65,8 @@ class ProperLinear(nn.Module):
     """An nn.Linear adapted the PROPER way: population LoRA, gated group experts with a
     user-aware router, per-user LoRA with a LoRA-aware router.
 
-    ``y = W0 x + b + s_p B_p A_p x + lora_mixture(...)`` where the mixture is::
-
-        l_t = W_r x_t + (W_e e_u) + V_u A_u x_t,  g_t = softmax(l_t) (top_k optional)
-        delta_t = s_g sum_k g_tk B_k A_k x_t + s_u B_u A_u x_t
+    ``y = W0 x + b + s_p B_p A_p x + lora_mixture(...)``, the mixture of
+    :func:`proper_kernels.lora_mixture` with the router's user bias c = W_e e_u.
 
     Parts are created by the constructor and switched on/off with the ``use_*``
     flags. B matrices and the LoRA-aware router start at zero, so the module's output

@@ -1,10 +1,6 @@
 """CUDA decode path of the PROPER LoRA mixture (extension ``proper_kernels._C``).
 
-Semantics, per token t of user u = u(t) (u = -1: no user, its terms are zero)::
-
-    z_t = A_u x_t                          l_t = W_r x_t + c_u + V_u z_t
-    g_t = softmax(top_k(l_t))              y_t = W0 x_t + b + s_g sum_k g_tk B_k A_k x_t + s_u B_u z_t
-
+The math is the reference's (``proper_kernels.reference.mixture``).
 The base ``x W0^T + b`` is computed by torch (cuBLAS) into the output, then one call of
 the extension adds the adapter delta into it: two kernels (shrink, then gates +
 expand) or, with ``launch="one"``, a single cooperative kernel (see
@@ -22,18 +18,18 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
-import numbers
 import os
 from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from ..reference.adapters import ADAPTER_TENSORS, Adapters
 from .validate import check_mixture_args
 
 __all__ = [
     "available", "built_archs", "unavailable_reason", "decode_table", "decode_threshold", "prefers_cuda_decode",
-    "check_decode_args", "lora_mixture_decode_cuda", "run_extension", "launch_mode", "MAX_TOKENS", "MAX_EXPERTS", "MAX_RANK_TOTAL",
+    "check_decode_args", "lora_mixture_decode_cuda", "run_extension", "use_extension", "mixture_decode_op", "launch_mode", "MAX_TOKENS", "MAX_EXPERTS", "MAX_RANK_TOTAL",
 ]
 
 # Limits of the kernel; they mirror csrc/lora_mixture_decode.h, which re-checks them.
@@ -50,6 +46,11 @@ _table_cache: Optional[List[dict]] = None
 _table_index: Optional[dict] = None  # (arch, dtype) -> entry
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_SHAPES = {
+    "weight": "[d_out, d_in]", "bias": "[d_out]", "expert_A": "[K, r, d_in]", "expert_B": "[K, d_out, r]",
+    "router_weight": "[K, d_in]", "user_logit_bias": "[N, K]", "user_A": "[N, r_u, d_in]",
+    "user_B": "[N, d_out, r_u]", "user_router": "[N, K, r_u]",
+}
 _LAUNCH_CODES = {"two": 0, "one": 1}  # csrc/lora_mixture_decode.h: Launch
 
 _ext = None
@@ -155,128 +156,77 @@ def _fmt(t: Tensor) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
-def unsupported_reason(x, weight, bias, *, expert_A=None, expert_B=None, router_weight=None,
-                       user_ids=None, user_logit_bias=None, user_A=None, user_B=None,
-                       user_router=None) -> Optional[str]:
-    """Why the decode kernel cannot take these (already validated) arguments, or None.
-
-    No host sync: the dispatcher's ``auto`` mode asks this before choosing the kernel,
-    and falls back to Triton/reference on a reason instead of raising.
-    """
+def _limits(x: Tensor, weight, bias, adapters: Adapters, user_ids) -> Optional[Tuple[type, str]]:
+    """(exception type, message naming the argument) for the first input the kernel
+    does not take, or None. Shapes are validated already (check_mixture_args)."""
     if x.dtype not in _DTYPE_CODES:
-        return f"dtype {x.dtype} (needs float16, bfloat16 or float32)"
-    if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_TOKENS:
-        return f"T = {x.shape[0]} outside [1, {MAX_TOKENS}]"
-    if x.shape[1] < 1:
-        return "d_in = 0"
-    tensors = (x, weight, bias, expert_A, expert_B, router_weight, user_logit_bias, user_A, user_B, user_router)
-    for t in tensors:
+        return TypeError, f"x must be float16, bfloat16 or float32 [T, d_in], got dtype {x.dtype}"
+    if x.dim() != 2:
+        return ValueError, f"x must be 2-D [T, d_in] (flatten leading dims first), got shape {_fmt(x)}"
+    T, d_in = x.shape
+    if not 1 <= T <= MAX_TOKENS:
+        return ValueError, f"x must have T in [1, {MAX_TOKENS}] tokens (shape [T, d_in]), got T = {T}"
+    if d_in < 1:
+        return ValueError, f"x must have d_in >= 1 (shape [T, d_in]), got shape {_fmt(x)}"
+    named = dict(zip(("weight", "bias") + ADAPTER_TENSORS, (weight, bias) + adapters.tensors()))
+    for name, t in named.items():
         if t is not None and t.dtype != x.dtype:
-            return "mixed dtypes"
+            return TypeError, f"{name} {_SHAPES[name]} must have x's dtype {x.dtype}, got {t.dtype}"
         if t is not None and not t.is_contiguous():
-            return "non-contiguous tensor"
+            return ValueError, f"{name} {_SHAPES[name]} must be contiguous (call .contiguous())"
+    if not x.is_contiguous():
+        return ValueError, "x [T, d_in] must be contiguous (call .contiguous())"
     if user_ids is not None and user_ids.dtype not in (torch.int32, torch.int64):
-        return f"user_ids dtype {user_ids.dtype}"
-    K = expert_A.shape[0] if expert_A is not None else 0
-    rank = (K * expert_A.shape[1] if expert_A is not None else 0) + (user_A.shape[1] if user_A is not None else 0)
-    rank += K if router_weight is not None else 0
-    if K > MAX_EXPERTS or rank > MAX_RANK_TOTAL:
-        return f"K = {K} or total rank {rank} above the kernel's limits ({MAX_EXPERTS}, {MAX_RANK_TOTAL})"
+        return TypeError, f"user_ids must be int32 or int64 [T], got dtype {user_ids.dtype}"
+    K, r, r_u = adapters.num_experts, adapters.expert_rank, adapters.user_rank
+    if K > MAX_EXPERTS:
+        return ValueError, f"expert_A [K, r, d_in]: the CUDA decode kernel supports K <= {MAX_EXPERTS}, got K = {K}"
+    rank_total = K * r + r_u + (K if adapters.router_weight is not None else 0)
+    if rank_total > MAX_RANK_TOTAL:
+        return ValueError, (f"K*r + r_u + K(router) = {rank_total} exceeds the CUDA decode kernel's limit of "
+                            f"{MAX_RANK_TOTAL} (expert_A {_fmt(adapters.expert_A) if adapters.expert_A is not None else None}, "
+                            f"user_A {_fmt(adapters.user_A) if adapters.user_A is not None else None})")
     return None
 
 
-def check_decode_args(
-    x,
-    weight,
-    bias,
-    *,
-    expert_A=None,
-    expert_B=None,
-    expert_scale=1.0,
-    router_weight=None,
-    user_ids=None,
-    user_logit_bias=None,
-    user_A=None,
-    user_B=None,
-    user_scale=1.0,
-    user_router=None,
-    top_k=None,
-    out=None,
-    require_cuda: bool = True,
-    plan=None,
-):
+def unsupported_reason(x: Tensor, weight, bias, adapters: Adapters, user_ids=None) -> Optional[str]:
+    """Why the decode kernel cannot take these (already validated) arguments, or None.
+
+    No host sync: the dispatch (``proper_kernels.ops.dispatch.choose_path``) asks this
+    before choosing the kernel under ``auto``.
+    """
+    why = _limits(x, weight, bias, adapters, user_ids)
+    return None if why is None else why[1]
+
+
+def check_decode_args(x, weight, bias, adapters: Adapters, *, user_ids=None, out=None,
+                      require_cuda: bool = True, plan=None):
     """Validate every argument of :func:`lora_mixture_decode_cuda` (no CUDA call).
 
     Shapes, ranks and the user-id range go through the shared
     :func:`proper_kernels.ops.validate.check_mixture_args`; on top of it the decode
-    path requires: x 2-D [T, d_in] with T in [1, MAX_TOKENS]; dtype float16, bfloat16
-    or float32, the same for every floating tensor; every tensor contiguous; all on
-    one CUDA device (``require_cuda=False`` lets tests run the checks on CPU);
-    K <= MAX_EXPERTS, K*r + r_u (+ K with a router) <= MAX_RANK_TOTAL; real scales;
-    ``out`` [T, d_out] of x's dtype, not overlapping any input. Returns the
-    MixtureSpec. Raises TypeError / ValueError naming the argument.
+    path requires what :func:`unsupported_reason` lists (x 2-D [T, d_in] with T in
+    [1, MAX_TOKENS]; float16, bfloat16 or float32, the same for every floating
+    tensor; every tensor contiguous; K <= MAX_EXPERTS, K*r + r_u (+ K with a router)
+    <= MAX_RANK_TOTAL), all on one CUDA device (``require_cuda=False`` lets tests run
+    the checks on CPU), and ``out`` [T, d_out] of x's dtype, not overlapping any input.
+    Returns the MixtureSpec. Raises TypeError / ValueError naming the argument.
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor [T, d_in], got {type(x).__name__}")
-    if x.dtype not in _DTYPE_CODES:
-        raise TypeError(f"x must be float16, bfloat16 or float32 [T, d_in], got dtype {x.dtype}")
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [T, d_in] (flatten leading dims first), got shape {_fmt(x)}")
-    T, d_in = x.shape
-    if not 1 <= T <= MAX_TOKENS:
-        raise ValueError(f"x must have T in [1, {MAX_TOKENS}] tokens (shape [T, d_in]), got T = {T}")
-    if d_in < 1:
-        raise ValueError(f"x must have d_in >= 1 (shape [T, d_in]), got shape {_fmt(x)}")
-    for name, s in (("expert_scale", expert_scale), ("user_scale", user_scale)):
-        if isinstance(s, bool) or not isinstance(s, numbers.Real):
-            raise TypeError(f"{name} must be a real number (python float), got {type(s).__name__}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)):
-        raise TypeError(f"top_k must be an int in [1, K] or None, got {type(top_k).__name__}")
-
-    spec = check_mixture_args(
-        x, weight, bias, expert_A=expert_A, expert_B=expert_B, router_weight=router_weight,
-        user_ids=user_ids, user_logit_bias=user_logit_bias, user_A=user_A, user_B=user_B,
-        user_router=user_router, top_k=top_k, plan=plan,
-    )
-
-    shapes = {
-        "weight": "[d_out, d_in]", "bias": "[d_out]", "expert_A": "[K, r, d_in]",
-        "expert_B": "[K, d_out, r]", "router_weight": "[K, d_in]", "user_logit_bias": "[N, K]",
-        "user_A": "[N, r_u, d_in]", "user_B": "[N, d_out, r_u]", "user_router": "[N, K, r_u]",
-    }
-    tensors = {
-        "weight": weight, "bias": bias, "expert_A": expert_A, "expert_B": expert_B,
-        "router_weight": router_weight, "user_logit_bias": user_logit_bias, "user_A": user_A,
-        "user_B": user_B, "user_router": user_router,
-    }
-    for name, t in tensors.items():
-        if t is None:
-            continue
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} {shapes[name]} must have x's dtype {x.dtype}, got {t.dtype}")
-        if not t.is_contiguous():
-            raise ValueError(f"{name} {shapes[name]} must be contiguous (call .contiguous())")
-    if not x.is_contiguous():
-        raise ValueError("x [T, d_in] must be contiguous (call .contiguous())")
-    if user_ids is not None:
-        if user_ids.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"user_ids must be int32 or int64 [T], got dtype {user_ids.dtype}")
-
-    if require_cuda:
-        if x.device.type != "cuda":
-            raise ValueError(f"x must be a CUDA tensor for the CUDA decode kernel, got device {x.device}")
+    if adapters.top_k is not None and (isinstance(adapters.top_k, bool) or not isinstance(adapters.top_k, int)):
+        raise TypeError(f"top_k must be an int in [1, K] or None, got {type(adapters.top_k).__name__}")
+    if x.dtype in _DTYPE_CODES and 1 <= x.shape[0] <= MAX_TOKENS:
+        spec = check_mixture_args(x, weight, bias, adapters, user_ids, plan)
+    why = _limits(x, weight, bias, adapters, user_ids)
+    if why is not None:
+        raise why[0](why[1])
+    if require_cuda and x.device.type != "cuda":
         # check_mixture_args already required every tensor to be on x's device.
-
-    if spec.K > MAX_EXPERTS:
-        raise ValueError(f"expert_A [K, r, d_in]: the CUDA decode kernel supports K <= {MAX_EXPERTS}, got K = {spec.K}")
-    rank_total = spec.K * spec.r + spec.r_u + (spec.K if router_weight is not None else 0)
-    if rank_total > MAX_RANK_TOTAL:
-        raise ValueError(
-            f"K*r + r_u + K(router) = {rank_total} exceeds the CUDA decode kernel's limit of "
-            f"{MAX_RANK_TOTAL} (expert_A {_fmt(expert_A) if expert_A is not None else None}, "
-            f"user_A {_fmt(user_A) if user_A is not None else None})"
-        )
-
+        raise ValueError(f"x must be a CUDA tensor for the CUDA decode kernel, got device {x.device}")
+    T = x.shape[0]
     if out is not None:
         if not isinstance(out, Tensor):
             raise TypeError(f"out must be a torch.Tensor [T, d_out] = [{T}, {spec.d_out}], got {type(out).__name__}")
@@ -289,7 +239,8 @@ def check_decode_args(
         if not out.is_contiguous():
             raise ValueError("out [T, d_out] must be contiguous")
         plan_ids = plan.user_ids if plan is not None else None
-        for name, t in dict(tensors, x=x, user_ids=user_ids, plan_user_ids=plan_ids).items():
+        named = dict(zip(("weight", "bias") + ADAPTER_TENSORS, (weight, bias) + adapters.tensors()))
+        for name, t in dict(named, x=x, user_ids=user_ids, plan_user_ids=plan_ids).items():
             if t is not None and _overlaps(out, t):
                 raise ValueError(f"out must not overlap {name} (the kernel reads it while writing out)")
     return spec
@@ -328,18 +279,9 @@ def lora_mixture_decode_cuda(
     x: Tensor,
     weight: Optional[Tensor],
     bias: Optional[Tensor] = None,
+    adapters: Adapters = Adapters(),
     *,
-    expert_A: Optional[Tensor] = None,
-    expert_B: Optional[Tensor] = None,
-    expert_scale: float = 1.0,
-    router_weight: Optional[Tensor] = None,
     user_ids: Optional[Tensor] = None,
-    user_logit_bias: Optional[Tensor] = None,
-    user_A: Optional[Tensor] = None,
-    user_B: Optional[Tensor] = None,
-    user_scale: float = 1.0,
-    user_router: Optional[Tensor] = None,
-    top_k: Optional[int] = None,
     out: Optional[Tensor] = None,
     return_gates: bool = False,
     plan=None,
@@ -353,13 +295,10 @@ def lora_mixture_decode_cuda(
     contiguous, on x's CUDA device; every optional part may be None):
         x: [T, d_in], 1 <= T <= MAX_TOKENS.
         weight: W0 [d_out, d_in] or None; bias: b [d_out] or None.
-        expert_A: [K, r, d_in]; expert_B: [K, d_out, r]; expert_scale: s_g (float).
-        router_weight: W_r [K, d_in]. Without any router input the gates are uniform.
+        adapters: the layer's :class:`~proper_kernels.reference.adapters.Adapters`
+            (without any router input the gates are uniform; top_k ties: the lower
+            expert index wins).
         user_ids: int32/int64 [T], values in [-1, N); -1 = no user.
-        user_logit_bias: c [N, K]; user_A: [N, r_u, d_in]; user_B: [N, d_out, r_u];
-        user_scale: s_u (float); user_router: V [N, K, r_u].
-        top_k: None (dense softmax) or an int in [1, K]: softmax over the top_k largest
-            logits, the others 0 (ties: lower expert index wins).
         out: optional preallocated y [T, d_out] (x's dtype); it is overwritten, unless
             ``accumulate``.
         accumulate: add the result into ``out`` (required) instead of overwriting it:
@@ -390,9 +329,11 @@ def lora_mixture_decode_cuda(
     user_ids costs one host sync, unless ``plan`` is given. Accumulation is fp32; the base GEMM runs in x's
     dtype through torch, the adapter delta is added to it in fp32 and rounded once.
     """
-    ext = _ext if _ext is not None else _load()
+    ext = _ext if _ext is not None else (_ext_override if _ext_override is not None else _load())
     if ext is None:
         raise RuntimeError("lora_mixture_decode_cuda: " + unavailable_reason())
+    if not isinstance(adapters, Adapters):
+        raise TypeError(f"adapters must be a proper_kernels.Adapters, got {type(adapters).__name__}")
     launch = launch_mode(launch, getattr(x, "device", None), getattr(x, "dtype", None))
     if not isinstance(accumulate, bool):
         raise TypeError(f"accumulate must be a bool, got {type(accumulate).__name__}")
@@ -401,27 +342,60 @@ def lora_mixture_decode_cuda(
     emulated = bool(getattr(ext, "EMULATED", False))
     if emulated and isinstance(x, Tensor) and x.device.type != "cpu":
         raise ValueError(f"x must be a CPU tensor for the emulated extension, got device {x.device}")
-    spec = check_decode_args(
-        x, weight, bias, expert_A=expert_A, expert_B=expert_B, expert_scale=expert_scale,
-        router_weight=router_weight, user_ids=user_ids, user_logit_bias=user_logit_bias,
-        user_A=user_A, user_B=user_B, user_scale=user_scale, user_router=user_router,
-        top_k=top_k, out=out, require_cuda=not emulated, plan=plan,
-    )
-    if torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad
-        for t in (x, weight, bias, expert_A, expert_B, router_weight, user_logit_bias, user_A, user_B, user_router)
-    ):
+    spec = check_decode_args(x, weight, bias, adapters, user_ids=user_ids, out=out, require_cuda=not emulated,
+                             plan=plan)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, weight, bias) + adapters.tensors()):
         raise ValueError("lora_mixture_decode_cuda is forward-only: an input requires grad; "
                          "call it under torch.no_grad() or use proper_kernels.lora_mixture")
-
-    T, d_in = x.shape
-    d_out, K, r, r_u = spec.d_out, spec.K, spec.r, spec.r_u
-    N = spec.N or 0
-    if N == 0:
+    if plan is not None:
+        user_ids = plan.user_ids  # int32 [T], range-checked when the plan was built
+    if spec.N is None or spec.N == 0:
         # No user tensors, or a bank of zero users (every id is -1, checked above): every
         # user term is zero, so the kernel gets none of them (it needs N >= 1 for any).
-        user_logit_bias = user_A = user_B = user_router = None
-        r_u = 0
+        adapters = adapters._replace(user_logit_bias=None, user_A=None, user_B=None, user_router=None)
+        user_ids = None
+    ids = user_ids.to(dtype=torch.int32).contiguous() if user_ids is not None else None
+    top_k = int(adapters.top_k) if adapters.top_k is not None else 0
+    if out is None and not accumulate:
+        # The functional form goes through the custom op, which torch.compile traces.
+        with (use_extension(_ext) if _ext is not None else contextlib.nullcontext()):
+            y, gates = mixture_decode_op(
+                x, weight, bias, *adapters.tensors(), ids, float(adapters.expert_scale),
+                float(adapters.user_scale), top_k, spec.d_out, launch, return_gates)
+    else:
+        y, gates = _launch(ext, x, weight, bias, adapters, ids, top_k, spec.d_out, launch, return_gates,
+                           out=out, accumulate=accumulate)
+    return (y, gates if spec.K > 0 else None) if return_gates else y
+
+
+# The extension the custom op calls when set: an emulated build of csrc/ (tests),
+# else proper_kernels._C.
+_ext_override = None
+
+
+@contextlib.contextmanager
+def use_extension(ext):
+    """Within the block, the decode path (its custom op included, also inside a
+    torch.compile'd function) calls the extension module ``ext`` instead of
+    ``proper_kernels._C``: how the CPU emulation of csrc/ runs the public path."""
+    global _ext_override
+    saved, _ext_override = _ext_override, ext
+    try:
+        yield
+    finally:
+        _ext_override = saved
+
+
+def _launch(ext, x: Tensor, weight, bias, adapters: Adapters, ids: Optional[Tensor], top_k: int, d_out: int,
+            launch: str, return_gates: bool, *, out: Optional[Tensor] = None, accumulate: bool = False):
+    """One call of the extension on checked arguments: the base through torch, the
+    adapter delta added by the kernel. Returns (y, gates or None)."""
+    emulated = bool(getattr(ext, "EMULATED", False))
+    T, d_in = x.shape
+    expert_A, expert_B, router_weight, user_logit_bias, user_A, user_B, user_router, s_g, s_u, _ = adapters
+    K, r, r_u = adapters.num_experts, adapters.expert_rank, adapters.user_rank
+    N = adapters.num_users or 0
     device = x.device
     if emulated:
         dev_index, ctx = 0, contextlib.nullcontext()
@@ -451,15 +425,7 @@ def lora_mixture_decode_cuda(
             y_in = y.data_ptr()
         # else: the kernel writes delta alone (y_in = 0), or adds it into out (accumulate).
 
-        ids = None
-        if plan is not None:
-            user_ids = plan.user_ids  # int32 [T], range-checked when the plan was built
-        if user_ids is not None and N > 0:
-            ids = user_ids.to(dtype=torch.int32).contiguous()
-        gates = None
-        if return_gates and K > 0:
-            gates = torch.empty(T, K, dtype=torch.float32, device=device)
-
+        gates = torch.empty(T, K, dtype=torch.float32, device=device) if (return_gates and K > 0) else None
         has_router = router_weight is not None
         ws_bytes = ext.workspace_bytes(dev_index, T, d_in, K, r, r_u, has_router)
         ws_numel = max(1, (ws_bytes + 3) // 4)
@@ -472,21 +438,56 @@ def lora_mixture_decode_cuda(
 
         ext.lora_mixture_decode(
             dtype=_DTYPE_CODES[x.dtype], device=dev_index, stream=stream,
-            T=T, d_in=d_in, d_out=d_out, K=K, r=r, top_k=(top_k if top_k is not None else K),
+            T=T, d_in=d_in, d_out=d_out, K=K, r=r, top_k=(top_k if top_k > 0 else K),
             N=N, r_u=r_u, x=x.data_ptr(), y_in=y_in, y_out=y.data_ptr(),
-            expert_A=_ptr(expert_A), expert_B=_ptr(expert_B), expert_scale=float(expert_scale),
+            expert_A=_ptr(expert_A), expert_B=_ptr(expert_B), expert_scale=float(s_g),
             router_weight=_ptr(router_weight), user_logit_bias=_ptr(user_logit_bias),
-            user_ids=_ptr(ids), user_A=_ptr(user_A), user_B=_ptr(user_B),
-            user_scale=float(user_scale), user_router=_ptr(user_router),
+            user_ids=_ptr(ids if N > 0 else None), user_A=_ptr(user_A), user_B=_ptr(user_B),
+            user_scale=float(s_u), user_router=_ptr(user_router),
             gates=_ptr(gates), workspace=ws.data_ptr(), workspace_bytes=ws_bytes,
             launch=_LAUNCH_CODES[launch],
         )
-    if return_gates:
-        return y, gates
-    return y
+    return y, gates
 
 
-def run_extension(ext, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = None, **kwargs):
+@torch.library.custom_op("proper_kernels::mixture_decode", mutates_args=())
+def mixture_decode_op(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    expert_A: Optional[Tensor],
+    expert_B: Optional[Tensor],
+    router_weight: Optional[Tensor],
+    user_logit_bias: Optional[Tensor],
+    user_A: Optional[Tensor],
+    user_B: Optional[Tensor],
+    user_router: Optional[Tensor],
+    user_ids: Optional[Tensor],
+    expert_scale: float,
+    user_scale: float,
+    top_k: int,
+    d_out: int,
+    launch: str,
+    return_gates: bool,
+) -> Tuple[Tensor, Tensor]:
+    """The decode forward on checked arguments (see :func:`lora_mixture_decode_cuda`):
+    (y [T, d_out] x.dtype, gates [T, K] float32; [T, 0] without experts or gates)."""
+    ext = _ext_override if _ext_override is not None else _load()
+    adapters = Adapters(expert_A, expert_B, router_weight, user_logit_bias, user_A, user_B, user_router,
+                        expert_scale, user_scale)
+    y, gates = _launch(ext, x, weight, bias, adapters, user_ids, top_k, d_out, launch, return_gates)
+    return y, (gates if gates is not None else x.new_empty(x.shape[0], 0, dtype=torch.float32))
+
+
+@mixture_decode_op.register_fake
+def _(x, weight, bias, expert_A, expert_B, router_weight, user_logit_bias, user_A, user_B, user_router,
+      user_ids, expert_scale, user_scale, top_k, d_out, launch, return_gates):
+    K = expert_A.shape[0] if (expert_A is not None and return_gates) else 0
+    return x.new_empty(x.shape[0], d_out), x.new_empty(x.shape[0], K, dtype=torch.float32)
+
+
+def run_extension(ext, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = None,
+                  adapters: Adapters = Adapters(), **kwargs):
     """:func:`lora_mixture_decode_cuda` through a given extension module ``ext``.
 
     ``ext`` is either the built ``proper_kernels._C`` (CUDA tensors) or the CPU
@@ -496,4 +497,4 @@ def run_extension(ext, x: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
     filled with NaN so that a read of a partial sum nobody wrote shows in the output.
     Same keyword arguments, checks and result as :func:`lora_mixture_decode_cuda`.
     """
-    return lora_mixture_decode_cuda(x, weight, bias, _ext=ext, **kwargs)
+    return lora_mixture_decode_cuda(x, weight, bias, adapters, _ext=ext, **kwargs)

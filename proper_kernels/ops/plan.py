@@ -19,7 +19,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..triton.tiles import segment_tiles
+from ..runtime.tiling import segment_tiles
 
 __all__ = ["RoutingPlan", "plan"]
 
@@ -54,6 +54,10 @@ class RoutingPlan:
                     f"got values in [{lo}, {hi}]"
                 )
         self.user_ids = ids.to(torch.int32)
+        # The tensor the plan belongs to, and its version: a call that passes other ids
+        # (or these ids modified in place) is caught by :meth:`check_ids`.
+        self.source = user_ids
+        self.source_version = user_ids._version
         self.num_users = num_users
         self.num_tokens = ids.numel()
         self.device = ids.device
@@ -69,6 +73,41 @@ class RoutingPlan:
         self.counts = (offsets[2:] - offsets[1:-1]).to(torch.int32)
         self._active: Optional[Tensor] = None
         self._tiles: Dict[int, Tuple[Tensor, Tensor, int]] = {}
+
+    def check_ids(self, user_ids: Tensor, name: str = "user_ids") -> None:
+        """Raise ValueError unless ``user_ids`` are the ids this plan was built from.
+
+        The tensor the plan was built from (or a view of its memory of the same shape),
+        unmodified since, passes without reading it. Another tensor is compared by
+        value: at once on the CPU; on CUDA by an asynchronous device assertion, which
+        needs no host sync and fails the next synchronising call."""
+        src = self.source
+        if torch.compiler.is_compiling():
+            # Traced code has no storage pointers or versions: compare by value, with an
+            # assertion that the compiled graph keeps.
+            if user_ids is not src:
+                differ = (user_ids.reshape(-1).to(torch.int32) != self.user_ids).any()
+                torch._assert_async(~differ, f"{name} differ from the ids the plan was built from")
+            return
+        same_memory = (user_ids is src or (user_ids.data_ptr() == src.data_ptr() and user_ids.shape == src.shape
+                                           and user_ids.stride() == src.stride() and user_ids.device == src.device))
+        if same_memory:
+            if user_ids._version != self.source_version:
+                raise ValueError(f"plan was built from {name} before they were modified in place "
+                                 f"(version {self.source_version}, now {user_ids._version}): rebuild it with "
+                                 "pk.plan(user_ids, num_users)")
+            return
+        flat = user_ids.reshape(-1)
+        if flat.numel() != self.num_tokens:
+            raise ValueError(f"plan was built for {self.num_tokens} tokens but {name} has {flat.numel()}")
+        differ = (flat.to(torch.int32) != self.user_ids).any()
+        if flat.device.type == "cuda":
+            torch._assert_async(~differ, f"{name} differ from the ids the plan was built from")
+        elif bool(differ):
+            bad = int((flat.to(torch.int32) != self.user_ids).nonzero()[0])
+            raise ValueError(f"plan does not belong to {name}: token {bad} has {name} {int(flat[bad])} but the plan "
+                             f"was built with user {int(self.user_ids[bad])}; rebuild it with "
+                             "pk.plan(user_ids, num_users) for this batch")
 
     @property
     def active_users(self) -> Tensor:

@@ -6,12 +6,14 @@ sizes every backend needs.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from ..reference.adapters import Adapters
 from .plan import RoutingPlan
 
 __all__ = ["MixtureSpec", "check_mixture_args"]
@@ -57,23 +59,16 @@ def _dim(name: str, t: Tensor, i: int, expected: int, what: str, shape_doc: str)
         )
 
 
-def check_mixture_args(
-    x,
-    weight,
-    bias,
-    *,
-    expert_A,
-    expert_B,
-    router_weight,
-    user_ids,
-    user_logit_bias,
-    user_A,
-    user_B,
-    user_router,
-    top_k,
-    plan=None,
-) -> MixtureSpec:
+def check_mixture_args(x, weight, bias, adapters: Adapters, user_ids=None, plan=None) -> MixtureSpec:
     """Validate the arguments of lora_mixture; return the sizes. See the op's docstring."""
+    if not isinstance(adapters, Adapters):
+        raise TypeError(f"adapters must be a proper_kernels.Adapters, got {type(adapters).__name__}")
+    (expert_A, expert_B, router_weight, user_logit_bias, user_A, user_B, user_router,
+     expert_scale, user_scale, top_k) = adapters
+    for name, scale in (("expert_scale", expert_scale), ("user_scale", user_scale)):
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            raise TypeError(f"{name} must be a real number (python float; a tensor scale would get no "
+                            f"gradient), got {type(scale).__name__}")
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor [..., d_in], got {type(x).__name__}")
     if not x.dtype.is_floating_point:
@@ -198,6 +193,8 @@ def check_mixture_args(
             raise ValueError(f"plan was built for num_users={plan.num_users} but the user tensors have N={N}")
         if plan.device != x.device:
             raise ValueError(f"plan is on {plan.device} but x is on {x.device}")
+        if user_ids is not None:
+            plan.check_ids(user_ids)
     elif user_ids is not None and T > 0:
         # One host sync; a plan built once per batch carries this check for every layer.
         lo, hi = int(user_ids.min()), int(user_ids.max())

@@ -8,9 +8,11 @@ Two forms of the same math, tested against each other:
   CPU fallback of :func:`proper_kernels.lora_mixture` and what kernels are checked
   against.
 
-Both take already-validated 2-D inputs (x [T, d_in], user_ids [T]), compute in
-float32 (float64 stays float64) whatever the input dtype, and return y in x's dtype
-plus the gates in the compute dtype. Both are differentiable through autograd.
+Both take already-validated 2-D inputs (x [T, d_in], the :class:`Adapters`, user_ids
+[T]), compute in float32 (float64 stays float64) whatever the input dtype, and return
+y in x's dtype plus the gates in the compute dtype. Both are differentiable through
+autograd. This formula is the contract of every backend; other modules point here
+instead of restating it.
 
 Formula, per token t of user u = u(t) (u = -1: every user term is zero)::
 
@@ -25,6 +27,8 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from .adapters import Adapters
 
 __all__ = ["lora_mixture_ref", "lora_mixture_ref_loop", "gates_from_logits", "compute_dtype"]
 
@@ -53,10 +57,14 @@ def gates_from_logits(logits: Tensor, top_k: Optional[int]) -> Tensor:
     return torch.softmax(masked, dim=-1)
 
 
-def _check_user_ids(user_ids, *user_tensors) -> None:
-    if user_ids is None and any(t is not None for t in user_tensors):
+def _prepare(adapters: Adapters, user_ids: Optional[Tensor]) -> tuple:
+    """The adapters' fields, after checking that user-indexed tensors come with ids."""
+    if not isinstance(adapters, Adapters):
+        raise TypeError(f"adapters must be a proper_kernels.Adapters, got {type(adapters).__name__}")
+    if user_ids is None and adapters.has_user_terms:
         raise ValueError("user-indexed tensors (user_logit_bias/user_A/user_B/user_router) were given: "
                          "pass user_ids [T] (int, -1 = no user)")
+    return tuple(adapters)
 
 
 # Above this many elements of a per-token copy of the user weights ([T, m, k]), the
@@ -82,26 +90,19 @@ def lora_mixture_ref(
     x: Tensor,
     weight: Optional[Tensor],
     bias: Optional[Tensor] = None,
-    *,
-    expert_A: Optional[Tensor] = None,
-    expert_B: Optional[Tensor] = None,
-    expert_scale: float = 1.0,
-    router_weight: Optional[Tensor] = None,
+    adapters: Adapters = Adapters(),
     user_ids: Optional[Tensor] = None,
-    user_logit_bias: Optional[Tensor] = None,
-    user_A: Optional[Tensor] = None,
-    user_B: Optional[Tensor] = None,
-    user_scale: float = 1.0,
-    user_router: Optional[Tensor] = None,
-    top_k: Optional[int] = None,
+    *,
     d_out: Optional[int] = None,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Vectorised reference. x [T, d_in], user_ids [T] (int, -1 = no user).
 
     Returns (y [T, d_out] in x.dtype, gates [T, K] in the compute dtype or None when
     the layer has no experts). ``d_out`` is needed only when nothing else fixes it.
+    The math is :func:`lora_mixture_ref_loop`'s.
     """
-    _check_user_ids(user_ids, user_logit_bias, user_A, user_B, user_router)
+    (expert_A, expert_B, router_weight, user_logit_bias, user_A, user_B, user_router,
+     expert_scale, user_scale, top_k) = _prepare(adapters, user_ids)
     cd = compute_dtype(x.dtype)
     xc = x.to(cd)
     T = x.shape[0]
@@ -151,25 +152,18 @@ def lora_mixture_ref_loop(
     x: Tensor,
     weight: Optional[Tensor],
     bias: Optional[Tensor] = None,
-    *,
-    expert_A: Optional[Tensor] = None,
-    expert_B: Optional[Tensor] = None,
-    expert_scale: float = 1.0,
-    router_weight: Optional[Tensor] = None,
+    adapters: Adapters = Adapters(),
     user_ids: Optional[Tensor] = None,
-    user_logit_bias: Optional[Tensor] = None,
-    user_A: Optional[Tensor] = None,
-    user_B: Optional[Tensor] = None,
-    user_scale: float = 1.0,
-    user_router: Optional[Tensor] = None,
-    top_k: Optional[int] = None,
+    *,
     d_out: Optional[int] = None,
 ) -> Tuple[Tensor, Optional[Tensor]]:
-    """Readable reference: one segment of tokens per user, one expert at a time.
+    """Readable reference, the spec in code: one segment of tokens per user, one
+    expert at a time, every term as the formula of this module reads.
 
     Same arguments and result as :func:`lora_mixture_ref`.
     """
-    _check_user_ids(user_ids, user_logit_bias, user_A, user_B, user_router)
+    (expert_A, expert_B, router_weight, user_logit_bias, user_A, user_B, user_router,
+     expert_scale, user_scale, top_k) = _prepare(adapters, user_ids)
     cd = compute_dtype(x.dtype)
     xc = x.to(cd)
     T = x.shape[0]

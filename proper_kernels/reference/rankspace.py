@@ -30,6 +30,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .adapters import Adapters
 from .mixture import compute_dtype, gates_from_logits
 
 __all__ = ["mixture_fwd_ref", "mixture_bwd_ref"]
@@ -51,15 +52,16 @@ def _segments(user_ids: Optional[Tensor]):
 
 
 def mixture_fwd_ref(
-    x: Tensor, weight, bias, expert_A, expert_B, router_weight, user_ids, user_logit_bias,
-    user_A, user_B, user_router, expert_scale: float, user_scale: float, top_k: Optional[int],
-    d_out: int,
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], adapters: Adapters,
+    user_ids: Optional[Tensor], d_out: int,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """x [T, d_in] -> (y [T, d_out] in x.dtype, h [T, K r], z [T, r_u], g [T, K]).
 
     h, z, g are in the compute dtype (fp32, or fp64 for fp64 x); an absent part gives
     a [T, 0] tensor.
     """
+    (expert_A, expert_B, router_weight, user_logit_bias, user_A, user_B, user_router,
+     expert_scale, user_scale, top_k) = adapters
     cd = compute_dtype(x.dtype)
     xc = x.to(cd)
     T = x.shape[0]
@@ -93,9 +95,9 @@ def mixture_fwd_ref(
 
 
 def mixture_bwd_ref(
-    dy: Tensor, x: Tensor, h: Tensor, z: Tensor, g: Tensor, weight, expert_A, expert_B,
-    router_weight, user_ids, user_A, user_B, user_router, expert_scale: float, user_scale: float,
-    needs: Tuple[bool, ...], *, dg_ext: Optional[Tensor] = None, num_users: Optional[int] = None,
+    dy: Tensor, x: Tensor, h: Tensor, z: Tensor, g: Tensor, weight: Optional[Tensor],
+    adapters: Adapters, user_ids: Optional[Tensor], needs: Tuple[bool, ...], *,
+    dg_ext: Optional[Tensor] = None, num_users: Optional[int] = None,
 ):
     """Gradients of :func:`mixture_fwd_ref` from the saved codes.
 
@@ -106,9 +108,11 @@ def mixture_bwd_ref(
     ``needs`` has 10 flags, in the order of the result: (dx, dweight, dbias, dexpert_A,
     dexpert_B, drouter_weight, duser_logit_bias, duser_A, duser_B, duser_router).
     Returns that 10-tuple, each a tensor in the compute dtype or None where not needed
-    or not applicable (the caller casts to each parameter's dtype).
+    or not applicable (the caller casts to each parameter's dtype). The adapters'
+    user_logit_bias and top_k are not read: the saved gates carry both.
     """
     (n_x, n_w, n_b, n_Ag, n_Bg, n_Wr, n_c, n_Au, n_Bu, n_V) = needs
+    expert_A, expert_B, router_weight, _, user_A, user_B, user_router, expert_scale, user_scale, _ = adapters
     cd = compute_dtype(x.dtype)
     dyc, xc = dy.to(cd), x.to(cd)
     T, d_out = dyc.shape

@@ -51,8 +51,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .target import DEFAULT_ARCH, device_arch
-from .tiles import segment_chunks, segment_tiles
+from ..reference.adapters import Adapters
+from ..runtime.target import DEFAULT_ARCH, device_arch
+from ..runtime.tiling import segment_chunks, segment_tiles
 
 __all__ = ["mixture_bwd"]
 
@@ -504,11 +505,8 @@ def _seg_xty(X: Tensor, Y: Optional[Tensor], out: Tensor, order: Tensor, seg: Te
 
 
 def mixture_bwd(
-    dy: Tensor, x: Tensor, h: Tensor, z: Tensor, g: Tensor,
-    weight: Optional[Tensor], expert_A: Optional[Tensor], expert_B: Optional[Tensor],
-    router_weight: Optional[Tensor], user_ids: Optional[Tensor], order: Optional[Tensor],
-    seg_offsets: Optional[Tensor], user_A: Optional[Tensor], user_B: Optional[Tensor],
-    user_router: Optional[Tensor], expert_scale: float, user_scale: float, needs: Tuple[bool, ...],
+    dy: Tensor, x: Tensor, h: Tensor, z: Tensor, g: Tensor, weight: Optional[Tensor], adapters: Adapters,
+    order: Optional[Tensor], seg_offsets: Optional[Tensor], needs: Tuple[bool, ...],
     *, dx_dtype: Optional[torch.dtype] = None, dg_ext: Optional[Tensor] = None,
 ):
     """All gradients of the mixture from the saved codes (contract: ``mixture_bwd_ref``).
@@ -516,11 +514,11 @@ def mixture_bwd(
     Args:
         dy [T, d_out], x [T, d_in] (same dtype: fp16, bf16, fp32 or fp64);
         h [T, K r], z [T, r_u], g [T, K]: the forward's codes, in the compute dtype
-        (fp32; fp64 for fp64 x); weight W0 [d_out, d_in]; expert_A [K, r, d_in];
-        expert_B [K, d_out, r]; router_weight [K, d_in]; user_ids [T] int32 (unused:
-        the plan carries it); order [T] int32, seg_offsets [N + 2] int32 (the
-        RoutingPlan; None when no user-indexed tensor exists); user_A [N, r_u, d_in];
-        user_B [N, d_out, r_u]; user_router [N, K, r_u]; needs: 10 bools.
+        (fp32; fp64 for fp64 x); weight W0 [d_out, d_in]; adapters: the layer's
+        :class:`~proper_kernels.reference.adapters.Adapters` (user_logit_bias and
+        top_k are not read: the gates carry them); order [T] int32, seg_offsets
+        [N + 2] int32 (the RoutingPlan; None when no user-indexed tensor exists);
+        needs: 10 bools.
         dx_dtype: dtype of dx (default: the compute dtype, as the contract says).
         dg_ext [T, K]: gradient reaching the gates directly; joins dg before the
         softmax backward (None: the gates were not used).
@@ -530,6 +528,7 @@ def mixture_bwd(
     nothing. Deterministic: no atomics.
     """
     (n_x, n_w, n_b, n_Ag, n_Bg, n_Wr, n_c, n_Au, n_Bu, n_V) = (bool(f) for f in needs)
+    expert_A, expert_B, router_weight, _, user_A, user_B, user_router, expert_scale, user_scale, _ = adapters
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32
     gd = _gemm_dtype(x.dtype)
     lowp = x.dtype in (torch.float16, torch.bfloat16)

@@ -1,12 +1,8 @@
-"""Triton fused forward of one PROPER-adapted linear (DESIGN.md section 1).
+"""Triton fused forward of one PROPER-adapted linear.
 
-Per token t of user u = u(t) (u = -1: every user term is zero)::
-
-    z_t = A_u x_t                                   # user code          [r_u]
-    l_t = W_r x_t + c_u + V_u z_t                   # gate logits        [K]
-    g_t = softmax(l_t)      (top_k: softmax over the top_k largest, 0 elsewhere)
-    y_t = W0 x_t + b + s_g B_cat (G_t * h_t) + s_u B_u z_t,   h_t = A_cat x_t
-
+The math is the reference's (``proper_kernels.reference.mixture``) in the rank-space
+form of ``proper_kernels.reference.rankspace``: y_t = W0 x_t + b + s_g B_cat (G_t * h_t)
++ s_u B_u z_t with h_t = A_cat x_t, z_t = A_u x_t and the gates g_t.
 (A_cat = A_g stacked to [K r, d_in], B_cat = B_g stacked to [d_out, K r], G_t = g_t
 repeated r times.) The launcher :func:`mixture_fwd` returns (y, h, z, g): the output
 and the rank-space codes the backward reads. No [T, K, d] tensor is ever built.
@@ -55,8 +51,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..reference.rankspace import mixture_fwd_ref
-from .target import DEFAULT_ARCH, device_arch
+from ..reference.adapters import Adapters
+from ..runtime.target import DEFAULT_ARCH, device_arch
 
 __all__ = ["mixture_fwd", "forward_variant", "fwd_config", "FwdConfig", "DECODE_MAX_T"]
 
@@ -104,7 +100,7 @@ def fwd_config(T: int, d_in: int, d_out: int, rank: int, variant: str,
 
     ``dtype`` is the dtype the kernels' dots run in (x's dtype when every parameter
     shares it, else fp32); ``arch`` is ``major * 10 + minor`` (see
-    :mod:`proper_kernels.triton.target`: the launcher passes the device's, 90 for
+    :mod:`proper_kernels.runtime.target`: the launcher passes the device's, 90 for
     CPU / meta tensors). The 16-bit sm_90 table below is the reference; fp32 and
     sm_80 take the deltas of :func:`_fp32_config` / :func:`_sm80_16bit_config`.
 
@@ -571,19 +567,9 @@ def mixture_fwd(
     x: Tensor,
     weight: Optional[Tensor],
     bias: Optional[Tensor],
-    expert_A: Optional[Tensor],
-    expert_B: Optional[Tensor],
-    router_weight: Optional[Tensor],
+    adapters: Adapters,
     user_ids: Optional[Tensor],
     order: Optional[Tensor],
-    seg_offsets: Optional[Tensor],
-    user_logit_bias: Optional[Tensor],
-    user_A: Optional[Tensor],
-    user_B: Optional[Tensor],
-    user_router: Optional[Tensor],
-    expert_scale: float,
-    user_scale: float,
-    top_k: Optional[int],
     d_out: int,
     *,
     variant: Optional[str] = None,
@@ -591,30 +577,23 @@ def mixture_fwd(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fused forward: x [T, d_in] -> (y [T, d_out] x.dtype, h [T, K r], z [T, r_u], g [T, K]).
 
-    Args (any parameter may be None; its output is then [T, 0]):
-        x:               [T, d_in] fp16 / bf16 / fp32 (fp64 runs the torch reference); a
-                         non-contiguous x is copied to a contiguous one (parameters
-                         are read through their strides; bias, and an expert_A that
-                         cannot be viewed as [K r, d_in], are copied).
-        weight, bias:    W0 [d_out, d_in], b [d_out].
-        expert_A:        A_g [K, r, d_in]; expert_B: B_g [K, d_out, r].
-        router_weight:   W_r [K, d_in].
-        user_ids:        [T] int32 (-1 = no user); order: [T] int32 token indices sorted
-                         by user; seg_offsets: [N + 2] int32 (plan buckets; unused by
-                         the kernels, which read ids through ``order``). All three are
-                         None when no user-indexed tensor is given.
-        user_logit_bias: c [N, K]; user_A: A_u [N, r_u, d_in]; user_B: B_u [N, d_out, r_u];
-        user_router:     V [N, K, r_u].
-        expert_scale, user_scale: s_g, s_u.  top_k: None or an int in [1, K).
+    Args (any adapter tensor may be None; its output is then [T, 0]):
+        x:        [T, d_in] fp16 / bf16 / fp32; a non-contiguous x is copied to a
+                  contiguous one (parameters are read through their strides; bias,
+                  and an expert_A that cannot be viewed as [K r, d_in], are copied).
+        weight, bias: W0 [d_out, d_in], b [d_out].
+        adapters: the layer's :class:`~proper_kernels.reference.adapters.Adapters`.
+        user_ids: [T] int32 (-1 = no user); order: [T] int32 token indices sorted by
+                  user (a RoutingPlan's). Both None when no tensor is indexed by user.
         variant, config: overrides of :func:`forward_variant` / :func:`fwd_config` (tests).
 
     h, z, g are float32 (h ungated); rows of z for user -1 are zero. Mutates nothing.
+    The dispatch sends only fp16 / bf16 / fp32 here.
     """
-    del seg_offsets
-    if x.dtype == torch.float64 or x.dtype not in _TL_DTYPES:
-        return mixture_fwd_ref(x, weight, bias, expert_A, expert_B, router_weight, user_ids,
-                               user_logit_bias, user_A, user_B, user_router, expert_scale,
-                               user_scale, top_k, d_out)
+    if x.dtype not in _TL_DTYPES:
+        raise TypeError(f"the Triton forward kernels take float16, bfloat16 or float32 x, got {x.dtype}")
+    (expert_A, expert_B, router_weight, user_logit_bias, user_A, user_B, user_router,
+     expert_scale, user_scale, top_k) = adapters
     x = x.contiguous()
     if bias is not None:
         bias = bias.contiguous()  # the kernels index it with unit stride
