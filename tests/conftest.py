@@ -29,8 +29,8 @@ if not _HAS_CUDA:
 def skip_if_interpreter_broken():
     """Skip the calling test module when its kernels run in the interpreter
     (TRITON_INTERPRET=1, also in a GPU machine's subprocess rerun) and that cannot run
-    them (see proper_kernels.triton.target.interpreter_problem)."""
-    from proper_kernels.triton.target import interpreter_problem
+    them (see proper_kernels.runtime.target.interpreter_problem)."""
+    from proper_kernels.runtime.target import interpreter_problem
 
     why = interpreter_problem() if os.environ.get("TRITON_INTERPRET") == "1" else None
     if why:
@@ -49,3 +49,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """torch on one thread for a test module (tiny models run fastest so and leave the
+    other cores alone); request it with ``pytestmark = pytest.mark.usefixtures("torch_one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -26,13 +26,10 @@ import json
 import math
 import os
 import re
-from typing import TYPE_CHECKING, Dict, Optional
+from typing import Dict, Optional
 
 import torch
-from torch import Tensor
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .model import ProperModel
+from torch import Tensor, nn
 
 __all__ = ["load_peft_adapter", "export_peft_user", "read_peft_dir"]
 
@@ -86,7 +83,7 @@ def _peft_scale(cfg: dict) -> float:
 
 
 @torch.no_grad()
-def load_peft_adapter(pm: "ProperModel", peft_dir: str, *, user: Optional[int] = None) -> None:
+def load_peft_adapter(pm: nn.Module, peft_dir: str, *, user: Optional[int] = None) -> None:
     """Import a PEFT LoRA as the population LoRA (``user=None``) or as user ``user``'s
     adapter. Raises ValueError when the rank differs from population_rank/user_rank,
     when the adapter touches a module that is not adapted here, or when the
@@ -108,35 +105,39 @@ def load_peft_adapter(pm: "ProperModel", peft_dir: str, *, user: Optional[int] =
             raise ValueError(f"PEFT adapter rank {r} != population_rank {pc.population_rank}: build the "
                              f"ProperModel with ProperConfig(population_rank={r})")
     else:
-        uid = pm._user_index([user]).item()
+        uid = pm.user_bank.index([user]).item()
         if r != pc.user_rank:
             raise ValueError(f"PEFT adapter rank {r} != user_rank {pc.user_rank}: user adapters share one rank")
-    for name, layer in layers.items():
+    for name, layer in layers.items():  # every shape is checked before anything is written
         A, B = pairs.get(name, (None, None))
         if A is not None and (tuple(A.shape) != (r, layer.in_features) or tuple(B.shape) != (layer.out_features, r)):
             raise ValueError(f"{name}: PEFT shapes A{list(A.shape)} B{list(B.shape)} do not fit a "
                              f"{layer.in_features}->{layer.out_features} linear at rank {r}")
-        if user is None:
+    if user is None:
+        for name, layer in layers.items():
+            A, B = pairs.get(name, (None, None))
             layer.population_scale = s_peft  # every layer: the untouched ones may train on
             if A is None:
                 layer.population_B.zero_()
                 continue
             layer.population_A.copy_(A)
             layer.population_B.copy_(B)
-        else:
-            if A is None:
-                layer.user_B[uid].zero_()
-                continue
-            layer.user_A[uid] = A.to(layer.user_A.dtype)
-            ratio = s_peft / layer.user_scale
-            Bs = B if ratio == 1.0 else B.double() * ratio
-            layer.user_B[uid] = Bs.to(layer.user_B.dtype)
-    if user is None:
         pc.population_alpha = s_peft * r  # so a save/load rebuilds the same scale
+        return
+    rows = {}  # the user's new A_u, B_u rows; a layer the adapter does not touch gets B_u = 0
+    for name, layer in layers.items():
+        A, B = pairs.get(name, (None, None))
+        if A is None:
+            rows[f"{name}.user_B"] = torch.zeros(1, layer.out_features, r)
+            continue
+        ratio = s_peft / layer.user_scale
+        rows[f"{name}.user_A"] = A[None]
+        rows[f"{name}.user_B"] = (B if ratio == 1.0 else B.double() * ratio)[None]
+    pm.user_bank.set_state(rows, [uid], partial=True)
 
 
 @torch.no_grad()
-def export_peft_user(pm: "ProperModel", save_directory: str, user: int, *, include_population: bool = True) -> None:
+def export_peft_user(pm: nn.Module, save_directory: str, user: int, *, include_population: bool = True) -> None:
     """Write user ``user``'s LoRA (A_u, B_u of every adapted layer) as a PEFT LoRA dir.
 
     The gates of the group experts depend on the token, which a LoRA cannot express,
@@ -155,13 +156,13 @@ def export_peft_user(pm: "ProperModel", save_directory: str, user: int, *, inclu
     pc = pm.proper_config
     if not (pc.num_users and pc.user_rank):
         raise ValueError("this ProperModel has no user adapters")
-    uid = pm._user_index([user]).item()
+    rows = pm.user_bank.get_state([user])
     tensors = {}
     r_out, alpha_out = pc.user_rank, pc.user_alpha
     for name, layer in pm.adapted_layers():
         # On the CPU: the kept factors of a merged population LoRA stay where the merge
         # ran, which need not be where the model is now.
-        A, B = layer.user_A[uid].detach().cpu(), layer.user_B[uid].detach().cpu()
+        A, B = rows[f"{name}.user_A"][0].cpu(), rows[f"{name}.user_B"][0].cpu()
         pop = None
         if include_population:
             if name in pm._merged_population:

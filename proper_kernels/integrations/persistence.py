@@ -1,0 +1,232 @@
+"""Saving and loading a :class:`ProperModel`'s adapters, and the state_dict of a
+model with tied weights.
+
+A ProperModel directory holds ``proper_config.json`` (format, config, stage, layers,
+which users, frozen users) and ``proper_adapter.safetensors`` (adapter tensors keyed
+``<layer path>.<param>``; never the base weights). A full save holds every adapter
+tensor plus the factors of a merged population LoRA (``<layer>.merged_population_A/B``,
+merged again on load); a user-subset save holds only those users' rows.
+
+PEFT LoRA directories go in and out through :mod:`.peft_io`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Optional, Tuple, Type, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from . import peft_io
+from .config import ProperConfig
+from .stages import SHARED_PARAMS
+from .user_bank import UserIds
+
+__all__ = ["PersistenceMixin", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT", "register_tied_weight_hooks"]
+
+CONFIG_NAME = "proper_config.json"
+WEIGHTS_NAME = "proper_adapter.safetensors"
+FORMAT = "proper-kernels/1"
+
+
+# ---------------------------------------------------------------------- tied weights
+# state_dict() holds one entry per tied parameter (an lm_head tied to the input
+# embedding: the first name, as HF saves it), so safetensors (and the HF Trainer's
+# checkpoints of this non-PreTrainedModel) can save it; load_state_dict() fills the
+# other names back in, so a strict load of it works.
+def _tied_names(module: nn.Module) -> List[List[str]]:
+    names: Dict[int, List[str]] = {}
+    for n, p in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    return [ns for ns in names.values() if len(ns) > 1]
+
+
+def _drop_tied_keys(module, state_dict, prefix, local_metadata) -> None:
+    for names in _tied_names(module):
+        for n in names[1:]:
+            state_dict.pop(prefix + n, None)
+
+
+def _fill_tied_keys(module, state_dict, prefix, *args) -> None:
+    for names in _tied_names(module):
+        have = [prefix + n for n in names if prefix + n in state_dict]
+        for n in names:
+            if have and prefix + n not in state_dict:
+                state_dict[prefix + n] = state_dict[have[0]]
+
+
+def register_tied_weight_hooks(module: nn.Module) -> None:
+    """Make ``module.state_dict()`` keep one key per tied parameter and
+    ``module.load_state_dict()`` fill the other keys back in."""
+    # Older torch (our floor is 2.4) may have only the private names, which take the
+    # same hooks.
+    if hasattr(module, "register_state_dict_post_hook"):
+        module.register_state_dict_post_hook(_drop_tied_keys)
+    else:  # pragma: no cover - older torch
+        module._register_state_dict_hook(_drop_tied_keys)
+    if hasattr(module, "register_load_state_dict_pre_hook"):
+        module.register_load_state_dict_pre_hook(_fill_tied_keys)
+    else:  # pragma: no cover - older torch
+        module._register_load_state_dict_pre_hook(_fill_tied_keys, with_module=True)
+
+
+def read_proper_dir(directory: str) -> Tuple[dict, Dict[str, Tensor]]:
+    """(proper_config.json as a dict, the tensors) of a ProperModel directory."""
+    from safetensors.torch import load_file
+
+    cpath, wpath = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
+    if not (os.path.isfile(cpath) and os.path.isfile(wpath)):
+        raise FileNotFoundError(f"{directory} is not a ProperModel directory (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+    with open(cpath) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{cpath}: unknown format {meta.get('format')!r} (expected {FORMAT!r})")
+    return meta, load_file(wpath)
+
+_Model = TypeVar("_Model", bound="PersistenceMixin")
+
+
+class PersistenceMixin:
+    """save_pretrained / from_pretrained / load_users and the PEFT import/export of
+    :class:`~proper_kernels.integrations.ProperModel`.
+
+    Uses the model's ``proper_config``, ``stage``, ``stages_done``,
+    ``population_merged``, ``_merged_population``, ``layer_names``,
+    ``adapted_layers()``, ``user_bank`` and the stage methods.
+    """
+
+    def _state_json(self, users: Optional[List[int]]) -> dict:
+        return {
+            "format": FORMAT,
+            "config": self.proper_config.to_dict(),
+            "stage": self.stage,
+            "stages_done": list(self.stages_done),
+            "population_merged": self.population_merged,
+            "layers": list(self.layer_names),
+            "users": users,
+            # Per-user early stopping survives a full save: these are pinned again on load.
+            "frozen_users": self.user_bank.frozen if users is None else [],
+        }
+
+    def adapter_state_dict(self) -> Dict[str, Tensor]:
+        """Every adapter tensor: ``<layer>.<param>`` (the shared ones, then the user
+        bank's) plus ``<layer>.merged_population_A/B`` (the factors of a merged
+        population LoRA, re-merged on load)."""
+        out = {}
+        for name, layer in self.adapted_layers():
+            for pname in SHARED_PARAMS:
+                p = getattr(layer, pname)
+                if p is not None:
+                    out[f"{name}.{pname}"] = p.detach()
+            if name in self._merged_population:
+                A, B = self._merged_population[name]
+                out[f"{name}.merged_population_A"] = A
+                out[f"{name}.merged_population_B"] = B
+        out.update((key, p.detach()) for key, p in self.user_bank.tensors())
+        return out
+
+    def save_pretrained(self, save_directory: str, users: Optional[UserIds] = None) -> None:
+        """Write ``proper_config.json`` + ``proper_adapter.safetensors`` (adapters only,
+        never the base weights).
+
+        ``users=None``: everything (shared parts and the whole bank), reloaded
+        bit-exactly by :meth:`from_pretrained` on the same base model, which also pins
+        the users frozen here (:meth:`freeze_users`) again, at their saved rows.
+        ``users=[...]``: only those users' rows (e_u, A_u, B_u, V_u of every layer),
+        nothing shared: for privacy and size; load it with :meth:`load_users`.
+        """
+        from safetensors.torch import save_file
+
+        os.makedirs(save_directory, exist_ok=True)
+        if users is None:
+            tensors = self.adapter_state_dict()
+            ulist = None
+        else:
+            ulist = self.user_bank.index(users).tolist()
+            tensors = self.user_bank.get_state(ulist)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        save_file(tensors, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": FORMAT})
+        with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
+            json.dump(self._state_json(ulist), f, indent=2)
+
+    @classmethod
+    def from_pretrained(cls: Type[_Model], base_model: nn.Module, directory: str) -> _Model:
+        """Rebuild a ProperModel saved with ``save_pretrained(dir)`` on ``base_model``
+        (the same, unmodified base the adapters were trained on). Bit-exact."""
+        meta, tensors = read_proper_dir(directory)
+        if meta.get("users") is not None:
+            raise ValueError(f"{directory} holds only users {meta['users']} (a user subset); load it into an "
+                             f"existing ProperModel with load_users()")
+        cfg = ProperConfig.from_dict(meta["config"])
+        pm = cls(base_model, cfg)
+        if list(pm.layer_names) != list(meta["layers"]):
+            raise ValueError("the base model's targeted layers differ from the saved ones: "
+                             f"{len(pm.layer_names)} vs {len(meta['layers'])} layers")
+        with torch.no_grad():
+            used = set()
+            for name, layer in pm.adapted_layers():
+                ka, kb = f"{name}.merged_population_A", f"{name}.merged_population_B"
+                if ka in tensors:
+                    layer.population_A.copy_(tensors[ka])
+                    layer.population_B.copy_(tensors[kb])
+                    used.update((ka, kb))
+            if meta["population_merged"]:
+                pm.merge_population()
+
+            def saved(key: str, p: Tensor) -> Tensor:
+                if key not in tensors:
+                    raise ValueError(f"{directory}: missing tensor {key!r}")
+                if tuple(tensors[key].shape) != tuple(p.shape):
+                    raise ValueError(f"{key}: saved shape {list(tensors[key].shape)} != {list(p.shape)}")
+                used.add(key)
+                return tensors[key]
+
+            for name, layer in pm.adapted_layers():
+                for pname in SHARED_PARAMS:
+                    p = getattr(layer, pname)
+                    if p is not None:
+                        p.copy_(saved(f"{name}.{pname}", p))
+            rows = {key: saved(key, p) for key, p in pm.user_bank.tensors()}
+            if rows:
+                pm.user_bank.set_state(rows, list(range(pm.num_users)))
+        extra = sorted(set(tensors) - used)
+        if extra:
+            raise ValueError(f"{directory}: unexpected tensors {extra[:4]}")
+        pm.stages_done = list(meta["stages_done"])
+        pm.stage = meta["stage"]
+        pm._apply_stage_flags(pm.stage)
+        pm.freeze_users(meta.get("frozen_users", []))  # a save without the field has no frozen users
+        return pm
+
+    def load_users(self, directory: str, at: Optional[UserIds] = None) -> List[int]:
+        """Load a user subset saved with ``save_pretrained(dir, users=[...])`` into
+        this bank at ids ``at`` (default: the saved ids). Grow the bank with
+        :meth:`add_users` first when the ids do not exist yet. The saved user rank and
+        scale (``user_rank``, ``user_alpha``), ``user_embed_dim``, ``user_router``,
+        ``num_experts`` and targets must be this model's. Returns the ids."""
+        meta, tensors = read_proper_dir(directory)
+        saved = meta.get("users")
+        if saved is None:
+            raise ValueError(f"{directory} is a full save, not a user subset: use ProperModel.from_pretrained")
+        at = saved if at is None else (self.user_bank.index(at).tolist())
+        if len(at) != len(saved):
+            raise ValueError(f"{directory} holds {len(saved)} users but {len(at)} target ids were given")
+        cfg = ProperConfig.from_dict(meta["config"])
+        mine = self.proper_config
+        for f in ("user_rank", "user_alpha", "user_embed_dim", "user_router", "num_experts", "target_modules"):
+            if getattr(cfg, f) != getattr(mine, f):
+                raise ValueError(f"{directory}: {f}={getattr(cfg, f)!r} does not match this model's {getattr(mine, f)!r}")
+        self.user_bank.set_state(tensors, at)
+        return list(at)
+
+    # ------------------------------------------------------------------ PEFT
+    def load_peft_adapter(self, peft_dir: str, *, user: Optional[int] = None) -> None:
+        """Import a PEFT LoRA directory as the population LoRA (``user=None``; before
+        merging) or as user ``user``'s adapter (A_u, B_u; B rescaled by
+        s_peft / s_u). Ranks must match. See :mod:`.peft_io`."""
+        peft_io.load_peft_adapter(self, peft_dir, user=user)
+
+    def export_peft_user(self, save_directory: str, user: int, *, include_population: bool = True) -> None:
+        """Write user ``user``'s LoRA as a PEFT LoRA directory. See :mod:`.peft_io`."""
+        peft_io.export_peft_user(self, save_directory, user, include_population=include_population)

@@ -1,0 +1,159 @@
+"""``UserBank``: the per-user rows of every adapted layer, and the frozen users.
+
+User ``u`` owns row ``u`` of four banked parameters of every adapted layer
+(:class:`proper_kernels.layers.ProperLinear`):
+
+    user_embedding [N, d_e]   e_u, the user part of the router's logits (W_e e_u)
+    user_A         [N, r_u, d_in]
+    user_B         [N, d_out, r_u]
+    user_router    [N, K, r_u]  V_u, the LoRA-aware router
+
+(a part the config leaves out is None). This module is the one place that reads,
+writes, grows and pins those rows: ProperModel's per-user methods, its save/load and
+the PEFT import/export all go through a :class:`UserBank`.
+
+A *user state* is ``{"<layer path>.<param>": tensor[len(users), ...]}``: the rows of
+the given users, in the order the ids were given.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .config import ProperConfig
+
+__all__ = ["UserBank", "USER_PARAMS", "UserIds"]
+
+USER_PARAMS = ("user_embedding", "user_A", "user_B", "user_router")
+
+UserIds = Union[int, Tensor, Sequence[int]]
+
+
+class UserBank:
+    """The per-user parameters of a set of adapted layers, addressed by user id.
+
+    Args:
+        layers: ``(module path, ProperLinear)`` of every adapted layer.
+        config: the model's own :class:`ProperConfig`; ``config.num_users`` is the
+            bank size, and :meth:`add` grows it.
+
+    Frozen users (per-user early stopping): :meth:`freeze` keeps a copy of their rows,
+    :meth:`restore_frozen` writes the copies back after each optimizer step.
+    """
+
+    def __init__(self, layers: Sequence[Tuple[str, nn.Module]], config: ProperConfig):
+        self.layers: List[Tuple[str, nn.Module]] = list(layers)
+        self.config = config
+        self._frozen: Dict[int, Dict[str, Tensor]] = {}  # user id -> its pinned rows, [1, ...] each
+        self._frozen_stack: Optional[Tuple[List[int], Dict[str, Tensor]]] = None  # the pinned rows stacked
+
+    @property
+    def num_users(self) -> int:
+        return self.config.num_users
+
+    def tensors(self) -> Iterator[Tuple[str, nn.Parameter]]:
+        """``("<layer path>.<param>", parameter [num_users, ...])`` of every banked
+        parameter that exists, layer by layer in :data:`USER_PARAMS` order."""
+        for name, layer in self.layers:
+            for pname in USER_PARAMS:
+                p = getattr(layer, pname)
+                if p is not None:
+                    yield f"{name}.{pname}", p
+
+    def index(self, users: UserIds) -> Tensor:
+        """int64 [n] of the ids ``users`` (an int, a sequence or a tensor); raises
+        ValueError naming the ids outside [0, num_users)."""
+        ids = torch.as_tensor(users if not isinstance(users, int) else [users]).reshape(-1).long()
+        bad = ids[(ids < 0) | (ids >= self.num_users)]
+        if bad.numel():
+            raise ValueError(f"unknown user id(s) {bad.tolist()}: the bank has {self.num_users} users "
+                             f"(ids 0..{self.num_users - 1})")
+        return ids
+
+    def add(self, n: int) -> List[int]:
+        """Grow every layer's bank by ``n`` users (fresh rows: B_u and V_u at zero, so
+        a new user starts at the group-level output). Returns the new ids.
+
+        The banked Parameters are replaced by larger ones (their ``requires_grad`` is
+        kept): an optimizer built before holds the old ones."""
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be a non-negative int, got {n!r}")
+        start = self.num_users
+        for _, layer in self.layers:
+            layer.add_users(n)
+        self.config.num_users = start + n
+        return list(range(start, start + n))
+
+    def get_state(self, users: UserIds) -> Dict[str, Tensor]:
+        """Copies of the rows of ``users``: ``{"<layer>.<param>": tensor[len(users), ...]}``."""
+        idx = self.index(users)
+        return {key: p.detach()[idx.to(p.device)].clone() for key, p in self.tensors()}
+
+    @torch.no_grad()
+    def set_state(self, state: Dict[str, Tensor], users: UserIds, *, partial: bool = False) -> None:
+        """Write the rows of ``state`` (as :meth:`get_state` returns) at ids ``users``,
+        cast to each parameter's device and dtype. Every key and shape is checked
+        before the first write: on an error nothing is written (KeyError for a missing
+        entry, ValueError for a wrong shape or an entry this bank does not have).
+
+        partial: ``state`` may leave parameters out; their rows are kept."""
+        idx = self.index(users)
+        writes = []
+        for key, p in self.tensors():
+            if key not in state:
+                if partial:
+                    continue
+                raise KeyError(f"user state lacks {key!r}")
+            src = state[key]
+            if src.shape[0] != idx.numel() or tuple(src.shape[1:]) != tuple(p.shape[1:]):
+                raise ValueError(f"{key}: got shape {list(src.shape)}, expected [{idx.numel()}, "
+                                 f"{', '.join(map(str, p.shape[1:]))}] (ranks/dims must match the bank)")
+            writes.append((key, p, src))
+        extra = sorted(set(state) - {key for key, _, _ in writes})
+        if extra:
+            raise ValueError(f"user state has entries this model does not have: {extra[:4]}")
+        for _, p, src in writes:
+            p[idx.to(p.device)] = src.to(device=p.device, dtype=p.dtype)
+
+    # ------------------------------------------------------------------ frozen users
+    @property
+    def frozen(self) -> List[int]:
+        """Ids of the frozen users, ascending."""
+        return sorted(self._frozen)
+
+    def freeze(self, users: UserIds, state: Optional[Dict[str, Tensor]] = None) -> None:
+        """Pin the rows of ``users``: their current rows, or ``state`` (rows of these
+        users in this order, written first). Freezing a frozen user re-pins it."""
+        idx = self.index(users).tolist()
+        if state is not None:
+            self.set_state(state, idx)
+        if not idx:
+            return
+        snap = self.get_state(idx)
+        for i, u in enumerate(idx):
+            self._frozen[u] = {k: v[i:i + 1] for k, v in snap.items()}
+        self._frozen_stack = None
+
+    def unfreeze(self, users: Optional[UserIds] = None) -> None:
+        """Unpin ``users`` (default: every frozen user); their current rows stay."""
+        if users is None:
+            self._frozen.clear()
+        else:
+            for u in self.index(users).tolist():
+                self._frozen.pop(u, None)
+        self._frozen_stack = None
+
+    @torch.no_grad()
+    def restore_frozen(self) -> None:
+        """Write the pinned rows of every frozen user back: one indexed write per
+        banked parameter, however many users are frozen."""
+        if not self._frozen:
+            return
+        if self._frozen_stack is None:
+            ids = sorted(self._frozen)
+            rows = {k: torch.cat([self._frozen[u][k] for u in ids], 0) for k in self._frozen[ids[0]]}
+            self._frozen_stack = (ids, rows)
+        ids, rows = self._frozen_stack
+        self.set_state(rows, ids)
