@@ -41,7 +41,10 @@ setup(
     ],
     extras_require={
         "hf": ["transformers>=4.40", "peft>=0.11"],
-        "test": ["pytest", "transformers>=4.40", "peft>=0.11", "pybind11", "tqdm"],
+        # scikit-learn and rouge-score: the LaMP metrics of `python -m proper_kernels.train`.
+        "train": ["transformers>=4.40", "tqdm", "scikit-learn", "rouge-score"],
+        "test": ["pytest", "transformers>=4.40", "peft>=0.11", "pybind11", "tqdm", "scikit-learn", "rouge-score",
+                 "matplotlib"],
         "bench": ["tqdm", "matplotlib"],
     },
     ext_modules=ext_modules,
