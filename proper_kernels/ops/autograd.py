@@ -42,23 +42,12 @@ def _nvtx(name: str):
 
 @torch.library.custom_op("proper_kernels::mixture_fwd", mutates_args=())
 def mixture_fwd_op(
-    x: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    expert_A: Optional[Tensor],
-    expert_B: Optional[Tensor],
-    router_weight: Optional[Tensor],
-    user_logit_bias: Optional[Tensor],
-    user_A: Optional[Tensor],
-    user_B: Optional[Tensor],
-    user_router: Optional[Tensor],
-    user_ids: Optional[Tensor],
-    order: Optional[Tensor],
-    expert_scale: float,
-    user_scale: float,
-    top_k: int,
-    d_out: int,
-    impl: str,
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+    # the adapter tensors, in ADAPTER_TENSORS order
+    expert_A: Optional[Tensor], expert_B: Optional[Tensor], router_weight: Optional[Tensor],
+    user_logit_bias: Optional[Tensor], user_A: Optional[Tensor], user_B: Optional[Tensor],
+    user_router: Optional[Tensor], user_ids: Optional[Tensor], order: Optional[Tensor],
+    expert_scale: float, user_scale: float, top_k: int, d_out: int, impl: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y [T, d_out] x.dtype, h [T, K r], z [T, r_u], g [T, K]; codes in the compute
     dtype); top_k=0: dense; impl "triton" (kernels) or "torch" (rank-space contract)."""

@@ -276,18 +276,9 @@ def launch_mode(launch: Optional[str] = None, device=None, dtype: Optional[torch
 
 
 def lora_mixture_decode_cuda(
-    x: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor] = None,
-    adapters: Adapters = Adapters(),
-    *,
-    user_ids: Optional[Tensor] = None,
-    out: Optional[Tensor] = None,
-    return_gates: bool = False,
-    plan=None,
-    launch: Optional[str] = None,
-    accumulate: bool = False,
-    _ext=None,
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = None, adapters: Adapters = Adapters(), *,
+    user_ids: Optional[Tensor] = None, out: Optional[Tensor] = None, return_gates: bool = False, plan=None,
+    launch: Optional[str] = None, accumulate: bool = False, _ext=None,
 ) -> Union[Tensor, Tuple[Tensor, Optional[Tensor]]]:
     """y = x W0^T + b + s_g sum_k g_k B_k A_k x + s_u B_u A_u x, decode forward on CUDA.
 
@@ -452,22 +443,12 @@ def _launch(ext, x: Tensor, weight, bias, adapters: Adapters, ids: Optional[Tens
 
 @torch.library.custom_op("proper_kernels::mixture_decode", mutates_args=())
 def mixture_decode_op(
-    x: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    expert_A: Optional[Tensor],
-    expert_B: Optional[Tensor],
-    router_weight: Optional[Tensor],
-    user_logit_bias: Optional[Tensor],
-    user_A: Optional[Tensor],
-    user_B: Optional[Tensor],
-    user_router: Optional[Tensor],
-    user_ids: Optional[Tensor],
-    expert_scale: float,
-    user_scale: float,
-    top_k: int,
-    d_out: int,
-    launch: str,
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+    # the adapter tensors, in ADAPTER_TENSORS order
+    expert_A: Optional[Tensor], expert_B: Optional[Tensor], router_weight: Optional[Tensor],
+    user_logit_bias: Optional[Tensor], user_A: Optional[Tensor], user_B: Optional[Tensor],
+    user_router: Optional[Tensor], user_ids: Optional[Tensor],
+    expert_scale: float, user_scale: float, top_k: int, d_out: int, launch: str,
     return_gates: bool,
 ) -> Tuple[Tensor, Tensor]:
     """The decode forward on checked arguments (see :func:`lora_mixture_decode_cuda`):

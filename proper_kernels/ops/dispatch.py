@@ -8,7 +8,11 @@ choose again. :func:`explain` gives a user the same decision without running it.
 Paths:
 
 * ``base``       no adapter tensor at all: the base linear ``F.linear`` itself.
-* ``reference``  the vectorised PyTorch reference, differentiated by autograd.
+* ``reference``  the vectorised PyTorch reference, differentiated by autograd (the
+                 oracle; only by name).
+* ``torch``      the rank-space contract as a few GEMMs with a hand-written backward
+                 (``proper_kernels.ops.torch_backend``), in its ``wide`` or
+                 ``segment`` variant: the default where no kernel runs.
 * ``triton``     the fused Triton forward and backward kernels (custom ops). With a
                  dtype the forward kernels do not compile (fp64) the forward runs the
                  rank-space torch contract and the backward kernels still run.
@@ -26,13 +30,13 @@ from torch import Tensor
 
 from ..reference.adapters import Adapters
 from ..runtime.target import interpreter_problem
-from . import cuda_decode
+from . import cuda_decode, torch_backend
 from .plan import RoutingPlan
 from .validate import MixtureSpec, check_mixture_args
 
 __all__ = ["BACKENDS", "Path", "choose_path", "explain", "available_backends", "requested_backend"]
 
-BACKENDS = ("auto", "reference", "triton", "cuda")
+BACKENDS = ("auto", "reference", "torch", "triton", "cuda")
 # The dtypes the Triton forward kernels compile for; others run the rank-space forward.
 TRITON_FORWARD_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Read once: torch.compile traces the dispatch, and a constant is all it needs to see.
@@ -43,12 +47,13 @@ class Path(NamedTuple):
     """The decision for one call.
 
     Attributes:
-        backend:   "base", "reference", "triton" or "cuda" (see the module docstring).
-        requested: what was asked for ("auto", "reference", "triton" or "cuda").
+        backend:   "base", "reference", "torch", "triton" or "cuda" (see the module docstring).
+        requested: what was asked for (one of :data:`BACKENDS`).
         reason:    why this path, in words.
-        forward:   the forward implementation of the triton path: "triton" (kernels) or
-                   "torch" (the rank-space contract, for dtypes without forward
-                   kernels); equal to ``backend`` on the other paths.
+        forward:   the implementation within the backend: on the triton path the
+                   forward's, "triton" (kernels) or "torch" (the rank-space contract,
+                   for dtypes without forward kernels); on the torch path its variant,
+                   "wide" or "segment"; equal to ``backend`` on the other paths.
     """
 
     backend: str
@@ -103,7 +108,7 @@ def _cuda_unusable(device: torch.device) -> Optional[str]:
 def available_backends(device: torch.device | str = "cpu") -> list:
     """Backends that can run on ``device`` in this process."""
     device = torch.device(device)
-    out = ["reference"]
+    out = ["reference", "torch"]
     if _triton_unusable(device) is None:
         out.append("triton")
     if _cuda_unusable(device) is None:
@@ -130,19 +135,43 @@ def _triton_path(x: Tensor, requested: str, reason: str) -> Path:
                 "forward runs the rank-space torch contract and the backward runs the kernels", "torch")
 
 
+def _active_users(user_ids: Optional[Tensor], plan: Optional[RoutingPlan], N: Optional[int]) -> Optional[int]:
+    """How many users have tokens, where counting them costs no device sync (CPU
+    tensors, not traced by torch.compile); else None."""
+    if user_ids is None or not N or user_ids.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    if plan is not None:
+        return int(plan.active_users.numel())
+    return int((torch.bincount(user_ids.long() + 1, minlength=N + 1)[1:] > 0).sum())
+
+
+def _torch_path(x: Tensor, spec: MixtureSpec, user_ids: Optional[Tensor], plan: Optional[RoutingPlan],
+                needs_grad: bool, requested: str, reason: str) -> Path:
+    variant, why = torch_backend.choose_variant(
+        spec.T, spec.d_in, spec.d_out, spec.K, spec.N, spec.r_u, _active_users(user_ids, plan, spec.N),
+        needs_grad, x.device, traced=torch.compiler.is_compiling())
+    return Path("torch", requested, f"{reason}: the torch backend, {variant} variant ({why})", variant)
+
+
 def choose_path(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], adapters: Adapters,
-                spec: MixtureSpec, user_ids: Optional[Tensor], requested: Optional[str]) -> Path:
-    """The path of one call on validated arguments (``spec`` from check_mixture_args).
+                spec: MixtureSpec, user_ids: Optional[Tensor], requested: Optional[str],
+                plan: Optional[RoutingPlan] = None) -> Path:
+    """The path of one call on validated arguments (``spec`` from check_mixture_args;
+    ``plan``, when the caller has one, spares the torch backend's variant choice a
+    count of the active users).
 
     ``requested=None`` reads $PROPER_KERNELS_BACKEND, else "auto". A backend asked for
     by name runs or raises saying why it cannot; ``auto`` takes, in order: the base
     linear when there is nothing to adapt; the CUDA decode kernel for inference
     batches up to the decode table's T on a GPU whose entry is measured; the Triton
     kernels on CUDA (and on CPU under TRITON_INTERPRET=1, except bfloat16); else the
-    reference.
+    torch backend (faster than the reference, which runs only by name).
     """
     requested = requested_backend(requested)
     tensors = (x, weight, bias) + adapters.tensors()
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if requested == "torch":
+        return _torch_path(x, spec, user_ids, plan, needs_grad, requested, "backend='torch' was requested")
     if spec.T == 0:
         return Path("reference", requested, "no tokens (T = 0)", "reference")
     if requested in ("auto", "reference") and adapters.is_empty() and weight is not None \
@@ -150,7 +179,6 @@ def choose_path(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], ada
         return Path("base", requested, "no adapter tensor: the base linear alone", "base")
     if requested == "reference":
         return Path("reference", requested, "backend='reference' was requested", "reference")
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
     if requested == "triton":
         why = _triton_unusable(x.device)
@@ -193,7 +221,7 @@ def choose_path(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], ada
     if why is None:
         return _triton_path(x, requested, "; ".join(notes + ["Triton kernels usable on " + str(x.device)]))
     notes.append(f"no Triton: {why}")
-    return Path("reference", requested, "; ".join(notes), "reference")
+    return _torch_path(x, spec, user_ids, plan, needs_grad, requested, "; ".join(notes))
 
 
 def explain(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = None, *, user_ids=None,
@@ -206,4 +234,4 @@ def explain(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = None, 
     adapters = Adapters(**adapter_kwargs)
     spec = check_mixture_args(x, weight, bias, adapters, user_ids, plan)
     ids = plan.user_ids if plan is not None else (user_ids.reshape(spec.T) if user_ids is not None else None)
-    return choose_path(x, weight, bias, adapters, spec, ids, backend)
+    return choose_path(x, weight, bias, adapters, spec, ids, backend, plan)

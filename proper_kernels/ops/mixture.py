@@ -11,6 +11,7 @@ from ..reference.mixture import lora_mixture_ref
 from . import cuda_decode
 from .dispatch import choose_path
 from .plan import RoutingPlan
+from .torch_backend import lora_mixture_torch
 from .validate import check_mixture_args
 
 __all__ = ["lora_mixture"]
@@ -21,17 +22,10 @@ def lora_mixture(
     weight: Optional[Tensor],
     bias: Optional[Tensor] = None,
     *,
-    expert_A: Optional[Tensor] = None,
-    expert_B: Optional[Tensor] = None,
-    expert_scale: float = 1.0,
-    router_weight: Optional[Tensor] = None,
-    user_ids: Optional[Tensor] = None,
-    user_logit_bias: Optional[Tensor] = None,
-    user_A: Optional[Tensor] = None,
-    user_B: Optional[Tensor] = None,
-    user_scale: float = 1.0,
-    user_router: Optional[Tensor] = None,
-    top_k: Optional[int] = None,
+    expert_A: Optional[Tensor] = None, expert_B: Optional[Tensor] = None, expert_scale: float = 1.0,
+    router_weight: Optional[Tensor] = None, user_ids: Optional[Tensor] = None,
+    user_logit_bias: Optional[Tensor] = None, user_A: Optional[Tensor] = None, user_B: Optional[Tensor] = None,
+    user_scale: float = 1.0, user_router: Optional[Tensor] = None, top_k: Optional[int] = None,
     plan: Optional[RoutingPlan] = None,
     return_gates: bool = False,
     backend: Optional[str] = None,
@@ -61,7 +55,7 @@ def lora_mixture(
                          given the plan's ids are used (its range was checked once).
         return_gates:    also return the gates g [..., K] (in the compute dtype: float32,
                          float64 for float64 x; None without experts).
-        backend:         "auto", "reference", "triton" or "cuda"; None (default) reads
+        backend:         "auto", "reference", "torch", "triton" or "cuda"; None (default) reads
                          $PROPER_KERNELS_BACKEND, else "auto". Which path runs and why:
                          :func:`proper_kernels.explain` with the same arguments.
 
@@ -81,12 +75,15 @@ def lora_mixture(
     x2 = x.reshape(spec.T, spec.d_in)
     # The plan, when given, is the routing of the batch: every backend reads its ids.
     ids = plan.user_ids if plan is not None else (user_ids.reshape(spec.T) if user_ids is not None else None)
-    path = choose_path(x, weight, bias, adapters, spec, ids, backend)
+    path = choose_path(x, weight, bias, adapters, spec, ids, backend, plan)
     if path.backend == "base":
         y = F.linear(x, weight, bias)
         return (y, None) if return_gates else y
     if path.backend == "reference":
         y, gates = lora_mixture_ref(x2, weight, bias, adapters, ids, d_out=spec.d_out)
+    elif path.backend == "torch":
+        y, gates = lora_mixture_torch(x2, weight, bias, adapters, ids, d_out=spec.d_out, num_users=spec.N, plan=plan,
+                                      variant=path.forward)
     elif path.backend == "triton":
         from .autograd import lora_mixture_fused
 

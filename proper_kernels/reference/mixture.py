@@ -57,14 +57,18 @@ def gates_from_logits(logits: Tensor, top_k: Optional[int]) -> Tensor:
     return torch.softmax(masked, dim=-1)
 
 
-def _prepare(adapters: Adapters, user_ids: Optional[Tensor]) -> tuple:
-    """The adapters' fields, after checking that user-indexed tensors come with ids."""
+def _prepare(x: Tensor, weight, bias, adapters: Adapters, user_ids: Optional[Tensor], d_out: Optional[int]):
+    """(compute dtype, x in it, T, d_out), after checking that user-indexed tensors
+    come with ids."""
     if not isinstance(adapters, Adapters):
         raise TypeError(f"adapters must be a proper_kernels.Adapters, got {type(adapters).__name__}")
     if user_ids is None and adapters.has_user_terms:
         raise ValueError("user-indexed tensors (user_logit_bias/user_A/user_B/user_router) were given: "
                          "pass user_ids [T] (int, -1 = no user)")
-    return tuple(adapters)
+    cd = compute_dtype(x.dtype)
+    if d_out is None:
+        d_out = _infer_d_out(weight, bias, adapters.expert_B, adapters.user_B)
+    return cd, x.to(cd), x.shape[0], d_out
 
 
 # Above this many elements of a per-token copy of the user weights ([T, m, k]), the
@@ -87,13 +91,8 @@ def _per_user_matvec(W: Tensor, v: Tensor, safe: Tensor, vmask: Tensor) -> Tenso
 
 
 def lora_mixture_ref(
-    x: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor] = None,
-    adapters: Adapters = Adapters(),
-    user_ids: Optional[Tensor] = None,
-    *,
-    d_out: Optional[int] = None,
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = None, adapters: Adapters = Adapters(),
+    user_ids: Optional[Tensor] = None, *, d_out: Optional[int] = None,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Vectorised reference. x [T, d_in], user_ids [T] (int, -1 = no user).
 
@@ -102,12 +101,8 @@ def lora_mixture_ref(
     The math is :func:`lora_mixture_ref_loop`'s.
     """
     (expert_A, expert_B, router_weight, user_logit_bias, user_A, user_B, user_router,
-     expert_scale, user_scale, top_k) = _prepare(adapters, user_ids)
-    cd = compute_dtype(x.dtype)
-    xc = x.to(cd)
-    T = x.shape[0]
-    if d_out is None:
-        d_out = _infer_d_out(weight, bias, expert_B, user_B)
+     expert_scale, user_scale, top_k) = adapters
+    cd, xc, T, d_out = _prepare(x, weight, bias, adapters, user_ids, d_out)
     y = xc.new_zeros(T, d_out)
     if weight is not None:
         y = y + xc @ weight.to(cd).t()
@@ -149,13 +144,8 @@ def lora_mixture_ref(
 
 
 def lora_mixture_ref_loop(
-    x: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor] = None,
-    adapters: Adapters = Adapters(),
-    user_ids: Optional[Tensor] = None,
-    *,
-    d_out: Optional[int] = None,
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = None, adapters: Adapters = Adapters(),
+    user_ids: Optional[Tensor] = None, *, d_out: Optional[int] = None,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Readable reference, the spec in code: one segment of tokens per user, one
     expert at a time, every term as the formula of this module reads.
@@ -163,12 +153,8 @@ def lora_mixture_ref_loop(
     Same arguments and result as :func:`lora_mixture_ref`.
     """
     (expert_A, expert_B, router_weight, user_logit_bias, user_A, user_B, user_router,
-     expert_scale, user_scale, top_k) = _prepare(adapters, user_ids)
-    cd = compute_dtype(x.dtype)
-    xc = x.to(cd)
-    T = x.shape[0]
-    if d_out is None:
-        d_out = _infer_d_out(weight, bias, expert_B, user_B)
+     expert_scale, user_scale, top_k) = adapters
+    cd, xc, T, d_out = _prepare(x, weight, bias, adapters, user_ids, d_out)
     K = expert_A.shape[0] if expert_A is not None else 0  # the gates exist only with experts
     ids = user_ids.long() if user_ids is not None else torch.full((T,), -1, device=x.device)
 

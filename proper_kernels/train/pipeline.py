@@ -56,12 +56,12 @@ class TrainConfig:
     output: str
     tokenizer: Optional[str] = None
     task: Optional[str] = None
+    stages: Tuple[str, ...] = STAGES
     lamp_split: Optional[str] = None
     max_history: Optional[int] = None
+    max_users: Optional[int] = None
     retrieve: int = 0
     retrieve_words: int = 50
-    max_users: Optional[int] = None
-    stages: Tuple[str, ...] = STAGES
     epochs: Dict[str, int] = field(default_factory=lambda: {"population": 2, "group": 2, "user": 5})
     lr: Dict[str, float] = field(default_factory=lambda: {"population": 2e-4, "group": 2e-4, "user": 1e-4})
     weight_decay: float = 0.0

@@ -71,6 +71,12 @@ def _tokens_at(ORDER, pos, ok, HAS_ORDER: tl.constexpr):
 
 
 @triton.jit
+def _zeros(M: tl.constexpr, N: tl.constexpr, F64: tl.constexpr):
+    """A zeroed accumulator tile: fp64 for fp64 launches, else fp32."""
+    return tl.zeros((M, N), dtype=tl.float64 if F64 else tl.float32)
+
+
+@triton.jit
 def _scale(acc, hi, lo, F64: tl.constexpr):
     """acc * scale. A compiled kernel receives Python floats as fp32, so fp64 launches
     pass the scale as two fp32 parts hi + lo (``_scale_parts``) and add both products."""
@@ -126,12 +132,8 @@ def _mixture_bwd_rank_kernel(
     kk = tl.arange(0, K_PAD)
     ju = tl.arange(0, RU_PAD)
 
-    if F64:
-        e = tl.zeros((BLOCK_M, K_PAD * R_PAD), dtype=tl.float64)
-        eu = tl.zeros((BLOCK_M, RU_PAD), dtype=tl.float64)
-    else:
-        e = tl.zeros((BLOCK_M, K_PAD * R_PAD), dtype=tl.float32)
-        eu = tl.zeros((BLOCK_M, RU_PAD), dtype=tl.float32)
+    e = _zeros(BLOCK_M, K_PAD * R_PAD, F64)
+    eu = _zeros(BLOCK_M, RU_PAD, F64)
     for n0 in range(0, d_out, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < d_out
@@ -208,10 +210,7 @@ def _mixture_bwd_dx_kernel(
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < d_in
     out_mask = row_ok[:, None] & n_ok[None, :]
-    if F64:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _zeros(BLOCK_M, BLOCK_N, F64)
     if HAS_BASE:
         acc += tl.load(BASE + tok[:, None] * stride_bt + n[None, :] * stride_bd, mask=out_mask, other=0.0).to(acc.dtype)
     if HAS_DH:
@@ -275,10 +274,7 @@ def _seg_xty_kernel(
     m_ok = m < M
     n_ok = n < N
     out_mask = m_ok[:, None] & n_ok[None, :]
-    if F64:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _zeros(BLOCK_M, BLOCK_N, F64)
     if MODE == 2:
         user = pid.to(tl.int64)
         r0 = tl.load(WS_OFF + user)

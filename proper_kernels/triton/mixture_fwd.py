@@ -388,10 +388,7 @@ def _mixture_shrink_kernel(
     if HAS_EXPERTS:
         hp = h_ptr + rows * stride_ht + offs_kr[None, :]
         hm = row_ok[:, None] & (offs_kr[None, :] < KR)
-        if ATOMIC:
-            tl.atomic_add(hp, h, mask=hm, sem="relaxed")
-        else:
-            tl.store(hp, h, mask=hm)
+        _write(hp, h, hm, ATOMIC)
     if GATES:
         g = _gates(lg, z, uid, row_ok, u_first, u_last, c_ptr, v_ptr,
                    stride_cn, stride_ck, stride_vn, stride_vk, stride_vr,
@@ -403,17 +400,20 @@ def _mixture_shrink_kernel(
     elif HAS_ROUTER:
         lp = l_ptr + rows * stride_lt + offs_e[None, :]
         lm = row_ok[:, None] & (offs_e[None, :] < K)
-        if ATOMIC:
-            tl.atomic_add(lp, lg, mask=lm, sem="relaxed")
-        else:
-            tl.store(lp, lg, mask=lm)
+        _write(lp, lg, lm, ATOMIC)
     if HAS_USER_A:
         zp = z_ptr + rows * stride_zt + offs_ru[None, :]
         zm = row_ok[:, None] & (offs_ru[None, :] < RU)
-        if ATOMIC:
-            tl.atomic_add(zp, z, mask=zm, sem="relaxed")
-        else:
-            tl.store(zp, z, mask=zm)
+        _write(zp, z, zm, ATOMIC)
+
+
+@triton.jit
+def _write(ptr, val, mask, ATOMIC: tl.constexpr):
+    """Store a tile, or add it into a zeroed buffer when d_in is split (split-K)."""
+    if ATOMIC:
+        tl.atomic_add(ptr, val, mask=mask, sem="relaxed")
+    else:
+        tl.store(ptr, val, mask=mask)
 
 
 @triton.jit
