@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import warnings
 from typing import Callable, Dict, Optional
 
 import torch
@@ -49,6 +50,26 @@ def integration_skip_reason() -> Optional[str]:
     if missing:
         return f"e2e: proper_kernels.integrations has no {', '.join(missing)} (not written yet)"
     return None
+
+
+def provider_skip_reason(provider: str) -> Optional[str]:
+    """Why one e2e provider cannot run here (beyond :func:`integration_skip_reason`), or None."""
+    if provider == "peft":
+        try:
+            importlib.import_module("peft")
+        except ImportError:
+            return "peft: not installed"
+    return None
+
+
+def provider_note(case, provider: str) -> str:
+    """What an e2e row measures."""
+    if provider == "peft":
+        return "PEFT: users' LoRAs only (no experts)"
+    if provider == "loop":
+        n = loop_users(case)
+        return "one user at a time (grad accumulation)" + (f"; {n} of {case.N} users timed" if n < case.N else "")
+    return "all users in one mixed batch"
 
 
 def _make(cls, **want):
@@ -142,7 +163,11 @@ def make_fn(case, provider: str, mode: str, device, dtype) -> Callable[[], objec
     targets = ["gate_proj", "up_proj", "down_proj"]
     lcfg = LoraConfig(r=case.r_u, lora_alpha=2 * case.r_u, lora_dropout=0.0, target_modules=targets,
                       init_lora_weights=False)
-    model = get_peft_model(model, lcfg, adapter_name="u0")
+    with warnings.catch_warnings():
+        # peft's PeftModel reads model.is_gradient_checkpointing, which transformers >= 5
+        # deprecates with a FutureWarning: not ours to fix, and not worth a line per run.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = get_peft_model(model, lcfg, adapter_name="u0")
     for u in range(1, case.N):
         model.add_adapter(f"u{u}", lcfg)
     model = model.to(device=device, dtype=dtype).eval()

@@ -66,14 +66,9 @@ def strip_params(p: Dict[str, object], work: str) -> Dict[str, object]:
 
 # --------------------------------------------------------------------------- formulations
 def reference_linear(x: Tensor, p: Dict[str, object], ids: Tensor) -> Tensor:
-    from proper_kernels.reference import lora_mixture_ref
+    from proper_kernels.reference import Adapters, lora_mixture_ref
 
-    y, _ = lora_mixture_ref(
-        x, p["weight"], p["bias"], expert_A=p["expert_A"], expert_B=p["expert_B"],
-        expert_scale=p["expert_scale"], router_weight=p["router_weight"], user_ids=ids,
-        user_logit_bias=p["user_logit_bias"], user_A=p["user_A"], user_B=p["user_B"],
-        user_scale=p["user_scale"], user_router=p["user_router"],
-    )
+    y, _ = lora_mixture_ref(x, p["weight"], p["bias"], Adapters.from_kwargs(p), ids)
     return y
 
 
@@ -214,22 +209,44 @@ def segment_linear(x: Tensor, p: Dict[str, object], ids: Tensor, segs) -> Tensor
 
 # --------------------------------------------------------------------------- providers
 class Provider(abc.ABC):
-    """name, a one-line description, what work it does ("full", "users" or "base")."""
+    """name, a one-line description, what work it does ("full", "users" or "base").
+
+    :meth:`skip_reason` says whether it runs a case here; :meth:`note_for` what it does
+    where that differs from the others; :meth:`graph_safe` whether its step has no host
+    syncs (so it may be timed as a CUDA graph replay).
+    """
     name = ""
     doc = ""
     work = "full"
     note = ""
     grad = True       # supports fwdbwd
+    no_grad_reason = "forward only (no backward)"
     decode_only = False
-    graph_safe = True  # no host syncs: may be timed under CUDA graphs
 
-    def skip_reason(self, case, device: torch.device) -> Optional[str]:
-        """None if this provider can run ``case`` on ``device``, else why not."""
+    def op_skip_reason(self, case) -> Optional[str]:
+        """Why this provider never computes ``case``'s op, on any device, or None."""
         if case.grad and not self.grad:
-            return f"{self.name}: forward only (no backward)"
+            return f"{self.name}: {self.no_grad_reason}"
         if self.decode_only and case.op != "decode":
             return f"{self.name}: decode kernel, only --op decode"
         return None
+
+    def unavailable(self, case, device: torch.device) -> Optional[str]:
+        """What this machine or the case's inputs lack for this provider (no name prefix), or None."""
+        return None
+
+    def skip_reason(self, case, device: torch.device) -> Optional[str]:
+        """None if this provider can run ``case`` on ``device``, else "<name>: why". What
+        the machine lacks comes first: it is the one reason for every case."""
+        why = self.unavailable(case, device)
+        return f"{self.name}: {why}" if why else self.op_skip_reason(case)
+
+    def note_for(self, case, layers, x: Tensor, ids: Tensor, plan) -> str:
+        """What this provider does on the case where it differs from the others (the row's note)."""
+        return self.note
+
+    def graph_safe(self, case) -> bool:
+        return True
 
     @abc.abstractmethod
     def compose(self, case, layers, ids, plan) -> Callable[[Tensor], Tensor]:
@@ -273,7 +290,9 @@ class ReferenceProvider(LayerwiseProvider):
 
 class LoopProvider(LayerwiseProvider):
     name, doc = "loop", "PEFT/MixLoRA-style Python loop over users and experts"
-    graph_safe = False
+
+    def graph_safe(self, case) -> bool:
+        return False
 
     def setup(self, case, layers, ids, plan):
         active = plan.active_users.tolist() if plan is not None else sorted(set(ids.tolist()))
@@ -286,14 +305,13 @@ class TorchProvider(LayerwiseProvider):
     def formulation(self, case) -> str:
         return "wide" if case.N * case.r_u <= WIDE_MAX_RANK else "segment"
 
-    def skip_reason(self, case, device):
-        why = super().skip_reason(case, device)
-        if why:
-            return why
-        self.graph_safe = self.formulation(case) == "wide"
-        self.note = ("one-hot rank space: shrink/expand over all N users' ranks" if self.formulation(case) == "wide"
-                     else "group part dense, user part a loop over user segments")
-        return None
+    def graph_safe(self, case) -> bool:
+        return self.formulation(case) == "wide"
+
+    def note_for(self, case, layers, x, ids, plan) -> str:
+        if self.formulation(case) == "wide":
+            return "one-hot rank space: shrink/expand over all N users' ranks"
+        return "group part dense, user part a loop over user segments"
 
     def setup(self, case, layers, ids, plan):
         if self.formulation(case) == "wide":
@@ -312,14 +330,11 @@ class TorchProvider(LayerwiseProvider):
 class TorchCompileProvider(TorchProvider):
     name, doc = "torch-compile", "the torch formulation under torch.compile"
 
-    def skip_reason(self, case, device):
-        why = super().skip_reason(case, device)
-        if why:
-            return why
-        if not hasattr(torch, "compile"):
-            return "torch-compile: this torch has no torch.compile"
-        self.note = "torch.compile of torch's " + ("one-hot formulation" if self.formulation(case) == "wide" else "segment loop")
-        return None
+    def unavailable(self, case, device):
+        return None if hasattr(torch, "compile") else "this torch has no torch.compile"
+
+    def note_for(self, case, layers, x, ids, plan) -> str:
+        return "torch.compile of torch's " + ("one-hot formulation" if self.formulation(case) == "wide" else "segment loop")
 
     def compose(self, case, layers, ids, plan):
         fn = super().compose(case, layers, ids, plan)
@@ -330,15 +345,16 @@ class PeftProvider(Provider):
     name, doc, work = "peft", "HF PEFT mixed batch (adapter_names=), one LoRA per user", "users"
     note = "PEFT: users' LoRAs only (no gated experts, no router): less work than the others"
     grad = False
-    graph_safe = False
+    no_grad_reason = "mixed-batch adapter_names is inference-only (PEFT refuses it in training mode)"
 
-    def skip_reason(self, case, device):
-        if case.grad:
-            return "peft: mixed-batch adapter_names is inference-only (PEFT refuses it in training mode)"
-        if case.r_u == 0:
-            return "peft: the case has no user adapters"
+    def graph_safe(self, case) -> bool:
+        return False
+
+    def unavailable(self, case, device):
         if not _importable("peft"):
-            return "peft: not installed (pip install peft)"
+            return "not installed (pip install peft)"
+        if case.r_u == 0:
+            return "the case has no user adapters"
         return None
 
     def compose(self, case, layers, ids, plan):
@@ -390,31 +406,38 @@ class PeftProvider(Provider):
         return run
 
 
-def _triton_ready(device: torch.device) -> Optional[str]:
-    if device.type != "cuda":
-        return "triton: needs CUDA (TRITON_INTERPRET=1 on CPU is far too slow to time)"
-    if not _importable("triton"):
-        return "triton: not installed"
-    for mod, what in (("proper_kernels.triton.mixture_fwd", "forward"), ("proper_kernels.ops.fused", "ops")):
-        if not _importable(mod):
-            return f"triton: {mod} is not importable (the {what} kernels are missing)"
-    return None
-
-
 class TritonProvider(LayerwiseProvider):
     name, doc = "triton", 'lora_mixture(..., backend="triton")'
 
-    def skip_reason(self, case, device):
-        why = super().skip_reason(case, device)
-        if why:
-            return why
-        why = _triton_ready(device)
-        if why:
-            return why
+    def unavailable(self, case, device):
+        if device.type != "cuda":
+            return "needs CUDA (TRITON_INTERPRET=1 on CPU is far too slow to time)"
+        if not _importable("triton"):
+            return "not installed"
+        for mod, what in (("proper_kernels.triton.mixture_fwd", "forward"), ("proper_kernels.ops.autograd", "ops")):
+            if not _importable(mod):
+                return f"{mod} is not importable (the {what} kernels are missing)"
         if case.grad and not _importable("proper_kernels.triton.mixture_bwd"):
-            return "triton: proper_kernels.triton.mixture_bwd is not importable (no backward kernel yet)"
-        self.note = _triton_variant_note(case, getattr(case, 'torch_dtype', torch.bfloat16))
+            return "proper_kernels.triton.mixture_bwd is not importable (no backward kernel yet)"
         return None
+
+    def note_for(self, case, layers, x, ids, plan) -> str:
+        """The path ``lora_mixture(backend="triton")`` takes on these inputs
+        (``proper_kernels.explain``) and, with the forward kernels, their variant."""
+        from proper_kernels import explain
+
+        p = layers[0]
+        try:
+            path = explain(x, p["weight"], p["bias"], user_ids=ids, plan=plan, backend="triton", **adapter_kwargs(p))
+        except Exception as exc:  # noqa: BLE001 - the call itself will report it
+            return f"explain failed: {exc}"
+        if path.forward != "triton":
+            return f"forward={path.forward}: {path.reason}"
+        from proper_kernels.triton.mixture_fwd import forward_variant
+
+        variant = forward_variant(case.T, case.d_in, case.d_out, has_weight=p["weight"] is not None, dtype=x.dtype,
+                                  rank=case.K * case.r + case.r_u)
+        return f"forward=triton variant={variant}"
 
     def setup(self, case, layers, ids, plan):
         return [lambda x, p=p: _call_op(x, p, ids, plan, "triton") for p in layers]
@@ -425,21 +448,18 @@ class CudaProvider(LayerwiseProvider):
     grad = False
     decode_only = True
 
-    def skip_reason(self, case, device):
-        why = super().skip_reason(case, device)
-        if why:
-            return why
+    def unavailable(self, case, device):
         if device.type != "cuda":
-            return "cuda: needs a CUDA device"
+            return "needs a CUDA device"
         try:
             mod = importlib.import_module("proper_kernels.ops.cuda_decode")
         except Exception as exc:  # noqa: BLE001
-            return f"cuda: proper_kernels.ops.cuda_decode not importable ({type(exc).__name__}: {exc})"
+            return f"proper_kernels.ops.cuda_decode not importable ({type(exc).__name__}: {exc})"
         try:
             if not mod.available():
-                return "cuda: extension not built (proper_kernels._C missing: pip install -e . with nvcc)"
+                return "extension not built (proper_kernels._C missing: pip install -e . with nvcc)"
         except Exception as exc:  # noqa: BLE001
-            return f"cuda: available() failed ({exc})"
+            return f"available() failed ({exc})"
         return None
 
     def setup(self, case, layers, ids, plan):
@@ -449,50 +469,25 @@ class CudaProvider(LayerwiseProvider):
 class CudaOneProvider(CudaProvider):
     name, doc = "cuda-one", 'lora_mixture_decode_cuda(..., launch="one"): the decode kernel as one cooperative launch'
 
-    def skip_reason(self, case, device):
-        why = super().skip_reason(case, device)
-        return why.replace("cuda:", "cuda-one:", 1) if why else None
-
     def setup(self, case, layers, ids, plan):
         from proper_kernels.ops.cuda_decode import lora_mixture_decode_cuda
+        from proper_kernels.reference import Adapters
 
-        def call(x, p):
-            return lora_mixture_decode_cuda(
-                x, p["weight"], p["bias"], expert_A=p["expert_A"], expert_B=p["expert_B"],
-                expert_scale=p["expert_scale"], router_weight=p["router_weight"], user_ids=ids,
-                user_logit_bias=p["user_logit_bias"], user_A=p["user_A"], user_B=p["user_B"],
-                user_scale=p["user_scale"], user_router=p["user_router"], plan=plan, launch="one")
+        return [lambda x, p=p: lora_mixture_decode_cuda(x, p["weight"], p["bias"], Adapters.from_kwargs(p),
+                                                        user_ids=ids, plan=plan, launch="one") for p in layers]
 
-        return [lambda x, p=p: call(x, p) for p in layers]
+
+def adapter_kwargs(p: Dict[str, object]) -> Dict[str, object]:
+    """The adapter keywords of ``lora_mixture`` (and ``explain``) from one layer's parameters."""
+    from proper_kernels.reference import Adapters
+
+    return Adapters.from_kwargs(p)._asdict()
 
 
 def _call_op(x, p, ids, plan, backend):
     from proper_kernels import lora_mixture
 
-    return lora_mixture(
-        x, p["weight"], p["bias"], expert_A=p["expert_A"], expert_B=p["expert_B"],
-        expert_scale=p["expert_scale"], router_weight=p["router_weight"], user_ids=ids,
-        user_logit_bias=p["user_logit_bias"], user_A=p["user_A"], user_B=p["user_B"],
-        user_scale=p["user_scale"], user_router=p["user_router"], plan=plan, backend=backend,
-    )
-
-
-def _triton_variant_note(case, dtype) -> str:
-    """Which forward variant the Triton path picks, if the kernel module says."""
-    try:
-        mod = importlib.import_module("proper_kernels.triton.mixture_fwd")
-        fv = getattr(mod, "forward_variant", None)
-        if fv is None:
-            return ""
-        import inspect
-
-        sig = inspect.signature(fv)
-        known = dict(T=case.T, d_in=case.d_in, d_out=case.d_out, has_weight=True, dtype=dtype,
-                     rank=case.K * case.r + case.r_u)
-        kwargs = {k: v for k, v in known.items() if k in sig.parameters}
-        return f"variant={fv(**kwargs)}"
-    except Exception:  # noqa: BLE001 - the note is informational only
-        return ""
+    return lora_mixture(x, p["weight"], p["bias"], **adapter_kwargs(p), user_ids=ids, plan=plan, backend=backend)
 
 
 REGISTRY: Dict[str, Provider] = {
