@@ -5,6 +5,7 @@ left alone."""
 import ast
 import copy
 import os
+import re
 import subprocess
 import sys
 
@@ -82,6 +83,16 @@ def test_identity_at_creation_and_each_stage(arch):
 def test_no_target_found_is_clear():
     with pytest.raises(ValueError, match="no nn.Linear named"):
         get_proper_model(tiny_causal_lm(), tiny_proper_config(target_modules=("fc1",)))
+
+
+def test_a_target_name_that_matches_no_linear_is_refused_with_the_valid_names():
+    base = tiny_causal_lm()
+    valid = "['down_proj', 'gate_proj', 'k_proj', 'lm_head', 'o_proj', 'q_proj', 'up_proj', 'v_proj']"
+    for targets in (("q_proj", "bogus"), ("q_proj", "mlp")):  # a typo; a module that is not an nn.Linear
+        with pytest.raises(ValueError, match=rf"no nn.Linear named \['{targets[1]}'\] .*names are {re.escape(valid)}"):
+            get_proper_model(base, tiny_proper_config(target_modules=targets))
+    assert isinstance(base.model.layers[0].self_attn.q_proj, torch.nn.Linear)  # refused before any change
+    assert all(p.requires_grad for p in base.parameters())
 
 
 def test_attributes_pass_through_to_the_wrapped_model():

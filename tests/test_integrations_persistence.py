@@ -14,8 +14,8 @@ pytest.importorskip("transformers")
 from proper_kernels.integrations import ProperModel, get_proper_model  # noqa: E402
 from proper_kernels.integrations.persistence import CONFIG_NAME, WEIGHTS_NAME  # noqa: E402
 from proper_kernels.testing import (  # noqa: E402
-    collate_lm, counting_corpus, left_pad, random_token_seqs, randomize_adapters, tiny_causal_lm, tiny_proper_config,
-    tiny_training_args, trained_proper_model)
+    assert_close, collate_lm, counting_corpus, left_pad, random_token_seqs, randomize_adapters, tiny_causal_lm,
+    tiny_proper_config, tiny_training_args, trained_proper_model)
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -71,15 +71,46 @@ def test_save_load_in_population_stage(tmp_path):
     assert pm2.stage == "population" and not pm2.population_merged
 
 
-def test_load_users_refuses_another_user_scale(tmp_path):
+def _user_only_model(orig, **overrides):
+    """A ProperModel of a copy of ``orig`` with user LoRAs only (no experts, no population LoRA)."""
+    return get_proper_model(copy.deepcopy(orig), tiny_proper_config(num_experts=0, population_rank=0, **overrides))
+
+
+def test_loaded_users_are_on_and_keep_their_output_at_another_rank_and_scale(tmp_path):
+    """load_users into a model in no stage: the user is on at once (nothing trains), and
+    a user of rank 2 and s_u = 2 computes the same in a bank of rank 4 and s_u = 1
+    (zero-padded, its scale folded into B_u)."""
+    orig = tiny_causal_lm()
+    src = _user_only_model(orig, user_rank=2, user_alpha=4.0).set_stage("user")
+    randomize_adapters(src, names=("user_B",))
+    src.save_pretrained(tmp_path, users=[1])
+    dst = _user_only_model(orig, user_rank=4, user_alpha=4.0)
+    assert dst.load_users(tmp_path, at=[3]) == [3]
+    assert dst.stage is None and dst.num_trainable_parameters() == 0 and dst.loaded_adapters == {"user"}
+    ids = torch.tensor(random_token_seqs([7, 7]))
+    with torch.no_grad():
+        got = dst(input_ids=ids, user_ids=[3, -1]).logits
+        want = src(input_ids=ids, user_ids=[1, -1]).logits
+        exact = copy.deepcopy(src).double()(input_ids=ids, user_ids=[1, -1]).logits
+        base = orig(input_ids=ids).logits
+    assert (want[0] - base[0]).abs().max() > 1e-2  # the user changes the output
+    assert_close("user loaded at rank 4, s_u 1", got, exact, want)
+
+
+def test_load_users_refuses_a_larger_rank_and_other_router_sizes(tmp_path):
+    orig = tiny_causal_lm()
+    _user_only_model(orig, user_rank=4).save_pretrained(tmp_path / "r4", users=[1])
+    dst = _user_only_model(orig, user_rank=2)
+    before = dst.get_user_state([3])
+    with pytest.raises(ValueError, match=r"rank 4 > the bank's user_rank 2.*ProperConfig\(user_rank=4\)"):
+        dst.load_users(tmp_path / "r4", at=[3])
+    assert all(torch.equal(dst.get_user_state([3])[k], v) for k, v in before.items())  # nothing written
+    assert dst.loaded_adapters == set()
     pm, _ = trained_proper_model()
-    pm.save_pretrained(tmp_path, users=[1])
-    other, _ = trained_proper_model(user_alpha=8.0)  # same ranks, another s_u: the rows mean something else
-    before = other.get_user_state([3])
-    with pytest.raises(ValueError, match="user_alpha"):
-        other.load_users(tmp_path, at=[3])
-    after = other.get_user_state([3])
-    assert all(torch.equal(after[k], v) for k, v in before.items())
+    pm.save_pretrained(tmp_path / "e4", users=[1])
+    other, _ = trained_proper_model(user_embed_dim=3)  # the rows mean something else
+    with pytest.raises(ValueError, match="user_embed_dim"):
+        other.load_users(tmp_path / "e4", at=[3])
 
 
 def test_full_save_keeps_the_frozen_users(tmp_path):

@@ -47,8 +47,11 @@ def test_set_stage_errors_are_clear():
     pm = get_proper_model(tiny_causal_lm(), tiny_proper_config())
     with pytest.raises(ValueError, match="stage must be one of"):
         pm.set_stage("users")
-    with pytest.raises(RuntimeError, match="user stage before group stage"):
+    with pytest.raises(RuntimeError, match="user stage before group stage") as err:
         pm.set_stage("user")
+    for what_to_call in ("set_stage('group')", "ProperConfig(num_experts=0)", "load_peft_adapter(dir, user=u)",
+                         "load_users(dir)", "ProperModel.from_peft_users(model, {name: peft_dir})"):
+        assert what_to_call in str(err.value)
     pm.set_stage("group")
     with pytest.raises(RuntimeError, match="already merged"):
         pm.set_stage("population")

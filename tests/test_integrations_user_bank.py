@@ -1,6 +1,7 @@
 """The user bank of ProperModel (proper_kernels.integrations.user_bank): growing it,
-per-user state get/set (all or nothing), and freezing users for per-user early
-stopping, on a tiny random Llama (CPU)."""
+per-user state get/set (all or nothing), rows of another rank and scale fitted to the
+bank, user names, and freezing users for per-user early stopping, on a tiny random
+Llama (CPU)."""
 import pytest
 import torch
 
@@ -82,6 +83,41 @@ def test_partial_state_keeps_the_rows_it_leaves_out():
 
 
 # ---------------------------------------------------------------------- growing
+def test_fit_rows_pads_a_smaller_rank_and_folds_the_scale():
+    pm, _ = trained_proper_model(user_rank=4, user_alpha=4.0)  # s_u = 1
+    bank = pm.user_bank
+    name = pm.layer_names[0]
+    layer = pm.model.get_submodule(name)
+    K, d_out, d_in = layer.num_experts, layer.out_features, layer.in_features
+    rows = {f"{name}.user_A": torch.randn(2, 2, d_in), f"{name}.user_B": torch.randn(2, d_out, 2),
+            f"{name}.user_router": torch.randn(2, K, 2), f"{name}.user_embedding": torch.randn(2, 4)}
+    fit = bank.fit_rows(rows, 2, 3.0, "two users of rank 2, s = 3")
+    assert torch.equal(fit[f"{name}.user_embedding"], rows[f"{name}.user_embedding"])
+    assert torch.equal(fit[f"{name}.user_A"], torch.cat([rows[f"{name}.user_A"], torch.zeros(2, 2, d_in)], 1))
+    assert torch.equal(fit[f"{name}.user_router"], torch.cat([rows[f"{name}.user_router"], torch.zeros(2, K, 2)], 2))
+    want_B = (rows[f"{name}.user_B"].double() * 3.0).float()
+    assert torch.equal(fit[f"{name}.user_B"].float(), torch.cat([want_B, torch.zeros(2, d_out, 2)], 2))
+    assert torch.equal(bank.fit_rows(rows, 2, 1.0, "s = s_u")[f"{name}.user_B"][..., :2], rows[f"{name}.user_B"])
+    with pytest.raises(ValueError, match="rank 5 > the bank's user_rank 4"):
+        bank.fit_rows(rows, 5, 1.0, "rank 5")
+
+
+def test_user_names_name_one_row_each():
+    pm, _ = trained_proper_model()
+    bank = pm.user_bank
+    bank.set_names({"alice": 0, 7: 2})
+    bank.set_names({"bob": 0})  # row 0 keeps one name
+    assert pm.user_rows == {7: 2, "bob": 0}
+    bank.set_names({7: 1})  # a name names one row
+    assert pm.user_rows == {"bob": 0, 7: 1}
+    with pytest.raises(ValueError, match="two names for one row"):
+        bank.set_names({"x": 3, "y": 3})
+    with pytest.raises(TypeError, match="user names must be str or int"):
+        bank.set_names({(1, 2): 3})
+    with pytest.raises(ValueError, match="unknown user id"):
+        bank.set_names({"z": 4})
+
+
 def test_add_users_after_group_stage():
     pm = get_proper_model(tiny_causal_lm(), tiny_proper_config(num_users=2))
     pm.set_stage("group")

@@ -21,11 +21,16 @@ Usage::
     pm.set_stage("group");      train(pm)          # merges it, trains experts + router + e_u
     pm.set_stage("user");       train(pm)          # e_u, A_u, B_u, V_u of every user
     pm.generate(input_ids, attention_mask=m, user_ids=[3, 7, -1], max_new_tokens=20)
+
+Serving plain PEFT LoRA adapters, one per user, in mixed batches (no stage, no experts)::
+
+    pm = ProperModel.from_peft_users(model, {"alice": dir1, 7: dir2})  # or a parent directory
+    pm.generate(input_ids, user_ids=[pm.user_rows["alice"], pm.user_rows[7], -1], max_new_tokens=20)
 """
 from __future__ import annotations
 
 import copy
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -34,18 +39,26 @@ from ..layers.linear import ProperLinear
 from .config import ProperConfig
 from .persistence import CONFIG_NAME, WEIGHTS_NAME, PersistenceMixin, register_tied_weight_hooks
 from .stages import STAGES, StagesMixin
-from .user_bank import UserBank, UserIds
+from .user_bank import UserBank, UserIds, UserName
 
 __all__ = ["ProperModel", "get_proper_model", "STAGES", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 
 def _find_targets(model: nn.Module, targets: Tuple[str, ...]) -> List[Tuple[str, nn.Module, str, nn.Linear]]:
+    """(module path, parent, attribute, linear) of every nn.Linear whose attribute name
+    is in ``targets``; ValueError naming the targets that match no nn.Linear, with the
+    nn.Linear names the model has."""
     found = []
     for name, module in model.named_modules():
         for attr, child in module.named_children():
             if attr in targets and isinstance(child, nn.Linear):
                 full = f"{name}.{attr}" if name else attr
                 found.append((full, module, attr, child))
+    missing = [t for t in targets if t not in {attr for _, _, attr, _ in found}]
+    if missing:
+        linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(f"no nn.Linear named {missing} in {type(model).__name__} (ProperConfig.target_modules="
+                         f"{list(targets)}); its nn.Linear names are {linears}")
     return found
 
 
@@ -55,7 +68,9 @@ def get_proper_model(model: nn.Module, config: Optional[ProperConfig] = None) ->
 
     Every parameter of ``model`` is frozen. No stage is active at creation (every
     adapter part is switched off), so the logits are exactly the base model's; call
-    :meth:`ProperModel.set_stage` to start training.
+    :meth:`ProperModel.set_stage` to start training. Every name in
+    ``config.target_modules`` must name an nn.Linear of ``model`` (ValueError listing
+    the nn.Linear names it has otherwise).
 
     Args:
         model: a causal LM (any architecture whose targeted projections are nn.Linear:
@@ -78,7 +93,11 @@ class ProperModel(StagesMixin, PersistenceMixin, nn.Module):
         proper_config: a copy of the :class:`ProperConfig`; ``num_users`` tracks the bank size.
         stage: None (nothing active), "population", "group" or "user".
         population_merged: whether the population LoRA was folded into W0.
-        user_bank: the :class:`UserBank` of the adapted layers (per-user rows, frozen users).
+        loaded_adapters: the parts ("population", "user") whose adapters were loaded
+            (PEFT import, :meth:`load_users`, :meth:`from_peft_users`): they are on for
+            forward and generate in every stage (loading trains nothing).
+        user_bank: the :class:`UserBank` of the adapted layers (per-user rows, frozen
+            users, user names).
     """
 
     def __init__(self, model: nn.Module, config: ProperConfig):
@@ -88,18 +107,13 @@ class ProperModel(StagesMixin, PersistenceMixin, nn.Module):
         self.stage: Optional[str] = None
         self.stages_done: List[str] = []
         self.population_merged = False
+        self.loaded_adapters: Set[str] = set()
         # Population LoRA factors kept after merging (for save/load and PEFT export).
         self._merged_population: Dict[str, Tuple[Tensor, Tensor]] = {}
         self.last_aux_losses: Dict[str, Tensor] = {}
+        targets = _find_targets(model, config.target_modules)  # raises before the model is touched
         for p in model.parameters():
             p.requires_grad_(False)
-        targets = _find_targets(model, config.target_modules)
-        if not targets:
-            linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-            raise ValueError(
-                f"no nn.Linear named any of {list(config.target_modules)} in {type(model).__name__}; "
-                f"its nn.Linear names are {linears}"
-            )
         self.layer_names: List[str] = []
         for full, parent, attr, lin in targets:
             layer = ProperLinear(
@@ -134,6 +148,12 @@ class ProperModel(StagesMixin, PersistenceMixin, nn.Module):
     @property
     def num_users(self) -> int:
         return self.user_bank.num_users
+
+    @property
+    def user_rows(self) -> Dict[UserName, int]:
+        """``{user name: row}`` of the named users (:meth:`from_peft_users` names a
+        row by its adapter's name); pass the rows as ``user_ids``. A copy."""
+        return dict(self.user_bank.names)
 
     # ------------------------------------------------------------------ per-user state (UserBank)
     def add_users(self, n: int) -> List[int]:

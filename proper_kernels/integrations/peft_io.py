@@ -6,10 +6,20 @@ with keys ``base_model.model.<module path>.lora_A.weight`` [r, d_in] and
 (lora_alpha / sqrt(r) with use_rslora).
 
 Import (:func:`load_peft_adapter`): as the population LoRA (before it is merged) or
-as one user's adapter (A_u, B_u). Ranks must match; the scale is carried exactly
-(the population scale is set to PEFT's, a user's B is multiplied by s_peft / s_u).
-Layers that the PEFT adapter does not touch get B = 0 (no update). DoRA, per-module
-rank/alpha patterns, fan_in_fan_out and trained biases are refused.
+as one user's adapter (A_u, B_u). A population LoRA's rank must be population_rank and
+its scale becomes the population scale. A user adapter of rank r <= user_rank is
+zero-padded to the bank's rank and its scale s is folded into B (B_u = B s / s_u in
+fp64, rounded once), so s_u B_u A_u x = s B A x: users of different ranks and alphas
+share one bank (``UserBank.fit_rows``). The user's LoRA-aware router row V_u is reset
+to zero (the adapter has none); its user embedding e_u is kept. Layers that the PEFT
+adapter does not touch get B = 0 (no update). Loading switches the loaded part on for
+forward and generate, whatever the stage (``ProperModel.loaded_adapters``). DoRA,
+per-module rank/alpha patterns, fan_in_fan_out and trained biases are refused.
+
+Serving (:func:`peft_user_dirs`, :func:`peft_bank_shape`, used by
+``ProperModel.from_peft_users``): a set of plain PEFT adapters, one per user, becomes a
+bank whose targets are the union of the adapters' target modules and whose rank is
+their largest rank, each adapter's scale folded into its B as above.
 
 Export (:func:`export_peft_user`): one user's LoRA as a PEFT directory that plain
 ``peft.PeftModel.from_pretrained(base, dir)`` loads. Only the user LoRA (plus,
@@ -19,6 +29,9 @@ depend on each token (W_r x_t + V_u A_u x_t) and a LoRA has no such gate, so the
 experts, the routers and the user embedding are *not* exported. The PEFT model
 therefore reproduces the ProperModel output with the experts switched off
 (``use_experts = False`` on every layer), not the full PROPER output.
+
+This module imports nothing from the package: the model's methods it needs
+(``adapted_layers``, ``user_bank``, ``_adapters_loaded``) are reached through ``pm``.
 """
 from __future__ import annotations
 
@@ -26,12 +39,16 @@ import json
 import math
 import os
 import re
-from typing import Dict, Optional
+from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["load_peft_adapter", "export_peft_user", "read_peft_dir"]
+__all__ = ["load_peft_adapter", "export_peft_user", "read_peft_dir", "peft_user_dirs", "peft_bank_shape",
+           "check_peft_shapes", "import_peft_user"]
+
+Name = Union[str, int]
+PeftDir = Tuple[dict, Dict[str, Tuple[Tensor, Tensor]]]  # what read_peft_dir returns
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 
@@ -82,58 +99,135 @@ def _peft_scale(cfg: dict) -> float:
     return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
 
 
+def check_peft_shapes(layers: Mapping[str, nn.Module], pairs: Dict[str, Tuple[Tensor, Tensor]], r: int,
+                      source: str, what: str) -> None:
+    """Raise ValueError, naming ``source``, when ``pairs`` (of rank ``r``) touch a
+    module that is not in ``layers`` (``what`` says which modules those are: "that
+    ...") or do not fit its in_features -> out_features."""
+    unknown = sorted(set(pairs) - set(layers))
+    if unknown:
+        more = " ..." if len(unknown) > 3 else ""
+        raise ValueError(f"{source}: the PEFT adapter touches modules {unknown[:3]}{more} {what}")
+    for name, (A, B) in pairs.items():
+        layer = layers[name]
+        if tuple(A.shape) != (r, layer.in_features) or tuple(B.shape) != (layer.out_features, r):
+            raise ValueError(f"{source}: {name}: PEFT shapes A{list(A.shape)} B{list(B.shape)} do not fit a "
+                             f"{layer.in_features}->{layer.out_features} linear at rank {r}")
+
+
+def _not_adapted(pm: nn.Module) -> str:
+    return f"that this ProperModel does not adapt (targets: {list(pm.proper_config.target_modules)})"
+
+
 @torch.no_grad()
-def load_peft_adapter(pm: nn.Module, peft_dir: str, *, user: Optional[int] = None) -> None:
-    """Import a PEFT LoRA as the population LoRA (``user=None``) or as user ``user``'s
-    adapter. Raises ValueError when the rank differs from population_rank/user_rank,
-    when the adapter touches a module that is not adapted here, or when the
-    population LoRA was already merged."""
-    cfg, pairs = read_peft_dir(peft_dir)
+def import_peft_user(pm: nn.Module, cfg: dict, pairs: Dict[str, Tuple[Tensor, Tensor]], user: int,
+                     source: str) -> None:
+    """Write one PEFT LoRA (``read_peft_dir``'s output) as user ``user``'s A_u, B_u
+    (zero-padded to the bank's rank, its scale folded into B_u), V_u = 0, and switch
+    the user LoRA on. Everything is checked before the first write."""
     s_peft = _peft_scale(cfg)
     r = int(cfg["r"])
     layers = dict(pm.adapted_layers())
-    unknown = sorted(set(pairs) - set(layers))
-    if unknown:
-        raise ValueError(f"the PEFT adapter touches modules this ProperModel does not adapt: {unknown[:3]}"
-                         f"{' ...' if len(unknown) > 3 else ''} (targets: {list(pm.proper_config.target_modules)})")
-    pc = pm.proper_config
-    if user is None:
-        if pm.population_merged:
-            raise RuntimeError("the population LoRA is already merged: import a PEFT population LoRA before "
-                               "the group stage")
-        if r != pc.population_rank:
-            raise ValueError(f"PEFT adapter rank {r} != population_rank {pc.population_rank}: build the "
-                             f"ProperModel with ProperConfig(population_rank={r})")
-    else:
-        uid = pm.user_bank.index([user]).item()
-        if r != pc.user_rank:
-            raise ValueError(f"PEFT adapter rank {r} != user_rank {pc.user_rank}: user adapters share one rank")
-    for name, layer in layers.items():  # every shape is checked before anything is written
-        A, B = pairs.get(name, (None, None))
-        if A is not None and (tuple(A.shape) != (r, layer.in_features) or tuple(B.shape) != (layer.out_features, r)):
-            raise ValueError(f"{name}: PEFT shapes A{list(A.shape)} B{list(B.shape)} do not fit a "
-                             f"{layer.in_features}->{layer.out_features} linear at rank {r}")
-    if user is None:
-        for name, layer in layers.items():
-            A, B = pairs.get(name, (None, None))
-            layer.population_scale = s_peft  # every layer: the untouched ones may train on
-            if A is None:
-                layer.population_B.zero_()
-                continue
-            layer.population_A.copy_(A)
-            layer.population_B.copy_(B)
-        pc.population_alpha = s_peft * r  # so a save/load rebuilds the same scale
-        return
-    rows = {}  # the user's new A_u, B_u rows; a layer the adapter does not touch gets B_u = 0
+    check_peft_shapes(layers, pairs, r, source, _not_adapted(pm))
+    uid = pm.user_bank.index([user]).item()
+    rows = {}  # the user's new rows at the adapter's rank; a layer the adapter does not touch gets B_u = 0
     for name, layer in layers.items():
         A, B = pairs.get(name, (None, None))
         if A is None:
             rows[f"{name}.user_B"] = torch.zeros(1, layer.out_features, r)
+        else:
+            rows[f"{name}.user_A"] = A[None]
+            rows[f"{name}.user_B"] = B[None]
+        if layer.user_router is not None:  # V_u pairs with A_u: a new A_u starts with V_u = 0
+            rows[f"{name}.user_router"] = torch.zeros(1, layer.num_experts, r)
+    bank = pm.user_bank
+    bank.set_state(bank.fit_rows(rows, r, s_peft, source), [uid], partial=True)
+    pm._adapters_loaded("user")
+
+
+@torch.no_grad()
+def load_peft_adapter(pm: nn.Module, peft_dir: str, *, user: Optional[int] = None) -> None:
+    """Import a PEFT LoRA as the population LoRA (``user=None``) or as user ``user``'s
+    adapter, and switch that part on for forward and generate (in every stage;
+    nothing more trains).
+
+    Raises ValueError when a population LoRA's rank is not population_rank, when a
+    user adapter's rank exceeds user_rank (smaller ranks are zero-padded), or when the
+    adapter touches a module that is not adapted here; RuntimeError when the
+    population LoRA was already merged."""
+    cfg, pairs = read_peft_dir(peft_dir)
+    if user is not None:
+        import_peft_user(pm, cfg, pairs, user, str(peft_dir))
+        return
+    s_peft = _peft_scale(cfg)
+    r = int(cfg["r"])
+    layers = dict(pm.adapted_layers())
+    pc = pm.proper_config
+    if pm.population_merged:
+        raise RuntimeError("the population LoRA is already merged: import a PEFT population LoRA before "
+                           "the group stage")
+    if r != pc.population_rank:
+        raise ValueError(f"PEFT adapter rank {r} != population_rank {pc.population_rank}: build the "
+                         f"ProperModel with ProperConfig(population_rank={r})")
+    check_peft_shapes(layers, pairs, r, str(peft_dir), _not_adapted(pm))
+    for name, layer in layers.items():
+        A, B = pairs.get(name, (None, None))
+        layer.population_scale = s_peft  # every layer: the untouched ones may train on
+        if A is None:
+            layer.population_B.zero_()
             continue
-        ratio = s_peft / layer.user_scale
-        rows[f"{name}.user_A"] = A[None]
-        rows[f"{name}.user_B"] = (B if ratio == 1.0 else B.double() * ratio)[None]
-    pm.user_bank.set_state(rows, [uid], partial=True)
+        layer.population_A.copy_(A)
+        layer.population_B.copy_(B)
+    pc.population_alpha = s_peft * r  # so a save/load rebuilds the same scale
+    pm._adapters_loaded("population")
+
+
+def peft_user_dirs(adapters: Union[str, "os.PathLike", Mapping[Name, str]]) -> Dict[Name, str]:
+    """``{user name: PEFT directory}``, in row order, of ``adapters``: a mapping
+    ``{name: directory}`` (its order), or a parent directory whose subdirectories
+    holding an ``adapter_config.json`` are the users, named by the subdirectory,
+    sorted by name. Names are str or int."""
+    if isinstance(adapters, (str, os.PathLike)):
+        parent = os.fspath(adapters)
+        if not os.path.isdir(parent):
+            raise FileNotFoundError(f"adapters: {parent} is not a directory")
+        if os.path.isfile(os.path.join(parent, "adapter_config.json")):
+            raise ValueError(f"adapters: {parent} is one PEFT adapter, not a directory of them: pass its parent "
+                             f"directory or a mapping {{user name: adapter directory}}")
+        dirs = {d: os.path.join(parent, d) for d in sorted(os.listdir(parent))
+                if os.path.isfile(os.path.join(parent, d, "adapter_config.json"))}
+        if not dirs:
+            raise FileNotFoundError(f"adapters: no subdirectory of {parent} holds an adapter_config.json")
+        return dirs
+    if not isinstance(adapters, Mapping):
+        raise TypeError(f"adapters must be a mapping {{user name: PEFT directory}} or a parent directory, "
+                        f"got {type(adapters).__name__}")
+    if not adapters:
+        raise ValueError("adapters is empty: give at least one {user name: PEFT directory}")
+    for name in adapters:
+        if isinstance(name, bool) or not isinstance(name, (str, int)):
+            raise TypeError(f"user names must be str or int, got {type(name).__name__}: {name!r}")
+    return {name: os.fspath(d) for name, d in adapters.items()}
+
+
+def peft_bank_shape(adapters: Mapping[Name, PeftDir]) -> Tuple[Tuple[str, ...], int]:
+    """(target module names, rank) of a bank that holds every adapter of
+    ``adapters`` (``{name: read_peft_dir(...)}``): the union of the leaf names of
+    their adapter_config.json ``target_modules`` (for a regex ``target_modules``, of
+    the modules its weights touch), sorted, and their largest rank. Refuses what
+    cannot be imported."""
+    targets, rank = set(), 0
+    for name, (cfg, pairs) in adapters.items():
+        try:
+            _peft_scale(cfg)
+        except ValueError as e:
+            raise ValueError(f"user {name!r}: {e}") from None
+        rank = max(rank, int(cfg["r"]))
+        listed = cfg.get("target_modules")
+        if isinstance(listed, (list, tuple)):
+            targets.update(t.rsplit(".", 1)[-1] for t in listed)
+        targets.update(m.rsplit(".", 1)[-1] for m in pairs)
+    return tuple(sorted(targets)), rank
 
 
 @torch.no_grad()

@@ -2,10 +2,16 @@
 model with tied weights.
 
 A ProperModel directory holds ``proper_config.json`` (format, config, stage, layers,
-which users, frozen users) and ``proper_adapter.safetensors`` (adapter tensors keyed
-``<layer path>.<param>``; never the base weights). A full save holds every adapter
-tensor plus the factors of a merged population LoRA (``<layer>.merged_population_A/B``,
-merged again on load); a user-subset save holds only those users' rows.
+which users, frozen users, loaded adapters, user names) and
+``proper_adapter.safetensors`` (adapter tensors keyed ``<layer path>.<param>``; never
+the base weights). A full save holds every adapter tensor plus the factors of a merged
+population LoRA (``<layer>.merged_population_A/B``, merged again on load); a
+user-subset save holds only those users' rows.
+
+Loading user adapters (:meth:`PersistenceMixin.load_users`, a PEFT import, or
+:meth:`PersistenceMixin.from_peft_users`) switches the user LoRA on for forward and
+generate in every stage, without unfreezing anything (``loaded_adapters``, kept by a
+full save).
 
 PEFT LoRA directories go in and out through :mod:`.peft_io`.
 """
@@ -13,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Optional, Tuple, Type, TypeVar
+from typing import Dict, List, Mapping, Optional, Tuple, Type, TypeVar, Union
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +27,7 @@ from torch import Tensor, nn
 from . import peft_io
 from .config import ProperConfig
 from .stages import SHARED_PARAMS
-from .user_bank import UserIds
+from .user_bank import UserIds, UserName
 
 __all__ = ["PersistenceMixin", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT", "register_tied_weight_hooks"]
 
@@ -92,11 +98,16 @@ class PersistenceMixin:
     :class:`~proper_kernels.integrations.ProperModel`.
 
     Uses the model's ``proper_config``, ``stage``, ``stages_done``,
-    ``population_merged``, ``_merged_population``, ``layer_names``,
-    ``adapted_layers()``, ``user_bank`` and the stage methods.
+    ``population_merged``, ``_merged_population``, ``loaded_adapters``,
+    ``layer_names``, ``adapted_layers()``, ``user_bank`` and the stage methods.
     """
 
     def _state_json(self, users: Optional[List[int]]) -> dict:
+        names = self.user_bank.names
+        if users is None:
+            user_names = [[n, row] for n, row in names.items()]
+        else:  # a subset: a name's row is its position among the saved users
+            user_names = [[n, users.index(row)] for n, row in names.items() if row in users]
         return {
             "format": FORMAT,
             "config": self.proper_config.to_dict(),
@@ -107,6 +118,8 @@ class PersistenceMixin:
             "users": users,
             # Per-user early stopping survives a full save: these are pinned again on load.
             "frozen_users": self.user_bank.frozen if users is None else [],
+            "loaded_adapters": sorted(self.loaded_adapters),
+            "user_names": user_names,
         }
 
     def adapter_state_dict(self) -> Dict[str, Tensor]:
@@ -135,6 +148,7 @@ class PersistenceMixin:
         the users frozen here (:meth:`freeze_users`) again, at their saved rows.
         ``users=[...]``: only those users' rows (e_u, A_u, B_u, V_u of every layer),
         nothing shared: for privacy and size; load it with :meth:`load_users`.
+        Either keeps the names of the saved users (:attr:`user_rows`).
         """
         from safetensors.torch import save_file
 
@@ -153,7 +167,10 @@ class PersistenceMixin:
     @classmethod
     def from_pretrained(cls: Type[_Model], base_model: nn.Module, directory: str) -> _Model:
         """Rebuild a ProperModel saved with ``save_pretrained(dir)`` on ``base_model``
-        (the same, unmodified base the adapters were trained on). Bit-exact."""
+        (the same, unmodified base the adapters were trained on). Bit-exact: the
+        stage, the loaded adapters (on in every stage, as when saved), the frozen
+        users and the user names come back too. A user-subset save raises: load it
+        into a ProperModel with :meth:`load_users`."""
         meta, tensors = read_proper_dir(directory)
         if meta.get("users") is not None:
             raise ValueError(f"{directory} holds only users {meta['users']} (a user subset); load it into an "
@@ -195,16 +212,24 @@ class PersistenceMixin:
             raise ValueError(f"{directory}: unexpected tensors {extra[:4]}")
         pm.stages_done = list(meta["stages_done"])
         pm.stage = meta["stage"]
+        pm.loaded_adapters = set(meta.get("loaded_adapters", []))  # a save without these fields has none
         pm._apply_stage_flags(pm.stage)
-        pm.freeze_users(meta.get("frozen_users", []))  # a save without the field has no frozen users
+        pm.freeze_users(meta.get("frozen_users", []))
+        pm.user_bank.set_names(dict(map(tuple, meta.get("user_names", []))))
         return pm
 
     def load_users(self, directory: str, at: Optional[UserIds] = None) -> List[int]:
         """Load a user subset saved with ``save_pretrained(dir, users=[...])`` into
-        this bank at ids ``at`` (default: the saved ids). Grow the bank with
-        :meth:`add_users` first when the ids do not exist yet. The saved user rank and
-        scale (``user_rank``, ``user_alpha``), ``user_embed_dim``, ``user_router``,
-        ``num_experts`` and targets must be this model's. Returns the ids."""
+        this bank at ids ``at`` (default: the saved ids), and switch the user LoRA on
+        for forward and generate in every stage (nothing more trains; see
+        ``loaded_adapters``). Grow the bank with :meth:`add_users` first when the ids
+        do not exist yet.
+
+        Users of a smaller rank are zero-padded to this bank's ``user_rank`` and a
+        saved scale ``user_alpha / user_rank`` other than this bank's is folded into
+        their B_u (``UserBank.fit_rows``); a larger rank raises. ``user_embed_dim``,
+        ``user_router``, ``num_experts`` and the targets must be this model's. The
+        saved users' names are kept. Returns the ids."""
         meta, tensors = read_proper_dir(directory)
         saved = meta.get("users")
         if saved is None:
@@ -214,18 +239,66 @@ class PersistenceMixin:
             raise ValueError(f"{directory} holds {len(saved)} users but {len(at)} target ids were given")
         cfg = ProperConfig.from_dict(meta["config"])
         mine = self.proper_config
-        for f in ("user_rank", "user_alpha", "user_embed_dim", "user_router", "num_experts", "target_modules"):
+        for f in ("user_embed_dim", "user_router", "num_experts", "target_modules"):
             if getattr(cfg, f) != getattr(mine, f):
                 raise ValueError(f"{directory}: {f}={getattr(cfg, f)!r} does not match this model's {getattr(mine, f)!r}")
-        self.user_bank.set_state(tensors, at)
+        if (cfg.user_rank == 0) != (mine.user_rank == 0):  # rows with a LoRA and rows without one
+            raise ValueError(f"{directory}: user_rank={cfg.user_rank} does not match this model's {mine.user_rank}")
+        bank = self.user_bank
+        if cfg.user_rank:
+            tensors = bank.fit_rows(tensors, cfg.user_rank, cfg.user_alpha / cfg.user_rank, str(directory))
+        bank.set_state(tensors, at)
+        bank.set_names({n: at[i] for n, i in meta.get("user_names", [])})
+        self._adapters_loaded("user")
         return list(at)
 
     # ------------------------------------------------------------------ PEFT
     def load_peft_adapter(self, peft_dir: str, *, user: Optional[int] = None) -> None:
         """Import a PEFT LoRA directory as the population LoRA (``user=None``; before
-        merging) or as user ``user``'s adapter (A_u, B_u; B rescaled by
-        s_peft / s_u). Ranks must match. See :mod:`.peft_io`."""
+        merging; its rank must be ``population_rank``) or as user ``user``'s adapter
+        (A_u, B_u: a rank below ``user_rank`` zero-padded, the PEFT scale folded into
+        B_u; V_u reset to zero). The loaded part is then on for forward and generate
+        in every stage (no set_stage needed; nothing more trains). See :mod:`.peft_io`."""
         peft_io.load_peft_adapter(self, peft_dir, user=user)
+
+    @classmethod
+    def from_peft_users(cls: Type[_Model], base_model: nn.Module,
+                        adapters: Union[str, "os.PathLike", Mapping[UserName, str]], *,
+                        backend: str = "auto") -> _Model:
+        """Serve plain PEFT LoRA adapters, one per user, in mixed batches::
+
+            pm = ProperModel.from_peft_users(model, {"alice": dir1, 7: dir2})
+            pm.generate(ids, user_ids=[pm.user_rows["alice"], pm.user_rows[7], -1])
+
+        ``adapters``: ``{user name: PEFT directory}`` (rows in its order) or a parent
+        directory whose subdirectories with an ``adapter_config.json`` are the users
+        (named by the subdirectory, rows in sorted order). :attr:`user_rows` maps each
+        name to its row; ``user_ids=-1`` is the base model.
+
+        The bank is sized by the adapters: targets = the union of their
+        ``target_modules`` (from adapter_config.json), rank = their largest ``r``
+        (smaller ranks are zero-padded, which adds exact zeros), no experts, no
+        population LoRA. The bank's scale is 1 (``user_alpha = user_rank``) and each
+        adapter's own lora_alpha / r (or / sqrt(r) with use_rslora) is folded into its
+        B (in fp64, rounded once), so every row computes s B A x as PEFT does. The user
+        LoRA is on at once: no stage call. ``base_model`` is modified in place, after
+        every adapter was read and checked against it.
+        """
+        dirs = peft_io.peft_user_dirs(adapters)
+        read = {name: peft_io.read_peft_dir(d) for name, d in dirs.items()}
+        targets, rank = peft_io.peft_bank_shape(read)
+        linears = {n: m for n, m in base_model.named_modules() if isinstance(m, nn.Linear)}
+        for name, (acfg, pairs) in read.items():
+            peft_io.check_peft_shapes(linears, pairs, int(acfg["r"]), f"user {name!r} ({dirs[name]})",
+                                      f"that are not nn.Linear layers of the {type(base_model).__name__}")
+        cfg = ProperConfig(target_modules=targets, num_experts=0, population_rank=0, num_users=len(read),
+                           user_rank=rank, user_alpha=float(rank), user_embed_dim=0, user_router=False,
+                           backend=backend)
+        pm = cls(base_model, cfg)
+        for row, (name, (acfg, pairs)) in enumerate(read.items()):
+            peft_io.import_peft_user(pm, acfg, pairs, row, f"user {name!r} ({dirs[name]})")
+        pm.user_bank.set_names({name: row for row, name in enumerate(read)})
+        return pm
 
     def export_peft_user(self, save_directory: str, user: int, *, include_population: bool = True) -> None:
         """Write user ``user``'s LoRA as a PEFT LoRA directory. See :mod:`.peft_io`."""

@@ -7,6 +7,12 @@ Stages (:meth:`StagesMixin.set_stage`)::
     group        population merged into W0; experts, W_r, W_e and E train (+ aux losses)
     user         every part on; only the per-user rows (E, A_u, B_u, V_u) train
 
+Loaded adapters take part whatever the stage: loading user adapters (PEFT import,
+``load_users``, ``from_peft_users``) switches the user LoRA A_u, B_u and V_u on for
+forward and generate, and a PEFT population LoRA loaded before the merge switches the
+population LoRA on. Loading unfreezes nothing: what trains is the stage's alone.
+The parts loaded are ``ProperModel.loaded_adapters`` (saved with the model).
+
 Routing: a forward or generate call takes one user id per row; the ids are checked
 once and one :class:`~proper_kernels.layers.UserRouting` (routing plans cached per
 input shape) is set on every adapted layer for the duration of the call.
@@ -48,24 +54,36 @@ class StagesMixin:
 
     Uses the model's ``proper_config``, ``stage``, ``stages_done``,
     ``population_merged``, ``_merged_population`` (population factors kept after the
-    merge), ``last_aux_losses``, ``num_users``, ``adapted_layers()`` and the wrapped
-    ``model``.
+    merge), ``loaded_adapters``, ``last_aux_losses``, ``num_users``,
+    ``adapted_layers()`` and the wrapped ``model``.
     """
 
     # ------------------------------------------------------------------ stages
     def _apply_stage_flags(self, stage: Optional[str]) -> None:
+        """Switch each layer's parts on for ``stage`` and the loaded adapters, and set
+        requires_grad on what ``stage`` trains (loading trains nothing)."""
         trainable = set(TRAINABLE.get(stage, ()))
+        population_on = stage == "population" or "population" in self.loaded_adapters
+        users_on = stage == "user" or "user" in self.loaded_adapters
         for _, layer in self.adapted_layers():
-            layer.use_population = stage == "population" and layer.population_A is not None
+            layer.use_population = population_on and layer.population_A is not None
             has_e = layer.expert_A is not None
             layer.use_experts = stage in ("group", "user") and has_e
             layer.use_user_bias = stage in ("group", "user") and layer.user_embedding is not None
-            layer.use_user_lora = stage == "user" and layer.user_A is not None
-            layer.use_user_router = stage == "user" and layer.user_router is not None
+            layer.use_user_lora = users_on and layer.user_A is not None
+            layer.use_user_router = users_on and layer.user_router is not None
             for pname in ADAPTER_PARAMS:
                 p = getattr(layer, pname)
                 if p is not None:
                     p.requires_grad_(pname in trainable)
+
+    def _adapters_loaded(self, part: str) -> None:
+        """Switch ``part`` ("population" or "user"), whose adapters were just loaded,
+        on for forward and generate in every stage; nothing more trains."""
+        if part not in ("population", "user"):
+            raise ValueError(f"part must be 'population' or 'user', got {part!r}")
+        self.loaded_adapters.add(part)
+        self._apply_stage_flags(self.stage)
 
     def set_stage(self: _Model, stage: str) -> _Model:
         """Switch what exists and what trains.
@@ -77,7 +95,9 @@ class StagesMixin:
         * ``"user"``: everything on; only the per-user parts (E rows, A_u, B_u, V_u)
           train. Requires the group stage first (when the config has experts).
 
-        Everything else (the base model included) stays frozen. Returns self.
+        Everything else (the base model included) stays frozen. Adapters that were
+        loaded (``loaded_adapters``) stay on in every stage. Serving loaded user
+        adapters needs no stage at all. Returns self.
         """
         cfg = self.proper_config
         if stage not in STAGES:
@@ -96,8 +116,12 @@ class StagesMixin:
                 raise ValueError("the user stage needs ProperConfig.num_users > 0 and user_rank > 0 "
                                  "(or add_users(n) first)")
             if cfg.num_experts and "group" not in self.stages_done:
-                raise RuntimeError("user stage before group stage: call set_stage('group') and train the "
-                                   "group level first (the user stage freezes the experts and the router)")
+                raise RuntimeError(
+                    "user stage before group stage: call set_stage('group') and train the group level first "
+                    "(the user stage freezes the experts and the router), or build the model with "
+                    "ProperConfig(num_experts=0) to train user LoRAs alone. Serving loaded user adapters needs no "
+                    "stage: load_peft_adapter(dir, user=u) and load_users(dir) switch them on, and "
+                    "ProperModel.from_peft_users(model, {name: peft_dir}) serves plain PEFT adapters, one per user")
         if stage in ("group", "user") and not self.population_merged:
             self.merge_population()
         self.stage = stage
@@ -123,6 +147,7 @@ class StagesMixin:
                     layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
                 layer.merge_population()
         self.population_merged = True
+        self.loaded_adapters.discard("population")  # in W0 now
 
     def _shared_weights(self) -> set:
         """ids of the adapted layers' W0 that more than one place of the model holds."""
@@ -191,7 +216,9 @@ class StagesMixin:
     def _check_user_ids(self, user_ids: Optional[UserIds], batch: int, device) -> Optional[Tensor]:
         if user_ids is None:
             if self._needs_users():
-                raise ValueError(f"stage {self.stage!r} has user parameters: pass user_ids (one id per row, "
+                why = (f"stage {self.stage!r}" if self.stage in ("group", "user")
+                       else "user adapters were loaded: they are on in every stage")
+                raise ValueError(f"this model has per-user parameters ({why}): pass user_ids (one id per row, "
                                  f"{batch} here; -1 = no user)")
             return None
         if isinstance(user_ids, Tensor):

@@ -9,26 +9,34 @@ User ``u`` owns row ``u`` of four banked parameters of every adapted layer
     user_router    [N, K, r_u]  V_u, the LoRA-aware router
 
 (a part the config leaves out is None). This module is the one place that reads,
-writes, grows and pins those rows: ProperModel's per-user methods, its save/load and
-the PEFT import/export all go through a :class:`UserBank`.
+writes, grows and pins those rows, and that names them: ProperModel's per-user
+methods, its save/load and the PEFT import/export all go through a :class:`UserBank`.
 
 A *user state* is ``{"<layer path>.<param>": tensor[len(users), ...]}``: the rows of
 the given users, in the order the ids were given.
+
+Users of another rank or LoRA scale share the bank (:meth:`UserBank.fit_rows`): a rank
+r below the bank's r_u is zero-padded (A_u gets zero rows, B_u and V_u zero columns,
+so the padding adds exact zeros), and B_u is multiplied by s / s_u, the adapter's
+scale over the bank's, so s_u B_u A_u = s B A.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from .config import ProperConfig
 
-__all__ = ["UserBank", "USER_PARAMS", "UserIds"]
+__all__ = ["UserBank", "USER_PARAMS", "UserIds", "UserName"]
 
 USER_PARAMS = ("user_embedding", "user_A", "user_B", "user_router")
+# The rank axis of each banked parameter (user_embedding has none).
+_RANK_DIM = {"user_A": 1, "user_B": 2, "user_router": 2}
 
 UserIds = Union[int, Tensor, Sequence[int]]
+UserName = Union[str, int]
 
 
 class UserBank:
@@ -41,11 +49,15 @@ class UserBank:
 
     Frozen users (per-user early stopping): :meth:`freeze` keeps a copy of their rows,
     :meth:`restore_frozen` writes the copies back after each optimizer step.
+
+    Named users: ``names`` maps a user's name (str or int, e.g. the PEFT adapter it
+    came from) to its row; :meth:`set_names` adds names.
     """
 
     def __init__(self, layers: Sequence[Tuple[str, nn.Module]], config: ProperConfig):
         self.layers: List[Tuple[str, nn.Module]] = list(layers)
         self.config = config
+        self.names: Dict[UserName, int] = {}  # user name -> row
         self._frozen: Dict[int, Dict[str, Tensor]] = {}  # user id -> its pinned rows, [1, ...] each
         self._frozen_stack: Optional[Tuple[List[int], Dict[str, Tensor]]] = None  # the pinned rows stacked
 
@@ -116,6 +128,49 @@ class UserBank:
             raise ValueError(f"user state has entries this model does not have: {extra[:4]}")
         for _, p, src in writes:
             p[idx.to(p.device)] = src.to(device=p.device, dtype=p.dtype)
+
+    def fit_rows(self, state: Dict[str, Tensor], rank: int, scale: float, source: str) -> Dict[str, Tensor]:
+        """Rows of users of LoRA rank ``rank`` and scale ``scale`` (as a user state of
+        that rank) in this bank's form: the rank axis zero-padded to the bank's
+        ``user_rank`` and B_u multiplied by ``scale`` / the layer's s_u (in fp64,
+        rounded once; copied as is when the scales are equal), so every row computes
+        what it computed at its own rank and scale.
+
+        Raises ValueError, naming ``source``, when ``rank`` exceeds the bank's rank."""
+        bank_rank = self.config.user_rank
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise ValueError(f"{source}: rank must be a positive int, got {rank!r}")
+        if rank > bank_rank:
+            raise ValueError(f"{source}: rank {rank} > the bank's user_rank {bank_rank}: a bank holds users of rank "
+                             f"<= its own (smaller ranks are zero-padded); build the ProperModel with "
+                             f"ProperConfig(user_rank={rank}) or more (ProperModel.from_peft_users sizes the bank "
+                             f"to its largest adapter)")
+        user_scale = {name: layer.user_scale for name, layer in self.layers}
+        out = {}
+        for key, t in state.items():
+            layer, pname = key.rsplit(".", 1)
+            if pname == "user_B" and layer in user_scale and scale != user_scale[layer]:
+                t = t.double() * (scale / user_scale[layer])
+            dim = _RANK_DIM.get(pname)
+            if dim is not None and rank < bank_rank:  # a wrong shape stays wrong: set_state names it
+                pad = list(t.shape)
+                pad[dim] = bank_rank - rank
+                t = torch.cat([t, t.new_zeros(pad)], dim)
+            out[key] = t
+        return out
+
+    def set_names(self, names: Mapping[UserName, int]) -> None:
+        """Name rows: ``{name: row}``, a name a str or an int. A row keeps one name
+        (a new name of a named row replaces the old one); a name names one row."""
+        rows = self.index(list(names.values())).tolist() if names else []
+        if len(set(rows)) != len(rows):
+            raise ValueError(f"two names for one row in {dict(names)}")
+        for name in names:
+            if isinstance(name, bool) or not isinstance(name, (str, int)):
+                raise TypeError(f"user names must be str or int, got {type(name).__name__}: {name!r}")
+        taken = set(rows)
+        self.names = {n: r for n, r in self.names.items() if r not in taken and n not in names}
+        self.names.update(zip(names, rows))
 
     # ------------------------------------------------------------------ frozen users
     @property
