@@ -412,13 +412,12 @@ def _to_precision(v, dtype: torch.dtype):
 
 def at_fp64_and_fp32(fn, *args, **kwargs):
     """(fn in fp64, fn in fp32): ``fn`` called with every floating tensor among the
-    arguments (also inside Adapters) converted to float64, then to float32. With a
+    arguments (also inside an Adapters or a MixtureCase) converted to float64, then to
+    float32. With a
     reference as ``fn``, the two results are the ``ref`` and ``baseline`` of
     :func:`assert_close` for a kernel run on the same (rounded) inputs."""
-    out = []
-    for dtype in (torch.float64, torch.float32):
-        out.append(fn(*(_to_precision(a, dtype) for a in args), **{k: _to_precision(v, dtype) for k, v in kwargs.items()}))
-    return tuple(out)
+    return tuple(fn(*(_to_precision(a, dtype) for a in args), **{k: _to_precision(v, dtype) for k, v in kwargs.items()})
+                 for dtype in (torch.float64, torch.float32))
 
 
 # --------------------------------------------------------------------------- CUDA decode kernel tests

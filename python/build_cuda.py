@@ -48,10 +48,13 @@ import time
 
 EXT_NAME = "proper_kernels._C"
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
-CU_SOURCES = ["csrc/lora_mixture_decode.cu"]
+# Every file of csrc/ is in one of these lists (tests/test_cuda_build.py checks it): the
+# headers decide when the extension is relinked and when the emulation is rebuilt.
+CU_SOURCES = ["csrc/lora_mixture_decode.cu"]  # host launch code; includes the kernels header
 CPP_SOURCES = ["csrc/bindings.cpp"]
+HEADERS = ["csrc/lora_mixture_decode.h", "csrc/lora_mixture_decode_kernels.cuh"]
 EMU_SOURCES = ["csrc/emu/cuda_emu.cpp", "csrc/emu/selftest.cpp"]
-EMU_HEADERS = ["csrc/emu/cuda_emu.h", "csrc/lora_mixture_decode.h"]
+EMU_HEADERS = HEADERS + ["csrc/emu/cuda_emu.h"]
 EMU_NAME = "_C_emu"
 
 
@@ -204,6 +207,7 @@ def cuda_extensions(repo_root: str, verbose: bool = True):
     ext = Extension(
         EXT_NAME,
         sources=[rel(p) for p in CPP_SOURCES + CU_SOURCES],
+        depends=[rel(p) for p in CU_SOURCES + HEADERS],  # setuptools relinks when these are newer
         include_dirs=[pybind11.get_include(), os.path.join(repo_root, "csrc")],
         library_dirs=[_cudart_static_dir(cuda_home)],
         libraries=["cudart_static", "dl", "rt", "pthread"],

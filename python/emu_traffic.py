@@ -29,6 +29,7 @@ import torch  # noqa: E402
 
 import build_cuda  # noqa: E402
 from proper_kernels.ops import cuda_decode  # noqa: E402
+from proper_kernels.reference import ADAPTER_TENSORS, Adapters  # noqa: E402
 from proper_kernels.testing import POPULARITY_LAWS, make_mixture_inputs  # noqa: E402
 
 
@@ -39,11 +40,9 @@ def measure(emu, T: int, d_in: int, d_out: int, K: int, r: int, r_u: int, N: int
     ids = inp["user_ids"]
     emu.configure(sms=sms)
     emu.launches(clear=True)
+    adapters = Adapters.from_flat([inp[name] for name in ADAPTER_TENSORS])  # traffic does not depend on the scales
     with torch.no_grad():
-        cuda_decode.run_extension(
-            emu, inp["x"], None, None, expert_A=inp["expert_A"], expert_B=inp["expert_B"],
-            router_weight=inp["router_weight"], user_ids=ids, user_logit_bias=inp["user_logit_bias"],
-            user_A=inp["user_A"], user_B=inp["user_B"], user_router=inp["user_router"], launch=launch)
+        cuda_decode.run_extension(emu, inp["x"], None, None, adapters, user_ids=ids, launch=launch)
     log = emu.launches(clear=True)
     e = torch.finfo(dtype).bits // 8
     users = int((ids.unique() >= 0).sum())

@@ -61,3 +61,64 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def emu():
+    """The CPU emulation module of csrc/ (proper_kernels.testing.load_emulator), for the
+    tests/test_cuda_*.py modules: skips where it cannot be built, fails under $CI."""
+    from proper_kernels.testing import emulator_or_skip
+
+    ext = emulator_or_skip()
+    yield ext
+    ext.configure()
+
+
+@pytest.fixture(scope="module")
+def triton_interpreter_nested_calls():
+    """Nested @triton.jit calls in the Triton CPU interpreter without patching
+    triton.language again on every call, for the modules that run kernels there:
+    request it with ``pytestmark = pytest.mark.usefixtures("triton_interpreter_nested_calls")``.
+
+    The interpreter (triton 3.x) patches the language modules a function sees (tl,
+    tl.core) for a launch and again at every call of a nested jit function (ours, and
+    tl.min, tl.zeros, ...), with inspect.getmembers over the whole language: about a
+    third of the run time of our kernels, whose user loops call helpers per user. The
+    patch of a nested call is never undone before the launch ends, so within a launch
+    a second patch of the same modules changes nothing and is skipped; the first one
+    of each set of modules still runs. Without the interpreter's private
+    ``_patch_lang`` (another triton) nothing changes."""
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        yield
+        return
+    real = getattr(interpreter, "_patch_lang", None)
+    scope_cls = getattr(interpreter, "_LangPatchScope", None)
+    grid_call = getattr(getattr(interpreter, "GridExecutor", None), "__call__", None)
+    if real is None or scope_cls is None or grid_call is None:
+        yield
+        return
+    launches = []  # per launch in progress: the sets of language modules patched since it began
+
+    def run_grid(self, *args, **kwargs):
+        launches.append(set())
+        try:
+            return grid_call(self, *args, **kwargs)
+        finally:
+            launches.pop()
+
+    def patch_lang(fn):
+        key = frozenset(id(v) for v in fn.__globals__.values() if v is tl or v is tl.core)
+        if launches and key in launches[-1]:
+            return scope_cls()  # in force already; nothing to undo
+        if launches:
+            launches[-1].add(key)
+        return real(fn)
+
+    interpreter._patch_lang = patch_lang
+    interpreter.GridExecutor.__call__ = run_grid
+    yield
+    interpreter._patch_lang = real
+    interpreter.GridExecutor.__call__ = grid_call

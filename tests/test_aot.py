@@ -124,7 +124,7 @@ def test_config_choice_per_dtype_and_arch(monkeypatch):
     import torch
     from proper_kernels.triton.mixture_bwd import _configs
     from proper_kernels.triton.mixture_fwd import fwd_config
-    from proper_kernels.triton.target import DEFAULT_ARCH, device_arch, target_arch
+    from proper_kernels.runtime.target import DEFAULT_ARCH, device_arch, target_arch
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the real tables, not the interpreter's small config
     assert DEFAULT_ARCH == 90 and device_arch(torch.device("meta")) == 90 and device_arch(torch.device("cpu")) == 90

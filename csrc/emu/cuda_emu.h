@@ -1,4 +1,5 @@
-// CPU emulation of the subset of CUDA that csrc/lora_mixture_decode.cu uses.
+// CPU emulation of the subset of CUDA that the decode kernel uses (its kernels in
+// csrc/lora_mixture_decode_kernels.cuh, their launcher in csrc/lora_mixture_decode.cu).
 //
 // Why: CI has no GPU, yet the decode kernel is hand-written CUDA whose indexing,
 // barriers and warp shuffles are the likeliest place for a bug. Built with the host
