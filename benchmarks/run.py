@@ -92,7 +92,7 @@ def parse_args(argv=None):
     ap.add_argument("--plot", nargs="?", const="auto", help="write a PNG (default PREFIX.png or benchmark.png); needs matplotlib")
     ap.add_argument("--refcheck", dest="refcheck", action="store_true", default=True, help="check before timing (default)")
     ap.add_argument("--no-refcheck", dest="refcheck", action="store_false", help="skip the reference check")
-    ap.add_argument("--case", type=int, help="run only the case with this index (see --list --preset P)")
+    ap.add_argument("--case", help="comma list of case indices to run (see --list --preset P); default: all")
     ap.add_argument("--list", action="store_true", help="list presets, providers, ops (and the preset's cases)")
     ap.add_argument("--profile", metavar="DIR", help="torch.profiler trace per timed case and provider into DIR")
     ap.add_argument("--ncu", action="store_true", help="print the ncu command line profiling each case, run nothing")
@@ -328,13 +328,17 @@ def _select_cases(args, preset: str) -> List[Case]:
         have = ", ".join(PRESETS[preset]["ops"])
         raise UsageError(f"preset {preset!r} has no cases for op(s) {', '.join(args.ops)}; its ops: {have}")
     if args.case is not None:
-        picked = [c for c in cases if c.index == args.case]
-        if not picked:
-            idx = [c.index for c in cases]
+        try:
+            wanted = [int(v) for v in _split(args.case, "--case")]
+        except ValueError:
+            raise UsageError(f"--case takes a comma list of case indices, got {args.case!r}") from None
+        idx = [c.index for c in cases]
+        missing = [i for i in wanted if i not in idx]
+        if missing:
             valid = f"{idx[0]}..{idx[-1]}" if idx == list(range(idx[0], idx[-1] + 1)) else ", ".join(map(str, idx))
-            raise UsageError(f"--case {args.case} is not a case of {preset}"
+            raise UsageError(f"--case {missing[0]} is not a case of {preset}"
                              + (f" with --op {args.op}" if args.ops else "") + f" (valid: {valid}; see --list)")
-        cases = picked
+        cases = [c for c in cases if c.index in wanted]
     return cases
 
 

@@ -241,6 +241,18 @@ def test_cli_case_error_lists_the_valid_indices_of_the_selected_ops(capsys):
     assert "--case 0" in err and "valid: 3..4;" in err
     assert run.main(["--op", "fwd,decode", "--case", "2", "--device", "cpu"]) == 2
     assert "valid: 0, 1, 3, 4;" in capsys.readouterr().err
+    assert run.main(["--op", "decode", "--case", "3,x", "--device", "cpu"]) == 2
+    assert "comma list of case indices" in capsys.readouterr().err
+
+
+def test_cli_case_takes_a_comma_list(capsys):
+    """--case 3,4 runs exactly those cases (the GPU session picks its decode T this way)."""
+    import run
+
+    assert run.main(["--op", "decode", "--case", "3,4", "--providers", "base", "--no-refcheck", "--no-progress",
+                     "--device", "cpu", "--rep-ms", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "3 rows" not in out and "2 rows" in out
 
 
 def test_cli_list_and_ncu(capsys):
@@ -421,3 +433,23 @@ def test_gpu_session_script(tmp_path):
     assert "usage:" in r.stderr and "decode" in r.stderr and "all" in r.stderr
     text = open(script).read()
     assert "--decode-table proper_kernels/ops/decode_table.json" in text
+
+
+def test_gpu_session_all_fits_its_budget_and_runs_the_asked_cases():
+    """`gpu_session.sh all` is one device call of at most 8 minutes: the timeouts of its
+    parts add up to <= 480 s; its cases are decode T in {1, 16, 64} and fwd / fwdbwd at
+    T = 8192 of square-4096; every kernel test file it names exists."""
+    import re
+
+    from presets import build_cases
+
+    text = open(os.path.join(ROOT, "python", "gpu_session.sh")).read()
+    block = text[text.index("    all)"):text.index(";;", text.index("    all)"))]
+    budgets = [int(m) for m in re.findall(r"^\s*(?:all\)\s*)?(?:install|decode|kernel_tests|bench) (\d+)", block, re.M)]
+    assert len(budgets) == 5 and sum(budgets) <= 480, budgets
+    cases = {c.index: c for c in build_cases("square-4096", None, None, "cuda")}
+    decode_idx, prefill_idx = [[int(i) for i in m.split(",")] for m in re.findall(r"--case ([\d,]+)", block)]
+    assert {cases[i].T for i in decode_idx} == {1, 16, 64} and {cases[i].op for i in decode_idx} == {"decode"}
+    assert {(cases[i].op, cases[i].T) for i in prefill_idx} == {("fwd", 8192), ("fwdbwd", 8192)}
+    files = re.search(r'KERNEL_TESTS="([^"]+)"', text).group(1).replace("\\\n", " ").split()
+    assert files and all(os.path.exists(os.path.join(ROOT, f)) for f in files), files
