@@ -125,7 +125,9 @@ def nvcc_arch_flags(archs: list[tuple[str, bool]]) -> list[str]:
     return flags
 
 
-def _make_build_ext(nvcc: str, cuda_home: str, archs: list[tuple[str, bool]]):
+def _make_build_ext(nvcc: str, cuda_home: str, archs: list[tuple[str, bool]], ptxas_log: list | None = None):
+    """The build_ext command class; with ``ptxas_log`` (a list) nvcc also runs ptxas
+    verbosely, one arch after the other, and its report is appended to the list."""
     from setuptools.command.build_ext import build_ext
 
     class NvccBuildExt(build_ext):
@@ -152,12 +154,17 @@ def _make_build_ext(nvcc: str, cuda_home: str, archs: list[tuple[str, bool]]):
                 os.makedirs(self.build_temp, exist_ok=True)
                 for src in cu:
                     obj = os.path.join(self.build_temp, os.path.basename(src) + ".o")
+                    # One thread per arch, except for a ptxas report: parallel ptxas runs
+                    # would interleave their lines.
+                    threads = ["-Xptxas", "-v"] if ptxas_log is not None else ["--threads", "0"]
                     cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17",
-                           "-Xcompiler", "-fPIC", "--threads", "0", "-lineinfo",
+                           "-Xcompiler", "-fPIC", *threads, "-lineinfo",
                            "-I" + os.path.dirname(os.path.abspath(src))]
                     cmd += nvcc_arch_flags(archs)
                     _say("nvcc: " + " ".join(cmd))
-                    subprocess.run(cmd, check=True)
+                    res = subprocess.run(cmd, check=True, capture_output=ptxas_log is not None, text=True)
+                    if ptxas_log is not None:
+                        ptxas_log.append(res.stderr)
                     objs.append(obj)
                 ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
                 ext.extra_objects = list(ext.extra_objects or []) + objs
@@ -166,7 +173,7 @@ def _make_build_ext(nvcc: str, cuda_home: str, archs: list[tuple[str, bool]]):
     return NvccBuildExt
 
 
-def cuda_extensions(repo_root: str, verbose: bool = True):
+def cuda_extensions(repo_root: str, verbose: bool = True, ptxas_log: list | None = None):
     """(ext_modules, cmdclass) for setup(); ([], {}) with a message when skipped."""
     if os.environ.get("PROPER_KERNELS_SKIP_CUDA_BUILD") == "1":
         if verbose:
@@ -217,16 +224,19 @@ def cuda_extensions(repo_root: str, verbose: bool = True):
     if verbose:
         _say(f"building {EXT_NAME} with {nvcc} for "
              + ", ".join(f"sm_{a}" + ("+PTX" if p else "") for a, p in archs))
-    return [ext], {"build_ext": _make_build_ext(nvcc, cuda_home, archs)}
+    return [ext], {"build_ext": _make_build_ext(nvcc, cuda_home, archs, ptxas_log)}
 
 
-def check(repo_root: str) -> int:
-    """Build into a temp dir through setuptools, import, print the result."""
+def check(repo_root: str, ptxas_arch: str | None = None) -> int:
+    """Build into a temp dir through setuptools, import, print the result; with
+    ``ptxas_arch`` also print the ptxas report of that arch (one of the build's) from
+    the same compile, as :func:`print_ptxas` does."""
     t0 = time.time()
     cwd = os.getcwd()
     os.chdir(repo_root)
+    ptxas_log: list | None = [] if ptxas_arch else None
     try:
-        exts, cmdclass = cuda_extensions(repo_root)
+        exts, cmdclass = cuda_extensions(repo_root, ptxas_log=ptxas_log)
     except RuntimeError as exc:  # PROPER_KERNELS_REQUIRE_CUDA_BUILD=1 and a reason to skip
         _say(str(exc))
         exts = []
@@ -262,6 +272,8 @@ def check(repo_root: str) -> int:
         print(f"CHECK OK: built {os.path.basename(so)} ({os.path.getsize(so) // 1024} KiB) "
               f"in {time.time() - t0:.1f} s; archs {mod.built_archs()}; "
               f"CUDA runtime {mod.cuda_runtime_version()}")
+        if ptxas_arch:
+            print_ptxas(parse_ptxas("".join(ptxas_log), ptxas_arch))
         return 0
     except Exception as exc:  # noqa: BLE001
         print(f"CHECK FAILED: {type(exc).__name__}: {exc}")
@@ -290,11 +302,17 @@ def ptxas_report(repo_root: str, arch: str = "90") -> list[dict]:
         res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"nvcc failed:\n{res.stderr[-4000:]}")
+    return parse_ptxas(res.stderr, arch)
+
+
+def parse_ptxas(text: str, arch: str) -> list[dict]:
+    """The rows of :func:`ptxas_report` from nvcc's ``-Xptxas -v`` output, for sm_<arch> only."""
     rows, cur = [], None
-    for line in res.stderr.splitlines():
+    for line in text.splitlines():
         if "Compiling entry function" in line:
             m = _KERNEL_RE.search(line)
-            cur = dict(kernel=m.group(1), dtype=_DTYPE_OF[m.group(2)], vec=int(m.group(3))) if m else None
+            on_arch = f"'sm_{arch}'" in line
+            cur = dict(kernel=m.group(1), dtype=_DTYPE_OF[m.group(2)], vec=int(m.group(3))) if m and on_arch else None
         elif cur is not None and "spill stores" in line:
             cur["spill_stores"] = int(re.search(r"(\d+) bytes spill stores", line).group(1))
         elif cur is not None and "Used" in line and "registers" in line:
@@ -302,6 +320,13 @@ def ptxas_report(repo_root: str, arch: str = "90") -> list[dict]:
             rows.append(cur)
             cur = None
     return rows
+
+
+def print_ptxas(rows: list[dict]) -> None:
+    """The ptxas report as a table (``--ptxas``, ``--check --ptxas``)."""
+    print(f"{'kernel':8} {'dtype':5} {'vec':>3} {'registers':>9} {'spill B':>7}")
+    for row in rows:
+        print(f"{row['kernel']:8} {row['dtype']:5} {row['vec']:>3} {row['registers']:>9} {row.get('spill_stores', 0):>7}")
 
 
 def _host_cxx() -> str | None:
@@ -380,22 +405,20 @@ if __name__ == "__main__":
     ap.add_argument("--check", action="store_true",
                     help="compile the extension into a temp dir and import it")
     ap.add_argument("--ptxas", metavar="ARCH", help="print registers and spills of every kernel for sm_ARCH "
-                    "(e.g. 90), from nvcc -Xptxas -v")
+                    "(e.g. 90), from nvcc -Xptxas -v; with --check, from the check's own compile")
     ap.add_argument("--emulate", action="store_true",
                     help="compile the CPU emulation module _C_emu (host compiler) and print its path")
     args = ap.parse_args()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if args.check:
-        sys.exit(check(root))
+        sys.exit(check(root, args.ptxas))
     if args.ptxas:
         try:
             report = ptxas_report(root, args.ptxas)
         except RuntimeError as exc:
             print(f"PTXAS REPORT FAILED: {exc}")
             sys.exit(1)
-        print(f"{'kernel':8} {'dtype':5} {'vec':>3} {'registers':>9} {'spill B':>7}")
-        for row in report:
-            print(f"{row['kernel']:8} {row['dtype']:5} {row['vec']:>3} {row['registers']:>9} {row.get('spill_stores', 0):>7}")
+        print_ptxas(report)
         sys.exit(0)
     if args.emulate:
         try:

@@ -25,35 +25,60 @@ ROOT = repo_root()
 # ---- the nvcc build --------------------------------------------------------------------
 
 
-def test_build_check_compiles():
+@pytest.fixture(scope="module")
+def check_build():
+    """One nvcc build of the extension (sm_80, sm_90 + PTX) through `build_cuda.py --check
+    --ptxas 90`: its output holds the check's result and the sm_90 ptxas report."""
     bc = load_build_cuda()
-    _, nvcc = bc.find_cuda_home()
-    if nvcc is None:
+    if bc.find_cuda_home()[1] is None:
         pytest.skip("nvcc not found")
     pytest.importorskip("pybind11")
     env = dict(os.environ)
     env.pop("PROPER_KERNELS_SKIP_CUDA_BUILD", None)
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "python", "build_cuda.py"), "--check"],
+    env.pop("PROPER_KERNELS_CUDA_ARCH_LIST", None)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "python", "build_cuda.py"), "--check", "--ptxas", "90"],
                           capture_output=True, text=True, timeout=900, env=env)
-    assert proc.returncode == 0 and "CHECK OK" in proc.stdout, proc.stdout + proc.stderr
-    assert "sm_80" in proc.stdout and "sm_90" in proc.stdout
+    return proc
 
 
-def test_ptxas_registers_and_spills():
+def test_build_check_compiles(check_build):
+    out = check_build.stdout
+    assert check_build.returncode == 0 and "CHECK OK" in out, out + check_build.stderr
+    assert "sm_80" in out and "sm_90" in out
+
+
+def test_ptxas_registers_and_spills(check_build):
     """Register budget of the CUDA kernels on sm_90 (nvcc -Xptxas -v, no GPU): every
     instance (3 kernels x 3 dtypes x 3 vector widths) fits the 128 registers of two
     blocks per SM (__launch_bounds__(256, 2) for shrink and the single launch) and
     spills at most 16 bytes."""
-    bc = load_build_cuda()
-    if bc.find_cuda_home()[1] is None:
-        pytest.skip("nvcc not found")
-    rows = bc.ptxas_report(ROOT, "90")
+    assert check_build.returncode == 0, check_build.stdout + check_build.stderr
+    table = check_build.stdout.split("CHECK OK", 1)[1].splitlines()
+    head = next(i for i, line in enumerate(table) if line.split()[:2] == ["kernel", "dtype"])
+    rows = [dict(zip(("kernel", "dtype", "vec", "registers", "spill_stores"), line.split()))
+            for line in table[head + 1:] if line.strip()]
     assert sorted({(r["kernel"], r["dtype"]) for r in rows}) == sorted(
         (k, d) for k in ("shrink", "expand", "fused") for d in ("bf16", "fp16", "fp32"))
     assert len(rows) == 27
     for r in rows:
-        assert r["registers"] <= 128, r
-        assert r["spill_stores"] <= 16, r
+        assert int(r["registers"]) <= 128, r
+        assert int(r["spill_stores"]) <= 16, r
+
+
+def test_ptxas_report_alone_parses_one_arch():
+    """`--ptxas ARCH` alone (no build) and the check's report parse the same nvcc lines:
+    rows of another arch in the same output are left out."""
+    bc = load_build_cuda()
+    text = "\n".join([
+        "ptxas info    : Compiling entry function '_Z26_lora_mixture_shrink_kernelIfLi4EEv' for 'sm_80'",
+        "ptxas info    : 0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads",
+        "ptxas info    : Used 64 registers, used 0 barriers, 368 bytes cmem[0]",
+        "ptxas info    : Compiling entry function '_Z26_lora_mixture_shrink_kernelIfLi4EEv' for 'sm_90'",
+        "ptxas info    : 8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads",
+        "ptxas info    : Used 72 registers",
+    ])
+    assert bc.parse_ptxas(text, "90") == [dict(kernel="shrink", dtype="fp32", vec=4, spill_stores=4, registers=72)]
+    assert [r["registers"] for r in bc.parse_ptxas(text, "80")] == [64]
 
 
 def test_every_csrc_file_is_listed():
