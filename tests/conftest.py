@@ -85,9 +85,10 @@ def triton_interpreter_nested_calls():
     tl.min, tl.zeros, ...), with inspect.getmembers over the whole language: about a
     third of the run time of our kernels, whose user loops call helpers per user. The
     patch of a nested call is never undone before the launch ends, so within a launch
-    a second patch of the same modules changes nothing and is skipped; the first one
-    of each set of modules still runs. Without the interpreter's private
-    ``_patch_lang`` (another triton) nothing changes."""
+    (a GridExecutor call) a second patch of the same modules changes nothing and is
+    skipped; the first one of each set of modules still runs, and outside a launch
+    every call patches as before. Where the interpreter's private ``_patch_lang`` or
+    ``GridExecutor`` is missing (another triton) nothing changes."""
     try:
         import triton.language as tl
         from triton.runtime import interpreter

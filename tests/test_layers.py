@@ -6,6 +6,8 @@ from torch import nn
 from proper_kernels import lora_mixture
 from proper_kernels.layers import ProperLinear, UserRouting
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 FULL = dict(num_experts=4, expert_rank=3, user_embed_dim=5, num_users=6, user_rank=2, population_rank=3)
 
 

@@ -5,6 +5,8 @@ import torch
 import proper_kernels as pk
 from proper_kernels.testing import POPULARITY_LAWS, sample_user_ids
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 
 def _check_plan(ids, N):
     p = pk.plan(ids, N)
@@ -94,6 +96,30 @@ def test_unchecked_plan_still_names_out_of_range_ids(bad):
     costs none, an id outside [-1, N) still gets a ValueError naming user_ids."""
     with pytest.raises(ValueError, match=r"user_ids must lie in \[-1, 3\)"):
         pk.plan(torch.tensor([0, bad, 1]), 3, check=False)
+
+
+def test_check_ids_identity_version_and_value():
+    """A plan knows the ids it was built from: the same tensor (or a view of the same
+    memory and shape) passes without being read, unless modified in place since;
+    another tensor passes when its values are equal and raises naming the first token
+    that differs."""
+    ids = torch.tensor([[2, 0, -1], [1, 2, 2]])
+    p = pk.plan(ids, 3)
+    p.check_ids(ids)
+    p.check_ids(ids.view(2, 3))  # same memory and shape
+    p.check_ids(ids.clone())  # equal values
+    p.check_ids(ids.reshape(6).int())  # equal values, other shape and dtype
+    other = ids.clone()
+    other[1, 1] = 0
+    with pytest.raises(ValueError, match="plan does not belong to ids_of_batch: token 4 has ids_of_batch 0 but the "
+                                         r"plan was built with user 2; rebuild it with pk\.plan"):
+        p.check_ids(other, "ids_of_batch")
+    with pytest.raises(ValueError, match="plan was built for 6 tokens but user_ids has 5"):
+        p.check_ids(torch.zeros(5, dtype=torch.long))
+    ids[0, 0] = 2  # same value, but written in place: the plan cannot know without reading
+    with pytest.raises(ValueError, match=r"plan was built from user_ids before they were modified in place "
+                                         r"\(version 0, now 1\)"):
+        p.check_ids(ids)
 
 
 @pytest.mark.gpu

@@ -100,9 +100,9 @@ def lora_mixture_ref(
     the layer has no experts). ``d_out`` is needed only when nothing else fixes it.
     The math is :func:`lora_mixture_ref_loop`'s.
     """
+    cd, xc, T, d_out = _prepare(x, weight, bias, adapters, user_ids, d_out)
     (expert_A, expert_B, router_weight, user_logit_bias, user_A, user_B, user_router,
      expert_scale, user_scale, top_k) = adapters
-    cd, xc, T, d_out = _prepare(x, weight, bias, adapters, user_ids, d_out)
     y = xc.new_zeros(T, d_out)
     if weight is not None:
         y = y + xc @ weight.to(cd).t()
@@ -152,9 +152,9 @@ def lora_mixture_ref_loop(
 
     Same arguments and result as :func:`lora_mixture_ref`.
     """
+    cd, xc, T, d_out = _prepare(x, weight, bias, adapters, user_ids, d_out)
     (expert_A, expert_B, router_weight, user_logit_bias, user_A, user_B, user_router,
      expert_scale, user_scale, top_k) = adapters
-    cd, xc, T, d_out = _prepare(x, weight, bias, adapters, user_ids, d_out)
     K = expert_A.shape[0] if expert_A is not None else 0  # the gates exist only with experts
     ids = user_ids.long() if user_ids is not None else torch.full((T,), -1, device=x.device)
 

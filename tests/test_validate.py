@@ -1,8 +1,11 @@
-"""Every bad input of lora_mixture raises a clear error before any compute."""
+"""check_mixture_args: every bad input of lora_mixture raises a clear error naming the
+argument before any compute; good input gives the sizes every backend needs."""
 import pytest
 import torch
 
 import proper_kernels as pk
+from proper_kernels.ops.validate import MixtureSpec, check_mixture_args
+from proper_kernels.reference import Adapters
 
 T, D_IN, D_OUT, K, R, N, RU = 6, 8, 5, 3, 2, 4, 3
 
@@ -24,8 +27,14 @@ def call(**over):
     return pk.lora_mixture(x, w, b, **kw)
 
 
-def test_good_case_runs():
+def test_good_case_runs_and_gives_the_sizes():
     assert call().shape == (T, D_OUT)
+    kw = good()
+    x, w, b, ids = kw.pop("x"), kw.pop("weight"), kw.pop("bias"), kw.pop("user_ids")
+    spec = check_mixture_args(x.reshape(2, 3, D_IN), w, b, Adapters(**kw, top_k=2), ids.reshape(2, 3))
+    assert spec == MixtureSpec(T=T, d_in=D_IN, d_out=D_OUT, K=K, r=R, N=N, r_u=RU, top_k=2, has_weight=True,
+                               has_bias=True, has_experts=True, has_router=True, has_user_bias=True,
+                               has_user_lora=True, has_user_router=True)
 
 
 BAD = [
@@ -56,7 +65,6 @@ BAD = [
     (dict(top_k=1.5), ValueError, "top_k"),
     (dict(user_ids=None), ValueError, "pass user_ids"),
     (dict(router_weight=torch.randn(K, D_IN).to(torch.device("meta"))), ValueError, "router_weight is on meta"),
-    (dict(backend="fast"), ValueError, "backend must be one of"),
     (dict(user_router=torch.randn(N + 1, K, RU)), ValueError, "user_router has 5 users"),
     (dict(user_router=torch.randn(N, K + 1, RU)), ValueError, r"user_router must have shape \[N, K, r_u\]"),
     (dict(user_A=torch.randn(N + 1, RU, D_IN), user_B=torch.randn(N + 1, D_OUT, RU)), ValueError,
@@ -70,6 +78,10 @@ BAD = [
     (dict(user_ids=torch.tensor([0, 1, -1, 3, 3, 2]).reshape(2, 3)), ValueError, r"user_ids must have shape \[6\]"),
     (dict(top_k=True), ValueError, "top_k"),
     (dict(expert_scale="2"), TypeError, "expert_scale must be a real number"),
+    (dict(user_scale=None), TypeError, "user_scale must be a real number"),
+    (dict(user_scale=True), TypeError, "user_scale must be a real number"),
+    (dict(expert_scale=torch.tensor(2.0, requires_grad=True)), TypeError,
+     "expert_scale must be a real number .*tensor scale would get no gradient"),
 ]
 
 
@@ -79,45 +91,17 @@ def test_bad_input_raises(over, exc, msg):
         call(**over)
 
 
+def test_adapters_must_be_adapters():
+    kw = good()
+    with pytest.raises(TypeError, match="adapters must be a proper_kernels.Adapters, got dict"):
+        check_mixture_args(kw["x"], kw["weight"], kw["bias"], {"expert_A": kw["expert_A"]})
+
+
 def test_plan_mismatch():
     with pytest.raises(ValueError, match="plan was built for 5 tokens"):
         call(plan=pk.plan(torch.zeros(5, dtype=torch.long), N))
     with pytest.raises(ValueError, match="num_users=9"):
         call(plan=pk.plan(torch.zeros(T, dtype=torch.long), 9))
-
-
-def test_empty_batch_returns_empty():
-    y, g = call(x=torch.randn(0, D_IN), user_ids=torch.zeros(0, dtype=torch.long), return_gates=True)
-    assert y.shape == (0, D_OUT) and g.shape == (0, K)
-
-
-def test_no_output_size():
-    with pytest.raises(ValueError, match="output size is undefined"):
-        pk.lora_mixture(torch.randn(2, 3), None)
-
-
-def test_backend_unavailable_is_clear():
-    with pytest.raises(RuntimeError, match="backend='cuda' is not usable"):
-        call(backend="cuda")
-
-
-def test_tensor_scale_rejected():
-    with pytest.raises(TypeError, match="expert_scale must be a real number"):
-        call(expert_scale=torch.tensor(2.0, requires_grad=True))
-
-
-def test_zero_width_input_with_tokens():
-    y = pk.lora_mixture(torch.randn(3, 0), torch.randn(4, 0), torch.ones(4))
-    torch.testing.assert_close(y, torch.ones(3, 4))
-
-
-def test_plan_ids_are_the_routing():
-    kw = good()
-    x, w, b = kw.pop("x"), kw.pop("weight"), kw.pop("bias")
-    ids = kw.pop("user_ids")
-    p = pk.plan(ids, N)
-    y_plan = pk.lora_mixture(x, w, b, user_ids=torch.zeros_like(ids), plan=p, **kw)
-    torch.testing.assert_close(y_plan, pk.lora_mixture(x, w, b, user_ids=ids, **kw))
 
 
 def test_plan_must_be_a_routing_plan():
@@ -126,12 +110,25 @@ def test_plan_must_be_a_routing_plan():
         call(plan=ids)
 
 
-def test_bad_backend_rejected_on_empty_batch_too(monkeypatch):
-    empty = dict(x=torch.randn(0, D_IN), user_ids=torch.zeros(0, dtype=torch.long))
-    with pytest.raises(ValueError, match="backend must be one of"):
-        call(backend="fast", **empty)
-    monkeypatch.setenv("PROPER_KERNELS_BACKEND", "fast")
-    with pytest.raises(ValueError, match=r"PROPER_KERNELS_BACKEND.*'fast'"):
-        call(**empty)
-    with pytest.raises(ValueError, match=r"PROPER_KERNELS_BACKEND.*'fast'"):
-        call()
+def test_plan_and_ids_must_agree():
+    """With both, the plan is the routing and the ids must be the ones it was built
+    from (RoutingPlan.check_ids, see test_plan): other ids raise, equal ids pass."""
+    kw = good()
+    x, w, b = kw.pop("x"), kw.pop("weight"), kw.pop("bias")
+    ids = kw.pop("user_ids")
+    p = pk.plan(ids, N)
+    with pytest.raises(ValueError, match="plan does not belong to user_ids: token 1"):
+        pk.lora_mixture(x, w, b, user_ids=torch.zeros_like(ids), plan=p, **kw)
+    y_plan = pk.lora_mixture(x, w, b, user_ids=ids.clone(), plan=p, **kw)
+    torch.testing.assert_close(y_plan, pk.lora_mixture(x, w, b, user_ids=ids, **kw))
+    torch.testing.assert_close(pk.lora_mixture(x, w, b, plan=p, **kw), y_plan)  # the plan alone routes too
+
+
+def test_no_output_size():
+    with pytest.raises(ValueError, match="output size is undefined"):
+        pk.lora_mixture(torch.randn(2, 3), None)
+
+
+def test_zero_width_input_with_tokens():
+    y = pk.lora_mixture(torch.randn(3, 0), torch.randn(4, 0), torch.ones(4))
+    torch.testing.assert_close(y, torch.ones(3, 4))
