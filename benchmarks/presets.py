@@ -9,13 +9,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence
 
-OPS = ("fwd", "fwdbwd", "decode", "mlp", "e2e")
+OPS = ("fwd", "fwdbwd", "decode", "mlp", "e2e", "paged")
 OP_DOC = {
     "fwd": "mixture forward of one adapted linear (prefill token counts, no grad)",
     "fwdbwd": "mixture forward + backward (grads of x and every adapter/router tensor; W0 frozen)",
     "decode": "mixture forward at decode token counts (no grad; CUDA graphs for tiny T on GPU)",
     "mlp": "gated MLP down(silu(gate(x)) * up(x)) of three adapted linears, forward or train",
     "e2e": "tokens/s of a stage-3 training step and of generation on a Llama (proper_kernels.integrations)",
+    "paged": "tokens/s with N users in a paged host bank and C device slots vs all resident (benchmarks/paged.py)",
 }
 MODE_OF = {"fwd": "prefill", "decode": "decode", "fwdbwd": "train"}
 
@@ -38,8 +39,12 @@ class Case:
     d_ff: int = 0          # mlp only: d_in = d_out = d_model
     new_tokens: int = 0    # e2e generate only
     loop_users: int = 0    # e2e loop: users timed one at a time (0: all N; tokens/s is a rate)
+    cache: int = 0         # paged: device slots C per layer
+    active: int = 0        # paged: distinct users per batch
 
     def shape(self) -> str:
+        if self.op == "paged":
+            return f"seq={self.T} users={self.active}/{self.N} C={self.cache} r_u={self.r_u}"
         if self.op == "e2e":  # T is the sequence length of each of the N users' rows
             dims = f"seq={self.T}" + (f" new={self.new_tokens}" if self.mode == "generate" else "")
         elif self.op == "mlp":
@@ -100,6 +105,14 @@ PRESETS: Dict[str, Dict[str, object]] = {
         "e2e_gpu": dict(N=64, T=128, new_tokens=32, K=8, r=16, r_u=16),
         "ops": {"e2e": [("train-step",), ("generate",)]},
     },
+    "paged": {
+        "doc": "paged user bank: N = 64, 1k, 10k, 100k users, 64 a batch (Zipf), C = 256 slots (--user-cache-size); "
+               "tiny Llama on CPU, Llama-7B-like q/v at r_u = 8 on GPU",
+        "dtype": None,
+        "paged": dict(T=16, new_tokens=4, r_u=8, cache=256, active=64, users=(64, 1000, 10000, 100000)),
+        "paged_gpu": dict(T=128, new_tokens=16, r_u=8, cache=256, active=64, users=(64, 1000, 10000, 100000)),
+        "ops": {"paged": [("train-step",), ("generate",)]},
+    },
 }
 
 
@@ -123,6 +136,14 @@ def build_cases(preset: str, ops: Optional[Sequence[str]], laws: Optional[Sequen
             continue
         seen = set()
         for group in spec["ops"][op]:
+            if op == "paged":
+                e = spec.get("paged_gpu") if device_type == "cuda" else spec["paged"]
+                mode = group[0]
+                for N in e["users"]:
+                    out.append(Case(len(out), op, mode, e["T"], 0, 0, 0, 0, e["r_u"], N, "zipf",
+                                    grad=mode == "train-step", new_tokens=e["new_tokens"] if mode == "generate" else 0,
+                                    cache=e["cache"], active=e["active"]))
+                continue
             if op == "e2e":
                 e = spec.get("e2e_gpu") if device_type == "cuda" and "e2e_gpu" in spec else spec["e2e"]
                 mode = group[0]

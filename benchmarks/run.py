@@ -102,6 +102,7 @@ def parse_args(argv=None):
                     "is already busy: a loaded CPU makes multi-thread barriers dominate small ops)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    ap.add_argument("--user-cache-size", type=int, help="paged op: device slots C per layer (default: the preset's)")
     ap.add_argument("--decode-table", metavar="JSON",
                     help="after a GPU run with decode rows of providers cuda and triton, write this GPU's entry "
                     "(the largest T at which cuda won) into JSON, e.g. proper_kernels/ops/decode_table.json")
@@ -117,7 +118,8 @@ def parse_args(argv=None):
     laws = _split(args.popularity, "--popularity")
     args.laws = list(LAWS) if laws == ["all"] else laws
     _check_choices("popularity law", args.laws, LAWS)
-    for flag, value in (("--threads", args.threads), ("--iters", args.iters), ("--rep-ms", args.rep_ms)):
+    for flag, value in (("--threads", args.threads), ("--iters", args.iters), ("--rep-ms", args.rep_ms),
+                        ("--user-cache-size", args.user_cache_size)):
         if value is not None and not value > 0:  # "not >": NaN too
             raise UsageError(f"{flag} must be a positive number, got {value}")
     if args.device is not None:
@@ -179,7 +181,7 @@ def ncu_lines(args, cases, preset, dtype_name) -> List[str]:
         for prov in args.provider_list:
             # e2e is not profiled per kernel; skip the providers that only skip this case
             # (the base checks: e2e-only, decode-only, forward-only; not the device's).
-            if c.op == "e2e" or prov not in REGISTRY or REGISTRY[prov].op_skip_reason(c):
+            if c.op in ("e2e", "paged") or prov not in REGISTRY or REGISTRY[prov].op_skip_reason(c):
                 continue
             if prov == "triton":
                 # The fused ops push these NVTX ranges (proper_kernels/ops/autograd.py).
@@ -252,6 +254,10 @@ def run_case(case: Case, args, device, dtype, base_row, ceilings) -> List[dict]:
     """Check then time every requested provider on one case; one row per provider."""
     if case.op == "e2e":
         return run_e2e_case(case, args, device, dtype, base_row)
+    if case.op == "paged":  # rows of the paged and the resident user bank (benchmarks/paged.py)
+        from paged import run_paged_case
+
+        return run_paged_case(case, args, device, dtype, base_row)
     rows = []
     layers, x, ids, pl, dy = make_layers(case, dtype, device, args.seed)
     n_active = int(pl.active_users.numel())

@@ -28,6 +28,13 @@ class ProperConfig:
     :meth:`ProperModel.forward` adds to the LM loss when labels are given (they are
     added in the user stage too when ``aux_in_user_stage``; off by default since the
     experts and the token router are frozen there).
+
+    ``user_bank``: where the per-user rows live. ``"resident"`` (default): rows
+    0..N-1 of every adapted layer's parameters on the compute device.
+    ``"paged"``: every user's rows (and their optimiser state) in host memory and
+    ``user_cache_size`` device slots per layer, filled per batch (least recently used
+    users leave first); the device memory of the user part is then O(user_cache_size),
+    whatever ``num_users`` is. See :mod:`proper_kernels.integrations.paged`.
     """
 
     target_modules: Tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
@@ -47,6 +54,8 @@ class ProperConfig:
     diversity_weight: float = 0.01
     aux_in_user_stage: bool = False
     backend: str = "auto"
+    user_bank: str = "resident"
+    user_cache_size: int = 0
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -55,7 +64,8 @@ class ProperConfig:
         self.target_modules = tuple(self.target_modules)
         if not self.target_modules:
             raise ValueError("target_modules must name at least one nn.Linear attribute")
-        for name in ("num_experts", "expert_rank", "num_users", "user_rank", "user_embed_dim", "population_rank"):
+        for name in ("num_experts", "expert_rank", "num_users", "user_rank", "user_embed_dim", "population_rank",
+                     "user_cache_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"ProperConfig.{name} must be a non-negative int, got {v!r}")
@@ -65,6 +75,12 @@ class ProperConfig:
             raise ValueError(f"ProperConfig.top_k must be None or in [1, num_experts={self.num_experts}], got {self.top_k!r}")
         if self.balance_weight < 0 or self.diversity_weight < 0:
             raise ValueError("balance_weight and diversity_weight must be >= 0")
+        if self.user_bank not in ("resident", "paged"):
+            raise ValueError(f"ProperConfig.user_bank must be 'resident' or 'paged', got {self.user_bank!r}")
+        if self.user_bank == "paged" and (self.user_cache_size < 1 or self.num_users < 1):
+            raise ValueError(f"ProperConfig(user_bank='paged') needs user_cache_size >= 1 (device slots per layer) "
+                             f"and num_users >= 1, got user_cache_size={self.user_cache_size}, "
+                             f"num_users={self.num_users}")
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -97,10 +97,16 @@ class ProperModel(StagesMixin, PersistenceMixin, nn.Module):
             (PEFT import, :meth:`load_users`, :meth:`from_peft_users`): they are on for
             forward and generate in every stage (loading trains nothing).
         user_bank: the :class:`UserBank` of the adapted layers (per-user rows, frozen
-            users, user names).
+            users, user names); a :class:`~.paged.PagedUserBank` with
+            ``ProperConfig(user_bank="paged")``, whose layers then hold
+            ``user_cache_size`` device slots instead of ``num_users`` rows.
+
+    ``bank_source`` / ``bank_mmap`` (used by :meth:`from_pretrained`): a paged bank
+    reads its rows from this :class:`~.bank_io.SafetensorsFile` instead of drawing
+    fresh ones, mapped copy-on-write with ``bank_mmap``.
     """
 
-    def __init__(self, model: nn.Module, config: ProperConfig):
+    def __init__(self, model: nn.Module, config: ProperConfig, *, bank_source=None, bank_mmap: bool = False):
         super().__init__()
         self.model = model
         self.proper_config = copy.deepcopy(config)  # add_users / PEFT import update it: not the caller's
@@ -115,11 +121,13 @@ class ProperModel(StagesMixin, PersistenceMixin, nn.Module):
         for p in model.parameters():
             p.requires_grad_(False)
         self.layer_names: List[str] = []
+        paged = config.user_bank == "paged"
         for full, parent, attr, lin in targets:
             layer = ProperLinear(
                 lin,
                 num_experts=config.num_experts, expert_rank=config.expert_rank, expert_alpha=config.expert_alpha,
-                router=config.router, user_embed_dim=config.user_embed_dim, num_users=config.num_users,
+                router=config.router, user_embed_dim=config.user_embed_dim,
+                num_users=config.user_cache_size if paged else config.num_users,
                 user_rank=config.user_rank, user_alpha=config.user_alpha, user_router=config.user_router,
                 population_rank=config.population_rank, population_alpha=config.population_alpha,
                 top_k=config.top_k, freeze_base=True,
@@ -127,7 +135,13 @@ class ProperModel(StagesMixin, PersistenceMixin, nn.Module):
             )
             setattr(parent, attr, layer)
             self.layer_names.append(full)
-        self.user_bank = UserBank(list(self.adapted_layers()), self.proper_config)
+        if paged:
+            from .paged import PagedUserBank
+
+            self.user_bank = PagedUserBank(list(self.adapted_layers()), self.proper_config, source=bank_source,
+                                           mmap=bank_mmap)
+        else:
+            self.user_bank = UserBank(list(self.adapted_layers()), self.proper_config)
         self._apply_stage_flags(None)
         register_tied_weight_hooks(self)
 
@@ -160,7 +174,9 @@ class ProperModel(StagesMixin, PersistenceMixin, nn.Module):
         """Grow the user bank by ``n`` users with fresh parameters (B_u, V_u at zero, so
         a new user starts at the group-level output). Returns the new ids.
 
-        Replaces the banked Parameters: build the optimizer after calling this.
+        Resident: replaces the banked Parameters, so build a torch optimizer after
+        calling this (:meth:`make_optimizer`'s follows the bank). Paged: appends host
+        rows; the device slots stay as they are.
         """
         new = self.user_bank.add(n)
         self._apply_stage_flags(self.stage)
@@ -203,6 +219,37 @@ class ProperModel(StagesMixin, PersistenceMixin, nn.Module):
         """Write the pinned rows of every frozen user back (one indexed write per
         bank tensor, however many users are frozen)."""
         self.user_bank.restore_frozen()
+
+    def sync_users(self) -> None:
+        """Paged bank: write the rows (and optimiser state) changed in the device
+        slots back to host memory; :meth:`save_pretrained` calls it. Resident: nothing."""
+        self.user_bank.sync()
+
+    # ------------------------------------------------------------------ distributed (see .distributed)
+    def shard_users(self, rank: int, world_size: int):
+        """Keep only the users rank ``rank`` of ``world_size`` owns (u % world_size ==
+        rank); user ids stay global. Wrapping in DDP or FSDP2 afterwards
+        (:func:`.distributed.fully_shard_model`) reduces the shared parameters only.
+        See :func:`proper_kernels.integrations.distributed.shard_users`."""
+        from .distributed import shard_users
+
+        return shard_users(self, rank, world_size)
+
+    # ------------------------------------------------------------------ optimiser
+    def make_optimizer(self, lr: float = 1e-3, weight_decay: float = 1e-2, betas: Tuple[float, float] = (0.9, 0.999),
+                       eps: float = 1e-8):
+        """The optimiser of this model, in either bank mode
+        (:class:`~.optim.ProperOptimizer`): AdamW for the trainable shared parameters
+        (those trainable now), lazy per-user AdamW for the bank's rows: a user absent
+        from the batches since the last step does not move (no weight decay, no
+        momentum) and counts its own steps; frozen users do not move. A paged run and
+        a resident run with it take the same steps. The paged bank needs it (a torch
+        optimizer over ``parameters()`` would mix the users that share a slot)."""
+        from .optim import ProperOptimizer
+
+        banked = {id(p) for _, p in self.user_bank.tensors()}
+        shared = [p for p in self.trainable_parameters() if id(p) not in banked]
+        return ProperOptimizer(shared, self.user_bank, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,

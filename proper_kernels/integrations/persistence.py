@@ -8,6 +8,12 @@ the base weights). A full save holds every adapter tensor plus the factors of a 
 population LoRA (``<layer>.merged_population_A/B``, merged again on load); a
 user-subset save holds only those users' rows.
 
+The file is written a block at a time (:mod:`.bank_io`; a paged bank streams its host
+chunks, never a second copy of the bank) and read through a copy-on-write map whose
+every offset is checked first: a corrupt or truncated file raises a ValueError naming
+it. ``from_pretrained(..., user_bank="paged", user_cache_size=C, mmap=True)`` serves a
+bank larger than host memory straight from the file.
+
 Loading user adapters (:meth:`PersistenceMixin.load_users`, a PEFT import, or
 :meth:`PersistenceMixin.from_peft_users`) switches the user LoRA on for forward and
 generate in every stage, without unfreezing anything (``loaded_adapters``, kept by a
@@ -24,7 +30,8 @@ from typing import Dict, List, Mapping, Optional, Tuple, Type, TypeVar, Union
 import torch
 from torch import Tensor, nn
 
-from . import peft_io
+from . import distributed, peft_io
+from .bank_io import SafetensorsFile, write_safetensors
 from .config import ProperConfig
 from .stages import SHARED_PARAMS
 from .user_bank import UserIds, UserName
@@ -77,18 +84,34 @@ def register_tied_weight_hooks(module: nn.Module) -> None:
         module._register_load_state_dict_pre_hook(_fill_tied_keys, with_module=True)
 
 
-def read_proper_dir(directory: str) -> Tuple[dict, Dict[str, Tensor]]:
-    """(proper_config.json as a dict, the tensors) of a ProperModel directory."""
-    from safetensors.torch import load_file
-
+def open_proper_dir(directory: str) -> Tuple[dict, SafetensorsFile]:
+    """(proper_config.json as a dict, the checked, mapped weights file) of a ProperModel
+    directory. ValueError naming the file when either is corrupt or cut short."""
     cpath, wpath = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
     if not (os.path.isfile(cpath) and os.path.isfile(wpath)):
         raise FileNotFoundError(f"{directory} is not a ProperModel directory (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
     with open(cpath) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{cpath}: unknown format {meta.get('format')!r} (expected {FORMAT!r})")
-    return meta, load_file(wpath)
+        try:
+            meta = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cpath}: corrupt JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else meta
+        raise ValueError(f"{cpath}: unknown format {got!r} (expected {FORMAT!r})")
+    return meta, SafetensorsFile(wpath)
+
+
+def read_proper_dir(directory: str) -> Tuple[dict, Dict[str, Tensor]]:
+    """(proper_config.json as a dict, the tensors, as copy-on-write views of the
+    file's map) of a ProperModel directory."""
+    meta, f = open_proper_dir(directory)
+    return meta, {k: f.tensor(k) for k in f.keys()}
+
+
+def _write_json(path: str, obj: dict) -> None:
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(f"{path}.tmp", path)
 
 _Model = TypeVar("_Model", bound="PersistenceMixin")
 
@@ -125,7 +148,16 @@ class PersistenceMixin:
     def adapter_state_dict(self) -> Dict[str, Tensor]:
         """Every adapter tensor: ``<layer>.<param>`` (the shared ones, then the user
         bank's) plus ``<layer>.merged_population_A/B`` (the factors of a merged
-        population LoRA, re-merged on load)."""
+        population LoRA, re-merged on load). A paged bank's rows come from host
+        memory (a view when the bank is one chunk, else a concatenated copy)."""
+        out = self._shared_adapter_tensors()
+        for key, _, _, blocks in self.user_bank.save_entries():
+            blocks = list(blocks)
+            out[key] = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+        return out
+
+    def _shared_adapter_tensors(self) -> Dict[str, Tensor]:
+        """The adapter tensors that are not user rows (and the merged population factors)."""
         out = {}
         for name, layer in self.adapted_layers():
             for pname in SHARED_PARAMS:
@@ -136,7 +168,6 @@ class PersistenceMixin:
                 A, B = self._merged_population[name]
                 out[f"{name}.merged_population_A"] = A
                 out[f"{name}.merged_population_B"] = B
-        out.update((key, p.detach()) for key, p in self.user_bank.tensors())
         return out
 
     def save_pretrained(self, save_directory: str, users: Optional[UserIds] = None) -> None:
@@ -149,34 +180,61 @@ class PersistenceMixin:
         ``users=[...]``: only those users' rows (e_u, A_u, B_u, V_u of every layer),
         nothing shared: for privacy and size; load it with :meth:`load_users`.
         Either keeps the names of the saved users (:attr:`user_rows`).
-        """
-        from safetensors.torch import save_file
 
+        The bank's rows are written a block at a time (a paged bank: after
+        :meth:`sync_users`, its host chunks one by one), each file to a temporary
+        name renamed at the end.
+        """
+        if users is None and distributed.saves_distributed(self):  # distributed hook: every rank calls it
+            return distributed.save_pretrained(self, save_directory, (CONFIG_NAME, WEIGHTS_NAME, FORMAT))
         os.makedirs(save_directory, exist_ok=True)
         if users is None:
-            tensors = self.adapter_state_dict()
             ulist = None
+            entries = [(k, v.dtype, tuple(v.shape), [v.detach()]) for k, v in self._shared_adapter_tensors().items()]
+            entries += self.user_bank.save_entries()
         else:
             ulist = self.user_bank.index(users).tolist()
-            tensors = self.user_bank.get_state(ulist)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        save_file(tensors, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": FORMAT})
-        with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
-            json.dump(self._state_json(ulist), f, indent=2)
+            entries = [(k, v.dtype, tuple(v.shape), [v]) for k, v in self.user_bank.get_state(ulist).items()]
+        write_safetensors(os.path.join(save_directory, WEIGHTS_NAME), entries, metadata={"format": FORMAT})
+        _write_json(os.path.join(save_directory, CONFIG_NAME), self._state_json(ulist))
 
     @classmethod
-    def from_pretrained(cls: Type[_Model], base_model: nn.Module, directory: str) -> _Model:
+    def from_pretrained(cls: Type[_Model], base_model: nn.Module, directory: str, *, user_bank: Optional[str] = None,
+                        user_cache_size: Optional[int] = None, mmap: bool = False, rank: Optional[int] = None,
+                        world_size: Optional[int] = None) -> _Model:
         """Rebuild a ProperModel saved with ``save_pretrained(dir)`` on ``base_model``
         (the same, unmodified base the adapters were trained on). Bit-exact: the
         stage, the loaded adapters (on in every stage, as when saved), the frozen
         users and the user names come back too. A user-subset save raises: load it
-        into a ProperModel with :meth:`load_users`."""
-        meta, tensors = read_proper_dir(directory)
+        into a ProperModel with :meth:`load_users`.
+
+        user_bank, user_cache_size: load into this bank mode (default: the saved
+            config's), e.g. a resident save as ``user_bank="paged"``.
+        mmap: paged bank only: keep the rows as a copy-on-write map of the file
+            (read when a user first pages in; training never writes the file), for
+            banks larger than host memory. Otherwise they are copied into host memory
+            one tensor at a time, never a second copy of the bank.
+        rank, world_size: load as rank ``rank`` of a user-sharded run of
+            ``world_size`` ranks (only its users' rows; see :mod:`.distributed`). The
+            save may be a full one or a sharded one of any world size; without them a
+            sharded save loads every user."""
+        meta, wfile = open_proper_dir(directory)
         if meta.get("users") is not None:
             raise ValueError(f"{directory} holds only users {meta['users']} (a user subset); load it into an "
                              f"existing ProperModel with load_users()")
-        cfg = ProperConfig.from_dict(meta["config"])
-        pm = cls(base_model, cfg)
+        d = dict(meta["config"])
+        d.update((k, v) for k, v in (("user_bank", user_bank), ("user_cache_size", user_cache_size)) if v is not None)
+        cfg = ProperConfig.from_dict(d)
+        if mmap and cfg.user_bank != "paged":
+            raise ValueError("mmap=True maps a paged bank's host rows: pass user_bank='paged' (and user_cache_size)")
+        paged = cfg.user_bank == "paged"
+        # distributed hook: a sharded save, or rank `rank`'s users; None: one process, a full save
+        shards = distributed.UserRowsSource.open(directory, meta, rank, world_size, mmap)
+        pm = cls(base_model, shards.local_config(cfg) if shards else cfg,
+                 bank_source=wfile if paged and not shards else None, bank_mmap=mmap)
+        if shards:
+            shards.adopt(pm)
+        tensors = {k: wfile.tensor(k) for k in wfile.keys()}
         if list(pm.layer_names) != list(meta["layers"]):
             raise ValueError("the base model's targeted layers differ from the saved ones: "
                              f"{len(pm.layer_names)} vs {len(meta['layers'])} layers")
@@ -204,9 +262,14 @@ class PersistenceMixin:
                     p = getattr(layer, pname)
                     if p is not None:
                         p.copy_(saved(f"{name}.{pname}", p))
-            rows = {key: saved(key, p) for key, p in pm.user_bank.tensors()}
-            if rows:
-                pm.user_bank.set_state(rows, list(range(pm.num_users)))
+            if shards:
+                pm.user_bank.set_state(shards.rows(pm, tensors, used), shards.ids)
+            elif paged:  # the bank read its rows from the file (and checked them) when it was built
+                used.update(pm.user_bank.row_specs())
+            else:
+                rows = {key: saved(key, p) for key, p in pm.user_bank.tensors()}
+                if rows:
+                    pm.user_bank.set_state(rows, list(range(pm.num_users)))
         extra = sorted(set(tensors) - used)
         if extra:
             raise ValueError(f"{directory}: unexpected tensors {extra[:4]}")
@@ -214,7 +277,7 @@ class PersistenceMixin:
         pm.stage = meta["stage"]
         pm.loaded_adapters = set(meta.get("loaded_adapters", []))  # a save without these fields has none
         pm._apply_stage_flags(pm.stage)
-        pm.freeze_users(meta.get("frozen_users", []))
+        pm.freeze_users(shards.frozen if shards else meta.get("frozen_users", []))
         pm.user_bank.set_names(dict(map(tuple, meta.get("user_names", []))))
         return pm
 

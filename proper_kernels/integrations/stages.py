@@ -14,8 +14,10 @@ population LoRA on. Loading unfreezes nothing: what trains is the stage's alone.
 The parts loaded are ``ProperModel.loaded_adapters`` (saved with the model).
 
 Routing: a forward or generate call takes one user id per row; the ids are checked
-once and one :class:`~proper_kernels.layers.UserRouting` (routing plans cached per
-input shape) is set on every adapted layer for the duration of the call.
+once, turned into the rows the kernels index by the user bank (``UserBank.route``:
+the ids themselves when resident, slot ids after paging the users in when paged), and
+one :class:`~proper_kernels.layers.UserRouting` (routing plans cached per input
+shape) is set on every adapted layer for the duration of the call.
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from ..layers.linear import UserRouting
+from ..reference.losses import balance_from_importance
+from .distributed import global_importance
 from .user_bank import USER_PARAMS, UserIds
 
 __all__ = ["StagesMixin", "STAGES", "POPULATION_PARAMS", "GROUP_PARAMS", "SHARED_PARAMS", "ADAPTER_PARAMS",
@@ -72,6 +76,8 @@ class StagesMixin:
             layer.use_user_bias = stage in ("group", "user") and layer.user_embedding is not None
             layer.use_user_lora = users_on and layer.user_A is not None
             layer.use_user_router = users_on and layer.user_router is not None
+            # form the diversity loss in forward, where FSDP2 has the experts whole
+            layer.track_diversity = self._aux_on(stage) and bool(self.proper_config.diversity_weight)
             for pname in ADAPTER_PARAMS:
                 p = getattr(layer, pname)
                 if p is not None:
@@ -163,12 +169,21 @@ class StagesMixin:
         return sum(p.numel() for p in self.trainable_parameters())
 
     # ------------------------------------------------------------------ auxiliary losses
+    def _aux_on(self, stage: Optional[str]) -> bool:
+        """Whether ``stage`` adds the auxiliary losses (when labels are given)."""
+        return stage == "group" or (stage == "user" and self.proper_config.aux_in_user_stage)
+
     def aux_loss(self, attention_mask: Optional[Tensor] = None) -> Tensor:
         """balance_weight * mean_layers balance(last gates) + diversity_weight *
         mean_layers diversity(experts), from the last forward. Also stored in
-        ``last_aux_losses``."""
+        ``last_aux_losses``.
+
+        In data-parallel training the balance is that of the global batch: each
+        layer's per-expert gate mass is summed over the ranks first
+        (:func:`.distributed.global_importance`, one all_reduce for all layers)."""
         cfg = self.proper_config
         bal, div, n = 0.0, 0.0, 0
+        masses = []
         for _, layer in self.adapted_layers():
             if not layer.use_experts:
                 continue
@@ -176,11 +191,13 @@ class StagesMixin:
             g = layer.last_gates
             if attention_mask is not None and g is not None and tuple(g.shape[:-1]) == tuple(attention_mask.shape):
                 mask = attention_mask.bool()
-            if cfg.balance_weight:
-                bal = bal + layer.balance_loss(mask)
+            if cfg.balance_weight and g is not None:
+                masses.append(layer.gate_importance(mask))
             if cfg.diversity_weight:
                 div = div + layer.diversity_loss()
             n += 1
+        for mass in global_importance(self, masses):
+            bal = bal + balance_from_importance(mass)
         if n == 0:
             zero = torch.zeros(())
             self.last_aux_losses = {"balance": zero, "diversity": zero}
@@ -194,7 +211,7 @@ class StagesMixin:
         group stage (or the user stage with ``aux_in_user_stage``). ``out`` is a model
         output with ``.loss`` or a ``return_dict=False`` tuple (loss, logits, ...)."""
         cfg = self.proper_config
-        add_aux = self.stage == "group" or (self.stage == "user" and cfg.aux_in_user_stage)
+        add_aux = self._aux_on(self.stage)
         if labels is None or not add_aux or not (cfg.balance_weight or cfg.diversity_weight):
             return out
         if isinstance(out, tuple):
@@ -273,10 +290,10 @@ class StagesMixin:
         Checks (host syncs) and plan building stay out of any torch.compile graph;
         the plan of the full-sequence shape is built here, once, for all layers."""
         B, dev = self._batch_and_device(input_ids, kwargs)
-        ids = self._check_user_ids(user_ids, B, dev)
+        ids = self._check_user_ids(user_ids, B, None)  # where the caller has them (a paged bank reads them on the host)
         routing = None
         if ids is not None:
-            routing = UserRouting(ids, self.num_users)
+            routing = self._bank_routing(ids, dev)
             ref = input_ids if input_ids is not None else kwargs["inputs_embeds"][..., 0]
             routing.for_input(ref.new_empty(*ref.shape, 0))
         self._set_routing(routing)
@@ -286,7 +303,7 @@ class StagesMixin:
         ``num_return_sequences`` (as GenerationMixin expands the inputs) keep their
         row's user; plans are built per step shape as the layers ask."""
         B, dev = self._batch_and_device(input_ids, kwargs)
-        ids = self._check_user_ids(user_ids, B, dev)
+        ids = self._check_user_ids(user_ids, B, None)
         if ids is None:
             return None
         gc = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
@@ -295,4 +312,10 @@ class StagesMixin:
         expand = max(int(beams), int(nret), 1)
         if expand > 1:
             ids = ids.repeat_interleave(expand)
-        return UserRouting(ids, self.num_users)
+        return self._bank_routing(ids, dev)
+
+    def _bank_routing(self, ids: Tensor, device) -> UserRouting:
+        """The routing of checked user ids: the bank's rows for them (the ids when
+        resident; slot ids in [-1, user_cache_size) after paging the users in), on ``device``."""
+        rows, num_rows = self.user_bank.route(ids)
+        return UserRouting(rows.to(device, non_blocking=True), num_rows)
