@@ -22,6 +22,8 @@ from providers import PROVIDERS, REGISTRY
 # "proper" is the e2e-only provider (the PROPER model, all users in one batch).
 ALL_PROVIDERS = PROVIDERS + ("proper",)
 WIDTH = 120
+# Ops whose rows are whole-model steps, reported in tokens/s (the others: time per call).
+RATE_OPS = ("e2e", "paged")
 
 COLUMNS = [
     "case", "op", "provider", "mode", "shape", "T", "d_in", "d_out", "d_ff", "K", "r", "r_u", "N", "users",
@@ -59,7 +61,7 @@ def add_ratios(rows: List[dict]) -> None:
         if _timed(r):
             by_case.setdefault(r["case"], []).append(r)
     for rs in by_case.values():
-        if rs[0]["op"] == "e2e":
+        if rs[0]["op"] in RATE_OPS:
             for r in rs:
                 peers = [p["tokens_per_s"] for p in rs if p is not r and p["tokens_per_s"]]
                 r["x_peer"] = max(peers) / r["tokens_per_s"] if peers and r["tokens_per_s"] else ""
@@ -124,7 +126,7 @@ def _e2e_cells(r) -> List[str]:
 
 def _section_title(r) -> str:
     mode = f" {r['mode']}" if r["mode"] not in ("", r["op"]) else ""
-    unit = "tokens/s of whole model steps" if r["op"] == "e2e" else "per call"
+    unit = "tokens/s of whole model steps" if r["op"] in RATE_OPS else "per call"
     return f"-- {r['op']}{mode}: K={r['K']} experts of rank r={r['r']}, user rank r_u={r['r_u']}, N={r['N']} users; {unit}"
 
 
@@ -149,8 +151,8 @@ def summary_table(rows: List[dict]) -> str:
     A case's T, dims and law are printed on its first line only."""
     shown = [r for r in rows if not str(r["status"]).startswith("skipped")]
     out: List[str] = []
-    for rs, head, cells in (([r for r in shown if r["op"] != "e2e"], KERNEL_HEAD, _kernel_cells),
-                            ([r for r in shown if r["op"] == "e2e"], E2E_HEAD, _e2e_cells)):
+    for rs, head, cells in (([r for r in shown if r["op"] not in RATE_OPS], KERNEL_HEAD, _kernel_cells),
+                            ([r for r in shown if r["op"] in RATE_OPS], E2E_HEAD, _e2e_cells)):
         if not rs:
             continue
         lines = [cells(r) for r in rs]
@@ -245,7 +247,7 @@ def write_outputs(prefix: str, rows: List[dict], header: str, table: str) -> Lis
 def _panel_metric(op: str, rs: List[dict]) -> tuple:
     """(row key, axis label, log scale) of a panel: tokens/s for e2e, time over base
     where every case has its base timed (base itself is the line at 1), else median ms."""
-    if op == "e2e":
+    if op in RATE_OPS:
         return "tokens_per_s", "tokens/s (higher is better)", False
     if all(r["x_base"] not in ("", None) for r in rs):
         return "x_base", "time / base linear (lower is better)", True
