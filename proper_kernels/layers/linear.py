@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..ops.mixture import lora_mixture
 from ..ops.plan import RoutingPlan
-from ..reference.losses import balance_loss, diversity_loss
+from ..reference.losses import balance_loss, diversity_loss, gate_importance
 
 __all__ = ["UserRouting", "ProperLinear"]
 
@@ -86,6 +86,10 @@ class ProperLinear(nn.Module):
         top_k: keep only the top_k gate logits (None: dense softmax, as LoRAMoE).
         freeze_base: set requires_grad False on the wrapped weight and bias.
         backend: passed to lora_mixture ("auto", "reference", "triton", "cuda").
+
+    Set by the model: ``routing`` (the batch's user routing) and ``track_diversity``
+    (form the diversity loss in forward, where the experts are whole under FSDP2).
+    After a forward: ``last_gates`` [..., K] and ``last_diversity`` (or None).
     """
 
     def __init__(
@@ -172,6 +176,9 @@ class ProperLinear(nn.Module):
         self.use_user_router = self.user_router is not None
         self.routing: Optional[UserRouting] = None  # set by the model wrapper per batch
         self.last_gates: Optional[Tensor] = None
+        # The diversity loss of the experts, formed in forward (see ``track_diversity``).
+        self.track_diversity = False
+        self.last_diversity: Optional[Tensor] = None
 
     # ------------------------------------------------------------------ forward
     def user_logit_bias(self) -> Optional[Tensor]:
@@ -210,6 +217,12 @@ class ProperLinear(nn.Module):
             y, self.last_gates = y
         else:
             self.last_gates = None
+        # The diversity loss reads the experts where they are whole: under FSDP2 only
+        # inside forward (its hooks gather them before and shard them after); formed
+        # here, its gradient reaches them before FSDP2 reduces this module's gradients.
+        self.last_diversity = None
+        if use_e and self.track_diversity:
+            self.last_diversity = diversity_loss(self.expert_A, self.expert_B)
         if self.use_population and self.population_A is not None:
             pop = F.linear(F.linear(x.to(self.population_A.dtype), self.population_A), self.population_B)
             y = y + (self.population_scale * pop).to(y.dtype)
@@ -222,8 +235,19 @@ class ProperLinear(nn.Module):
             return self.weight.new_zeros((), dtype=torch.float32)
         return balance_loss(self.last_gates, mask)
 
+    def gate_importance(self, mask: Optional[Tensor] = None) -> Optional[Tensor]:
+        """Per-expert gate mass [K] (fp32) of the last forward's tokens (``mask``
+        keeps a subset); None without gates. Summed over ranks, it gives the balance
+        loss of the global batch."""
+        if self.last_gates is None:
+            return None
+        return gate_importance(self.last_gates, mask)
+
     def diversity_loss(self) -> Tensor:
-        """Mean overlap of the experts' subspaces (0 without experts)."""
+        """Mean overlap of the experts' subspaces (0 without experts): the one the
+        last forward formed when ``track_diversity`` is on, else from the current experts."""
+        if self.last_diversity is not None:
+            return self.last_diversity
         if self.expert_A is None:
             return self.weight.new_zeros((), dtype=torch.float32)
         return diversity_loss(self.expert_A, self.expert_B)

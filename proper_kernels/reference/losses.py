@@ -8,21 +8,14 @@ from torch import Tensor
 
 from .mixture import compute_dtype
 
-__all__ = ["balance_loss", "diversity_loss"]
+__all__ = ["balance_loss", "diversity_loss", "gate_importance", "balance_from_importance"]
 
 
-def balance_loss(gates: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-    """LoRAMoE-style balance: cv^2 of the per-expert gate mass.
-
-    ``importance_k = sum_t g_tk`` over the tokens (``mask`` [...] bool keeps a subset,
-    e.g. non-padding tokens), and the loss is ``var(importance) / mean(importance)^2``
-    with the population variance. 0 when every expert gets the same mass (and for
-    K = 1); grows as the router collapses onto few experts.
-
-    Args:
-        gates: [..., K] gates (rows sum to 1).
-        mask:  optional bool [...] matching gates' leading dims.
-    """
+def gate_importance(gates: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """Per-expert gate mass ``importance_k = sum_t g_tk`` [K] over the tokens of
+    ``gates`` [..., K] (``mask`` [...] bool keeps a subset, e.g. non-padding tokens),
+    summed in fp32 (fp64 stays fp64). Masses of several batches add up: the mass of
+    a global batch is the sum of its parts' (data parallelism all-reduces it)."""
     if gates.dim() < 1:
         raise ValueError(f"gates must be [..., K], got shape {list(gates.shape)}")
     g = gates.reshape(-1, gates.shape[-1])
@@ -31,11 +24,35 @@ def balance_loss(gates: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         if tuple(mask.shape) != tuple(gates.shape[:-1]):
             raise ValueError(f"mask must have shape {list(gates.shape[:-1])}, got {list(mask.shape)}")
         g = g[mask.reshape(-1).bool()]
-    importance = g.sum(0)
+    return g.sum(0)
+
+
+def balance_from_importance(importance: Tensor) -> Tensor:
+    """cv^2 of per-expert gate masses [K]: ``var(importance) / mean(importance)^2``
+    with the population variance; 0 for K = 1 and for a batch without tokens."""
+    if importance.dim() != 1:
+        raise ValueError(f"importance must be [K], got shape {list(importance.shape)}")
     mean = importance.mean()
-    if g.shape[0] == 0 or g.shape[1] < 2:
+    if importance.shape[0] < 2:
         return importance.sum() * 0.0
     return importance.var(unbiased=False) / (mean * mean + 1e-12)
+
+
+def balance_loss(gates: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """LoRAMoE-style balance: cv^2 of the per-expert gate mass.
+
+    ``importance_k = sum_t g_tk`` over the tokens (``mask`` [...] bool keeps a subset,
+    e.g. non-padding tokens), and the loss is ``var(importance) / mean(importance)^2``
+    with the population variance. 0 when every expert gets the same mass (and for
+    K = 1); grows as the router collapses onto few experts. It is
+    ``balance_from_importance(gate_importance(gates, mask))``; over a batch split
+    across ranks, sum the parts' :func:`gate_importance` first.
+
+    Args:
+        gates: [..., K] gates (rows sum to 1).
+        mask:  optional bool [...] matching gates' leading dims.
+    """
+    return balance_from_importance(gate_importance(gates, mask))
 
 
 def _pairwise_overlap(M: Tensor) -> Tensor:

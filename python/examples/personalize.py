@@ -27,6 +27,16 @@ user that has not improved for ``--patience`` epochs is frozen at its best
 loss than the group stage gave it.
 With ``--oppu`` the population -> user pipeline without the group stage (OPPU) is
 run too, for comparison.
+
+With ``--distributed``, under torchrun, the three stages run on every rank with the
+users sharded by rank (``pm.shard_users``: rank r holds the users u with
+u % world_size == r, and a ``UserShardSampler`` sends each user's sequences there),
+DistributedDataParallel over the shared parameters (population LoRA, experts,
+routers, W_e; the balance loss over the global batch) and the lazy per-user AdamW
+(``pm.make_optimizer``) on the user rows; the user stage runs a fixed number of
+epochs. gloo on CPU, nccl on GPUs (one per rank)::
+
+    torchrun --nproc_per_node 2 python/examples/personalize.py --distributed --quick [--save DIR]
 """
 from __future__ import annotations
 
@@ -118,10 +128,10 @@ def tiny_llama(vocab: int, seed: int = 0):
     return LlamaForCausalLM(cfg)
 
 
-def pretrain(model, generic: torch.Tensor, steps: int, bs: int = 32, lr: float = 3e-3):
+def pretrain(model, generic: torch.Tensor, steps: int, bs: int = 32, lr: float = 3e-3, progress: bool = True):
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    for _ in tqdm(range(steps), desc="pretrain base (generic text)", leave=False):
+    for _ in tqdm(range(steps), desc="pretrain base (generic text)", leave=False, disable=not progress):
         idx = torch.randint(0, generic.shape[0], (bs,))
         batch = generic[idx]
         loss = model(input_ids=batch, labels=batch).loss
@@ -158,11 +168,12 @@ def per_user_loss(pm, data: List[tuple], with_users: bool = True, bs: int = 64) 
     """Mean next-token CE of each user's sequences in ``data`` ((user, tokens) pairs)."""
     was_training = pm.training
     pm.eval()
+    dev = next(pm.parameters()).device
     per_user: Dict[int, List[float]] = {}
     for i in range(0, len(data), bs):
         chunk = data[i:i + bs]
-        ids = torch.stack([t for _, t in chunk])
-        users = torch.tensor([u for u, _ in chunk])
+        ids = torch.stack([t for _, t in chunk]).to(dev)
+        users = torch.tensor([u for u, _ in chunk], device=dev)
         logits = pm(input_ids=ids, user_ids=users if with_users else None).logits
         ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
                              reduction="none").view(len(chunk), -1).mean(-1)
@@ -284,6 +295,132 @@ def summarize(per_user: Dict[int, float], corpus: Corpus) -> Dict[str, float]:
     return out
 
 
+def build_corpus(args):
+    """(corpus, schedule of the stages) of ``--quick`` or the full run."""
+    if args.quick:
+        corpus = make_corpus(num_users=32, generic_seqs=1500, seed=args.seed)
+        sched = dict(pretrain=300, pop=5, group=5, user=6)
+    else:
+        corpus = make_corpus(num_users=192, generic_seqs=6000, seed=args.seed)
+        sched = dict(pretrain=1500, pop=6, group=6, user=6)
+    if args.user_epochs is not None:
+        sched["user"] = args.user_epochs
+    return corpus, sched
+
+
+def proper_config(num_users: int, backend: str = "reference") -> ProperConfig:
+    return ProperConfig(num_experts=4, expert_rank=4, expert_alpha=8.0, num_users=num_users, user_rank=4,
+                        user_alpha=8.0, user_embed_dim=8, population_rank=8, population_alpha=16.0,
+                        balance_weight=0.01, diversity_weight=0.01, backend=backend)
+
+
+def print_table(rows, buckets, seconds: float) -> None:
+    print()
+    print(f"held-out next-token loss (nats, macro-average over users; lower is better); {seconds:.0f} s")
+    print()
+    print(f"| stage | all | sparse ({buckets['sparse']}) | medium ({buckets['medium']}) | rich ({buckets['rich']}) |")
+    print("|---|---|---|---|---|")
+    for name, r in rows:
+        print(f"| {name} | {r['all']:.3f} | {r['sparse']:.3f} | {r['medium']:.3f} | {r['rich']:.3f} |")
+    print()
+    print("gain of each stage over the previous one (positive = lower loss):")
+    prev = rows[0][1]
+    for name, r in rows[1:4]:
+        print(f"  {name:18s} " + "  ".join(f"{b} {prev[b] - r[b]:+.3f}" for b in ("all", "sparse", "medium", "rich")))
+        prev = r
+
+
+# ---------------------------------------------------------------------- --distributed
+def train_sharded(pm, data, epochs: float, lr: float, bs: int, desc: str, with_users: bool = True, seed: int = 0):
+    """One stage on every rank: each rank ``bs / world_size`` sequences a step, of the
+    users it owns (UserShardSampler); DDP over the shared parameters that train; the
+    lazy per-user AdamW of ``pm.make_optimizer`` on the user rows."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from proper_kernels.integrations.distributed import UserShardSampler
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dev = next(pm.parameters()).device
+    sampler = UserShardSampler([u for u, _ in data], max(1, bs // world), rank=rank, world_size=world, seed=seed)
+    banked = {id(p) for _, p in pm.user_bank.tensors()}
+    shared = any(p.requires_grad and id(p) not in banked for p in pm.parameters())
+    model = DDP(pm, device_ids=[dev.index] if dev.type == "cuda" else None) if shared else pm
+    opt = pm.make_optimizer(lr=lr, weight_decay=0.0)
+    steps = max(1, round(epochs * len(data) / bs))
+    pm.train()
+    batches, epoch = iter(()), 0
+    for _ in tqdm(range(steps), desc=desc, leave=False, disable=rank != 0):
+        idx = next(batches, None)
+        if idx is None:
+            sampler.set_epoch(epoch)
+            epoch += 1
+            batches = iter(sampler)
+            idx = next(batches)
+        ids = torch.stack([data[i][1] for i in idx]).to(dev)
+        users = torch.tensor([data[i][0] for i in idx], device=dev) if with_users else None
+        out = model(input_ids=ids, labels=ids, user_ids=users)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    pm.eval()
+
+
+def sharded_heldout(pm, corpus: Corpus, with_users: bool = True) -> Dict[str, float]:
+    """:func:`summarize` of every user's held-out loss, each rank measuring its own users."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = per_user_loss(pm, [d for d in corpus.heldout if d[0] % world == rank], with_users)
+    parts = [None] * world
+    dist.all_gather_object(parts, mine)
+    return summarize({u: v for part in parts for u, v in part.items()}, corpus)
+
+
+def run_distributed(args, t0: float) -> None:
+    """The three stages under torchrun, users sharded by rank (see the module docstring)."""
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=10))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    try:
+        corpus, sched = build_corpus(args)
+        buckets = {b: sum(bucket_of(h) == b for h in corpus.history) for b in ("sparse", "medium", "rich")}
+        log(f"{world} ranks ({'nccl' if cuda else 'gloo'}), users sharded by rank; corpus: "
+            f"{len(corpus.history)} users, {len(corpus.train)} training sequences")
+        # the same base on every rank (seeded); DDP would broadcast rank 0's anyway
+        base = pretrain(tiny_llama(corpus.vocab, args.seed), corpus.generic, sched["pretrain"], progress=rank == 0)
+        pm = get_proper_model(base, proper_config(len(corpus.history), "auto" if cuda else "reference")).to(dev)
+        pm.shard_users(rank=rank, world_size=world)
+        rows = [("base", sharded_heldout(pm, corpus, with_users=False))]
+        pm.set_stage("population")
+        train_sharded(pm, corpus.train, sched["pop"], args.lr, 32, "stage 1: population", with_users=False,
+                      seed=args.seed)
+        pm.merge_population()
+        rows.append(("+ population", sharded_heldout(pm, corpus, with_users=False)))
+        pm.set_stage("group")
+        train_sharded(pm, corpus.train, sched["group"], args.lr, 32, "stage 2: group", seed=args.seed)
+        rows.append(("+ group", sharded_heldout(pm, corpus)))
+        pm.set_stage("user")
+        train_sharded(pm, corpus.train, sched["user"], args.user_lr, 32, "stage 3: user", seed=args.seed)
+        rows.append(("+ user (PROPER)", sharded_heldout(pm, corpus)))
+        if args.save:
+            pm.save_pretrained(args.save)  # every rank: its users' rows; rank 0 the config and shared tensors
+            log(f"saved to {args.save} ({world} user shards)")
+        if rank == 0:
+            print_table(rows, buckets, time.time() - t0)
+    finally:
+        dist.destroy_process_group()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small corpus and short training (< 1 minute)")
@@ -299,20 +436,21 @@ def main():
                     help="user stage: share of each user's training history held out for validation "
                          "(at least 1 sequence when the user has >= 2, at most 10)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (tiny models run fastest on one)")
+    ap.add_argument("--distributed", action="store_true",
+                    help="under torchrun: users sharded by rank, DDP over the shared parameters (gloo on CPU, nccl "
+                         "on GPUs)")
+    ap.add_argument("--save", default=None, help="--distributed: save the trained model here (each rank its users)")
     args = ap.parse_args()
+    if args.distributed and args.oppu:
+        ap.error("--oppu runs in one process: drop it with --distributed")
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     t0 = time.time()
+    if args.distributed:
+        return run_distributed(args, t0)
 
-    if args.quick:
-        corpus = make_corpus(num_users=32, generic_seqs=1500, seed=args.seed)
-        sched = dict(pretrain=300, pop=5, group=5, user=6)
-    else:
-        corpus = make_corpus(num_users=192, generic_seqs=6000, seed=args.seed)
-        sched = dict(pretrain=1500, pop=6, group=6, user=6)
-    if args.user_epochs is not None:
-        sched["user"] = args.user_epochs
+    corpus, sched = build_corpus(args)
     buckets = {b: sum(bucket_of(h) == b for h in corpus.history) for b in ("sparse", "medium", "rich")}
     print(f"corpus: {len(corpus.history)} users in {max(corpus.user_group) + 1} groups, "
           f"{len(corpus.train)} training / {len(corpus.heldout)} held-out sequences of {corpus.seq_len} tokens; "
@@ -320,9 +458,7 @@ def main():
           f"(sparse <= 6 < medium <= 24 < rich) {buckets}")
 
     base = pretrain(tiny_llama(corpus.vocab, args.seed), corpus.generic, sched["pretrain"])
-    cfg = ProperConfig(num_experts=4, expert_rank=4, expert_alpha=8.0, num_users=len(corpus.history), user_rank=4,
-                       user_alpha=8.0, user_embed_dim=8, population_rank=8, population_alpha=16.0,
-                       balance_weight=0.01, diversity_weight=0.01, backend="reference")
+    cfg = proper_config(len(corpus.history))
     base_copy = copy.deepcopy(base) if args.oppu else None
     pm = get_proper_model(base, cfg)
     rows = [("base", summarize(heldout_loss(pm, corpus, with_users=False), corpus))]
@@ -368,19 +504,7 @@ def main():
               f"{info['worse']} users above their population-stage validation loss")
         rows.append(("pop + user (no group)", summarize(heldout_loss(opm, corpus), corpus)))
 
-    print()
-    print(f"held-out next-token loss (nats, macro-average over users; lower is better); {time.time() - t0:.0f} s")
-    print()
-    print(f"| stage | all | sparse ({buckets['sparse']}) | medium ({buckets['medium']}) | rich ({buckets['rich']}) |")
-    print("|---|---|---|---|---|")
-    for name, r in rows:
-        print(f"| {name} | {r['all']:.3f} | {r['sparse']:.3f} | {r['medium']:.3f} | {r['rich']:.3f} |")
-    print()
-    print("gain of each stage over the previous one (positive = lower loss):")
-    prev = rows[0][1]
-    for name, r in rows[1:4]:
-        print(f"  {name:18s} " + "  ".join(f"{b} {prev[b] - r[b]:+.3f}" for b in ("all", "sparse", "medium", "rich")))
-        prev = r
+    print_table(rows, buckets, time.time() - t0)
 
 
 if __name__ == "__main__":
