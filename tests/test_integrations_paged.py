@@ -142,6 +142,24 @@ def test_clear_errors_for_too_many_users_and_unknown_ids(saved):
     pag(input_ids=ids[:6], labels=ids[:6], user_ids=list(range(6, 12)))  # released by the step
 
 
+def test_data_parallel_training_without_sharding_is_refused(saved, monkeypatch):
+    """Under a process group of more than one rank, a paged bank that is not sharded
+    holds other users on each rank: training it would mix their gradients, so it
+    raises; inference, and a bank sharded by pm.shard_users, run."""
+    from proper_kernels.integrations import paged
+
+    monkeypatch.setattr(paged, "_data_parallel_world", lambda: 2)
+    pag = _paged(saved)
+    ids = _batch(0, [0] * 2)
+    with torch.no_grad():
+        pag(input_ids=ids, user_ids=[0, 1])
+    pag.train()
+    with pytest.raises(RuntimeError, match=r"needs pm.shard_users\(rank, world_size\)"):
+        pag(input_ids=ids, labels=ids, user_ids=[0, 1])
+    pag.shard_users(rank=0, world_size=2)
+    pag(input_ids=ids, labels=ids, user_ids=[0, 2]).loss.backward()
+
+
 def test_corrupt_or_partial_bank_files_raise_naming_the_file(saved, tmp_path):
     orig, d = saved
     raw = (d / WEIGHTS_NAME).read_bytes()

@@ -207,6 +207,12 @@ class _Transfers:
             done(host)
 
 
+def _data_parallel_world() -> int:
+    """The size of the default process group, 1 when none is up."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 class PagedUserBank(UserBank):
     """A :class:`UserBank` whose rows live in host memory, with ``config.user_cache_size``
     device slots per banked parameter (the layers' parameters, [C, ...]).
@@ -227,6 +233,8 @@ class PagedUserBank(UserBank):
     def __init__(self, layers: Sequence[Tuple[str, nn.Module]], config: ProperConfig, *,
                  source: Optional[SafetensorsFile] = None, mmap: bool = False):
         super().__init__(layers, config)
+        # Set by pm.shard_users: each rank then pages only its own users (see _route).
+        self.sharded = False
         self.cache_size = C = config.user_cache_size
         self._groups = bank_groups(self.layers)
         for g in self._groups:
@@ -352,6 +360,11 @@ class PagedUserBank(UserBank):
             return self._route(ids, training)
 
     def _route(self, ids: Tensor, training: bool) -> Tuple[Tensor, int]:
+        if training and not self.sharded and _data_parallel_world() > 1:
+            raise RuntimeError(
+                "a paged user bank trained under data parallelism needs pm.shard_users(rank, world_size) "
+                "before wrapping the model: otherwise each rank's cache slots hold other users and DDP would "
+                "average their gradients together")
         self._io.finish()
         host_ids = ids.cpu()
         users = torch.unique(host_ids[host_ids >= 0])
