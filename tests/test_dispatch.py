@@ -160,28 +160,16 @@ def test_torch_variant_of_a_large_bank_is_segment():
                                 f"{torch_backend.WIDE_MAX_RANK})")
 
 
-def test_torch_variant_follows_the_active_users(monkeypatch):
-    """Few active users of a bank: a loop over them (segment); every user of a small
-    bank active: all their ranks at once (wide). The count is exact on the CPU (from
-    the plan when there is one); where counting would sync it assumes min(N, T)."""
-    few = mixture_case(256, 256, 256, K=4, r=8, r_u=16, N=32, law="identical", no_user=0.0)
-    path = pk.explain(few.x, few.weight, few.bias, backend="torch", **few.kwargs())
+def test_torch_variant_on_cpu_is_segment():
+    """On the CPU the user terms are grouped by the plan's segments; CUDA and
+    torch.compile take wide (test_torch_backend.test_choose_variant)."""
+    c = mixture_case(256, 256, 256, K=4, r=8, r_u=16, N=32, law="identical", no_user=0.0)
+    path = pk.explain(c.x, c.weight, c.bias, backend="torch", **c.kwargs())
     assert path.forward == "segment"
-    assert path.reason.endswith("segment variant (1 active of 32 users: a loop over them costs less than all "
-                                "users' ranks)")
-    kw = {k: v for k, v in few.kwargs().items() if k != "user_ids"}
-    assert pk.explain(few.x, few.weight, few.bias, backend="torch", plan=pk.plan(few.user_ids, 32), **kw) == path
-    every = mixture_case(4, 8, 8, K=2, r=2, r_u=2, N=2, law="distinct", no_user=0.0)
-    path = pk.explain(every.x, every.weight, every.bias, backend="torch", **every.kwargs())
-    assert path.forward == "wide"
-    assert path.reason.endswith("wide variant (2 active of 2 users: all users' ranks cost less than a loop over "
-                                "them)")
-    monkeypatch.setattr(dispatch, "_active_users", lambda user_ids, plan, N: None)
-    path = pk.explain(every.x, every.weight, every.bias, backend="torch", **every.kwargs())
-    assert "(at most 2 active of 2 users: " in path.reason
-
-
-# ----------------------------------------------------------------------------- triton
+    assert path.reason.endswith("segment variant (on the CPU the user terms follow the tokens, grouped by the "
+                                "plan's segments)")
+    kw = {k: v for k, v in c.kwargs().items() if k != "user_ids"}
+    assert pk.explain(c.x, c.weight, c.bias, backend="torch", plan=pk.plan(c.user_ids, 32), **kw) == path
 
 
 def test_requested_triton_runs_the_kernels(interpreter):

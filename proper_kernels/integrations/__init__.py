@@ -6,7 +6,8 @@ and only lazily (importing ``proper_kernels`` or this package imports neither).
 """
 from .config import ProperConfig
 
-__all__ = ["ProperConfig", "get_proper_model", "ProperModel"]
+__all__ = ["ProperConfig", "get_proper_model", "ProperModel", "UserShardSampler", "fully_shard_model",
+           "set_balance_group"]
 
 
 def __getattr__(name):
@@ -14,4 +15,8 @@ def __getattr__(name):
         from . import model
 
         return getattr(model, name)
+    if name in ("UserShardSampler", "fully_shard_model", "set_balance_group"):
+        from . import distributed
+
+        return getattr(distributed, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

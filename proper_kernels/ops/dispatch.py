@@ -135,30 +135,15 @@ def _triton_path(x: Tensor, requested: str, reason: str) -> Path:
                 "forward runs the rank-space torch contract and the backward runs the kernels", "torch")
 
 
-def _active_users(user_ids: Optional[Tensor], plan: Optional[RoutingPlan], N: Optional[int]) -> Optional[int]:
-    """How many users have tokens, where counting them costs no device sync (CPU
-    tensors, not traced by torch.compile); else None."""
-    if user_ids is None or not N or user_ids.device.type != "cpu" or torch.compiler.is_compiling():
-        return None
-    if plan is not None:
-        return int(plan.active_users.numel())
-    return int((torch.bincount(user_ids.long() + 1, minlength=N + 1)[1:] > 0).sum())
-
-
-def _torch_path(x: Tensor, spec: MixtureSpec, user_ids: Optional[Tensor], plan: Optional[RoutingPlan],
-                needs_grad: bool, requested: str, reason: str) -> Path:
-    variant, why = torch_backend.choose_variant(
-        spec.T, spec.d_in, spec.d_out, spec.K, spec.N, spec.r_u, _active_users(user_ids, plan, spec.N),
-        needs_grad, x.device, traced=torch.compiler.is_compiling())
+def _torch_path(x: Tensor, spec: MixtureSpec, requested: str, reason: str) -> Path:
+    variant, why = torch_backend.choose_variant(spec.N, spec.r_u, spec.K, x.device,
+                                                traced=torch.compiler.is_compiling())
     return Path("torch", requested, f"{reason}: the torch backend, {variant} variant ({why})", variant)
 
 
 def choose_path(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], adapters: Adapters,
-                spec: MixtureSpec, user_ids: Optional[Tensor], requested: Optional[str],
-                plan: Optional[RoutingPlan] = None) -> Path:
-    """The path of one call on validated arguments (``spec`` from check_mixture_args;
-    ``plan``, when the caller has one, spares the torch backend's variant choice a
-    count of the active users).
+                spec: MixtureSpec, user_ids: Optional[Tensor], requested: Optional[str]) -> Path:
+    """The path of one call on validated arguments (``spec`` from check_mixture_args).
 
     ``requested=None`` reads $PROPER_KERNELS_BACKEND, else "auto". A backend asked for
     by name runs or raises saying why it cannot; ``auto`` takes, in order: the base
@@ -171,7 +156,7 @@ def choose_path(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], ada
     tensors = (x, weight, bias) + adapters.tensors()
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if requested == "torch":
-        return _torch_path(x, spec, user_ids, plan, needs_grad, requested, "backend='torch' was requested")
+        return _torch_path(x, spec, requested, "backend='torch' was requested")
     if spec.T == 0:
         return Path("reference", requested, "no tokens (T = 0)", "reference")
     if requested in ("auto", "reference") and adapters.is_empty() and weight is not None \
@@ -221,7 +206,7 @@ def choose_path(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], ada
     if why is None:
         return _triton_path(x, requested, "; ".join(notes + ["Triton kernels usable on " + str(x.device)]))
     notes.append(f"no Triton: {why}")
-    return _torch_path(x, spec, user_ids, plan, needs_grad, requested, "; ".join(notes))
+    return _torch_path(x, spec, requested, "; ".join(notes))
 
 
 def explain(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = None, *, user_ids=None,
@@ -234,4 +219,4 @@ def explain(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = None, 
     adapters = Adapters(**adapter_kwargs)
     spec = check_mixture_args(x, weight, bias, adapters, user_ids, plan)
     ids = plan.user_ids if plan is not None else (user_ids.reshape(spec.T) if user_ids is not None else None)
-    return choose_path(x, weight, bias, adapters, spec, ids, backend, plan)
+    return choose_path(x, weight, bias, adapters, spec, ids, backend)

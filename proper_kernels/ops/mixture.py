@@ -75,7 +75,7 @@ def lora_mixture(
     x2 = x.reshape(spec.T, spec.d_in)
     # The plan, when given, is the routing of the batch: every backend reads its ids.
     ids = plan.user_ids if plan is not None else (user_ids.reshape(spec.T) if user_ids is not None else None)
-    path = choose_path(x, weight, bias, adapters, spec, ids, backend, plan)
+    path = choose_path(x, weight, bias, adapters, spec, ids, backend)
     if path.backend == "base":
         y = F.linear(x, weight, bias)
         return (y, None) if return_gates else y

@@ -1,0 +1,234 @@
+"""The torch backend (proper_kernels/ops/torch_backend.py) against the reference, in
+both variants: the forward and every gradient (through the gates too) by the one
+tolerance rule (fp64 reference the oracle, fp32 reference the baseline), awkward
+sizes and routings (every tile layout), 16-bit inputs, gradcheck, frozen inputs; the
+variant rule; and the dispatch, which takes this backend by default on the CPU."""
+import pytest
+import torch
+
+import proper_kernels as pk
+from proper_kernels.ops import mixture as mixture_op
+from proper_kernels.ops import torch_backend as tb
+from proper_kernels.ops.plan import RoutingPlan
+from proper_kernels.reference import ADAPTER_TENSORS, Adapters, lora_mixture_ref
+from proper_kernels.testing import assert_close, at_fp64_and_fp32, mixture_case
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+NAMES = ("x", "weight", "bias") + ADAPTER_TENSORS
+
+
+def reference_op(c):
+    return lambda x, w, b, a, ids: lora_mixture_ref(x, w, b, a, ids, d_out=c.d_out)
+
+
+def torch_op(c, variant, plan=None):
+    return lambda x, w, b, a, ids: tb.lora_mixture_torch(x, w, b, a, ids, d_out=c.d_out, num_users=c.N,
+                                                         plan=plan, variant=variant)
+
+
+def outputs_and_grads(op, x, w, b, adapters, ids, seed=3):
+    """{name: tensor} of y, the gates and the gradient of every tensor present, for
+    the loss <y, dy> + <gates, dg> (dg: the gates' own gradient, as a balance loss
+    gives)."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b) + adapters.tensors()]
+    a = adapters._replace(**dict(zip(ADAPTER_TENSORS, leaves[3:])))
+    y, g = op(*leaves[:3], a, ids)
+    gen = torch.Generator().manual_seed(seed)
+    loss = (y.double() * torch.randn(y.shape, generator=gen, dtype=torch.float64)).sum()
+    out = {"y": y}
+    if g is not None:
+        loss = loss + (g.double() * torch.randn(g.shape, generator=gen, dtype=torch.float64)).sum()
+        out["gates"] = g
+    present = [(n, t) for n, t in zip(NAMES, leaves) if t is not None]
+    grads = torch.autograd.grad(loss, [t for _, t in present], allow_unused=True)
+    for (n, t), gr in zip(present, grads):
+        out["d" + n] = gr if gr is not None else torch.zeros_like(t)
+    return out
+
+
+def check_against_reference(c, op, dtype=None):
+    ref64, ref32 = at_fp64_and_fp32(lambda *t: outputs_and_grads(reference_op(c), *t, c.user_ids),
+                                    c.x, c.weight, c.bias, c.adapters)
+    out = outputs_and_grads(op, c.x, c.weight, c.bias, c.adapters, c.user_ids)
+    assert out.keys() == ref64.keys()
+    for name, o in out.items():
+        assert o.dtype == (ref32[name].dtype if name == "gates" else c.x.dtype if name in ("y", "dx") else
+                           {"d" + n: t.dtype for n, t in zip(NAMES[1:], (c.weight, c.bias) + c.adapters.tensors())
+                            if t is not None}[name]), name
+        assert_close(name, o, ref64[name], ref32[name], dtype=None if name == "gates" else dtype)
+
+
+# name: mixture_case arguments. One user owning the batch, a single user beside tokens
+# without one, one token per user (a tile per user of the bank), a skewed batch (runs
+# cut at the mean run), zipf, no user at all; parts left out one at a time.
+CASES = {
+    "primes": dict(T=37, d_in=19, d_out=23, K=3, r=5, r_u=3, N=7),
+    "T=1": dict(T=1, d_in=16, d_out=8, no_user=0.0),
+    "T=1-no-user": dict(T=1, d_in=16, d_out=8, no_user=1.0),
+    "one-user": dict(T=20, d_in=17, d_out=9, law="identical", no_user=0.0),
+    "one-user-and-no-user": dict(T=20, d_in=17, d_out=9, law="identical", no_user=0.4),
+    "all-no-user": dict(T=13, d_in=16, d_out=8, no_user=1.0),
+    "distinct": dict(T=5, d_in=16, d_out=8, N=5, law="distinct", no_user=0.0),
+    "skewed": dict(T=61, d_in=16, d_out=8, N=9, law="skewed", no_user=0.1),
+    "zipf": dict(T=47, d_in=18, d_out=11, N=6, law="zipf", no_user=0.0),
+    "top_k": dict(T=29, d_in=16, d_out=8, K=4, top_k=2),
+    "no-weight": dict(T=11, d_in=16, d_out=8, weight=False),
+    "no-bias-router": dict(T=11, d_in=16, d_out=8, bias=False, router=False),
+    "no-experts": dict(T=11, d_in=16, d_out=8, K=0),
+    "user-bias-only": dict(T=23, d_in=16, d_out=8, r_u=0),
+    "one-user-bias-only": dict(T=7, d_in=16, d_out=8, r_u=0, law="identical", no_user=0.0),
+    "one-user-no-experts": dict(T=7, d_in=16, d_out=8, K=0, law="identical", no_user=0.0),
+    "no-user-router-bias": dict(T=23, d_in=16, d_out=8, user_router=False, user_bias=False),
+    "N=0": dict(T=9, d_in=16, d_out=8, N=0),
+    "T=0": dict(T=0, d_in=16, d_out=8),
+}
+
+
+@pytest.mark.parametrize("variant", tb.VARIANTS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference(name, variant):
+    c = mixture_case(**CASES[name])
+    check_against_reference(c, torch_op(c, variant))
+
+
+@pytest.mark.parametrize("variant", tb.VARIANTS)
+def test_empty_bank(variant):
+    """N = 0 users in the bank (every id -1): the user terms vanish, their gradients are
+    empty tensors of the bank's shape."""
+    c = mixture_case(7, 16, 8, K=3, r=2, r_u=3, N=4, no_user=1.0)
+    empty = {k: getattr(c.adapters, k)[:0] for k in ("user_logit_bias", "user_A", "user_B", "user_router")}
+    c = c._replace(adapters=c.adapters._replace(**empty), N=0)
+    check_against_reference(c, torch_op(c, variant))
+
+
+@pytest.mark.parametrize("variant", tb.VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_inputs(variant, dtype):
+    """16-bit x and parameters: computed in fp32, y and every gradient rounded to its
+    tensor's dtype (the gates stay fp32), within the tolerance of that dtype."""
+    c = mixture_case(29, 24, 20, K=3, r=4, r_u=4, N=5, law="zipf").to(dtype)
+    check_against_reference(c, torch_op(c, variant), dtype=dtype)
+
+
+@pytest.mark.parametrize("variant", tb.VARIANTS)
+def test_gradcheck(variant):
+    c = mixture_case(6, 5, 4, K=2, r=2, r_u=2, N=3, dtype=torch.float64, law="zipf")
+    inputs = [t.detach().clone().requires_grad_() for t in (c.x, c.weight, c.bias) + c.adapters.tensors()]
+
+    def fn(x, w, b, *tensors):
+        return tb.lora_mixture_torch(x, w, b, Adapters.from_flat(tensors, 0.7, 1.3), c.user_ids, d_out=4,
+                                     num_users=3, variant=variant)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("variant", tb.VARIANTS)
+def test_frozen_inputs_and_unused_outputs(variant):
+    """Only some tensors require grad: only they get one. A loss of the gates alone or
+    of y alone back-propagates too."""
+    c = mixture_case(17, 16, 8, K=3, r=2, r_u=3, N=4)
+    A_u = c.adapters.user_A.clone().requires_grad_()
+    V = c.adapters.user_router.clone().requires_grad_()
+    a = c.adapters._replace(user_A=A_u, user_router=V)
+    y, g = torch_op(c, variant)(c.x, c.weight, c.bias, a, c.user_ids)
+    (dA_gates,) = torch.autograd.grad(g.square().sum(), [A_u], retain_graph=True)
+    yr, gr = lora_mixture_ref(c.x, c.weight, c.bias, a, c.user_ids)
+    (ref,) = torch.autograd.grad(gr.square().sum(), [A_u], retain_graph=True)
+    torch.testing.assert_close(dA_gates, ref)
+    dA, dV = torch.autograd.grad(y.sum(), [A_u, V])
+    for got, want in zip((dA, dV), torch.autograd.grad(yr.sum(), [A_u, V])):
+        torch.testing.assert_close(got, want)
+
+
+def test_non_contiguous_x_and_routing_reused_per_plan():
+    c = mixture_case(12, 16, 8, K=3, r=2, r_u=3, N=4, law="uniform")
+    x = c.x.t().contiguous().t()
+    assert not x.is_contiguous()
+    plan = RoutingPlan(c.user_ids, 4)
+    y, _ = tb.lora_mixture_torch(x, c.weight, c.bias, c.adapters, plan.user_ids, d_out=8, num_users=4, plan=plan,
+                                 variant="segment")
+    torch.testing.assert_close(y, lora_mixture_ref(c.x, c.weight, c.bias, c.adapters, c.user_ids)[0])
+    # The tiles of a plan are built once, for every layer of the batch.
+    assert tb._routing("segment", plan.user_ids, plan, 4, 3) is tb._routing("segment", plan.user_ids, plan, 4, 3)
+
+
+def _layout(ids, N, r_u=2):
+    ids = torch.tensor(ids)
+    return tb._routing("segment", ids, RoutingPlan(ids, N), N, r_u)
+
+
+def test_tile_layouts():
+    """One user owning the batch: no tiles. Otherwise the layout moving the fewest rows:
+    one tile per user of the bank (read in place), per active user, or the runs cut."""
+    one = _layout([2, 2, 2], 4)
+    assert one.user == 2 and one.G == 0 and one.rows is None
+    assert _layout([-1, -1], 4).G == 0 and _layout([-1, -1], 4).user == -1
+    bank = _layout([3, 0, 1, 2], 4)  # a token per user: N tiles of one row, nothing to mask
+    assert (bank.G, bank.L, bank.users, bank.mask) == (4, 1, None, None)
+    assert bank.rows.tolist() == [1, 2, 3, 0]
+    active = _layout([0, 0, -1, 5, 5], 8)  # 2 of 8 users: their weights gathered
+    assert (active.G, active.L) == (2, 2) and active.users.tolist() == [0, 5] and active.mask is None
+    split = _layout([1] * 20 + [2, 3, 4], 5)  # a long run cut at the mean run, ceil(23 / 4) = 6 rows
+    assert (split.G, split.L) == (7, 6) and split.users.tolist() == [1, 1, 1, 1, 2, 3, 4]
+    assert split.mask.view(7, 6).sum(1).tolist() == [6, 6, 6, 2, 1, 1, 1]
+
+
+def test_choose_variant():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert tb.choose_variant(None, 0, 3, cpu) == ("wide", "no user terms")
+    assert tb.choose_variant(8, 4, 2, cpu)[0] == "segment"
+    assert tb.choose_variant(8, 4, 2, cuda)[0] == "wide"
+    assert tb.choose_variant(8, 4, 2, cpu, traced=True) == ("wide", "traced by torch.compile: no host sync")
+    assert tb.choose_variant(tb.WIDE_MAX_RANK, 4, 2, cuda)[0] == "segment"
+    with pytest.raises(ValueError, match="variant must be one of"):
+        tb.lora_mixture_torch(torch.ones(1, 2), torch.ones(3, 2), None, Adapters(), None, d_out=3, variant="loop")
+
+
+def test_auto_on_cpu_is_the_torch_backend(monkeypatch):
+    """Without a kernel that can run (CPU, no TRITON_INTERPRET), auto takes the torch
+    backend, says why, and lora_mixture runs it in the variant the path names."""
+    monkeypatch.delenv("PROPER_KERNELS_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    c = mixture_case(10, 16, 8, K=3, r=2, r_u=3, N=4)
+    path = pk.explain(c.x, c.weight, c.bias, **c.kwargs())
+    assert path == pk.Path("torch", "auto", "no Triton: x is a CPU tensor and TRITON_INTERPRET=1 is not set: the "
+                           "torch backend, segment variant (on the CPU the user terms follow the tokens, grouped by "
+                           "the plan's segments)", "segment")
+    calls = []
+    real = mixture_op.lora_mixture_torch
+    monkeypatch.setattr(mixture_op, "lora_mixture_torch", lambda *a, **k: calls.append(k["variant"]) or real(*a, **k))
+    for backend in (None, "torch"):
+        y, g = pk.lora_mixture(c.x, c.weight, c.bias, return_gates=True, backend=backend, **c.kwargs())
+        yr, gr = lora_mixture_ref(c.x, c.weight, c.bias, c.adapters, c.user_ids)
+        torch.testing.assert_close(y, yr)
+        torch.testing.assert_close(g, gr)
+    assert calls == ["segment", "segment"]
+
+
+def test_torch_compile_takes_the_wide_variant(monkeypatch):
+    """Traced by torch.compile (with the batch's plan, as the layers pass it) the
+    dispatch takes wide, which needs no host sync: one graph, the segment tiles never
+    built; the same values as eager, gradients included."""
+    c = mixture_case(10, 16, 8, K=3, r=2, r_u=3, N=4)
+    plan = pk.plan(c.user_ids, 4)
+    A_u = c.adapters.user_A.clone().requires_grad_()
+    kw = dict(c.kwargs(), user_A=A_u, plan=plan)
+
+    def f(x):
+        return pk.lora_mixture(x, c.weight, c.bias, backend="torch", **kw)
+
+    yr = f(c.x)
+    (dAr,) = torch.autograd.grad(yr.sum(), [A_u])
+    monkeypatch.setattr(tb, "_segment_routing", None)
+    y = torch.compile(f, backend="aot_eager", fullgraph=True)(c.x)
+    (dA,) = torch.autograd.grad(y.sum(), [A_u])
+    torch.testing.assert_close(y, yr)
+    torch.testing.assert_close(dA, dAr)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", tb.VARIANTS)
+def test_cuda_matches_reference(variant):
+    c = mixture_case(77, 48, 40, K=4, r=4, r_u=4, N=9, law="zipf", device="cuda")
+    check_against_reference(c, torch_op(c, variant))
