@@ -43,7 +43,7 @@ setup(
         "hf": ["transformers>=4.40", "peft>=0.11"],
         # scikit-learn and rouge-score: the LaMP metrics of `python -m proper_kernels.train`.
         "train": ["transformers>=4.40", "tqdm", "scikit-learn", "rouge-score"],
-        "test": ["pytest", "transformers>=4.40", "peft>=0.11", "pybind11", "tqdm", "scikit-learn", "rouge-score",
+        "test": ["pytest", "pytest-xdist", "transformers>=4.40", "peft>=0.11", "pybind11", "tqdm", "scikit-learn", "rouge-score",
                  "matplotlib"],
         "bench": ["tqdm", "matplotlib"],
     },

@@ -8,6 +8,7 @@ they cannot run with :class:`Skip`.
 
 * ``base``          the base linear alone (the floor)
 * ``reference``     ``proper_kernels.reference.lora_mixture_ref`` (vectorised gathers)
+* ``auto``          ``lora_mixture(..., backend="auto")``: the path a user gets by default
 * ``loop``          a PEFT/MixLoRA-style Python loop over users and experts
 * ``torch``         the fastest plain torch we have: one shrink GEMM over
                     [A_g; W_r; A_u of every user], a one-hot mask in rank space, one
@@ -24,13 +25,14 @@ from __future__ import annotations
 
 import abc
 import importlib
+import os
 from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-PROVIDERS = ("base", "reference", "loop", "torch", "torch-compile", "peft", "triton", "cuda", "cuda-one")
+PROVIDERS = ("base", "reference", "auto", "loop", "torch", "torch-compile", "peft", "triton", "cuda", "cuda-one")
 
 # The tensors of one adapted linear that get gradients in ``fwdbwd`` (W0 and b are frozen,
 # as in every PROPER stage after the population merge).
@@ -443,6 +445,32 @@ class TritonProvider(LayerwiseProvider):
         return [lambda x, p=p: _call_op(x, p, ids, plan, "triton") for p in layers]
 
 
+class AutoProvider(LayerwiseProvider):
+    name, doc = "auto", 'lora_mixture(..., backend="auto"): the path a user gets by default'
+
+    def unavailable(self, case, device):
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+            return "TRITON_INTERPRET=1 would send it to the Triton CPU interpreter (far too slow to time)"
+        return None
+
+    def graph_safe(self, case) -> bool:
+        return False  # the torch backend's segment variant reads the plan's segments on the host
+
+    def note_for(self, case, layers, x, ids, plan) -> str:
+        """The path ``lora_mixture`` takes here (``proper_kernels.explain``)."""
+        from proper_kernels import explain
+
+        p = layers[0]
+        try:
+            path = explain(x, p["weight"], p["bias"], user_ids=ids, plan=plan, backend="auto", **adapter_kwargs(p))
+        except Exception as exc:  # noqa: BLE001 - the call itself will report it
+            return f"explain failed: {exc}"
+        return f"path={path.backend} ({path.forward})"
+
+    def setup(self, case, layers, ids, plan):
+        return [lambda x, p=p: _call_op(x, p, ids, plan, "auto") for p in layers]
+
+
 class CudaProvider(LayerwiseProvider):
     name, doc = "cuda", 'lora_mixture(..., backend="cuda"): decode kernel, forward only'
     grad = False
@@ -491,7 +519,7 @@ def _call_op(x, p, ids, plan, backend):
 
 
 REGISTRY: Dict[str, Provider] = {
-    p.name: p for p in (BaseProvider(), ReferenceProvider(), LoopProvider(), TorchProvider(),
+    p.name: p for p in (BaseProvider(), ReferenceProvider(), AutoProvider(), LoopProvider(), TorchProvider(),
                         TorchCompileProvider(), PeftProvider(), TritonProvider(), CudaProvider(), CudaOneProvider())
 }
 assert tuple(REGISTRY) == PROVIDERS

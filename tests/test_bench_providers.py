@@ -33,11 +33,13 @@ def _check(case, prov, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("op,grad", [("fwd", False), ("fwdbwd", True), ("mlp", False), ("mlp", True)])
-@pytest.mark.parametrize("name", ["base", "reference", "loop", "torch", "torch-segment"])
+@pytest.mark.parametrize("name", ["base", "reference", "auto", "loop", "torch", "torch-segment"])
 def test_plain_providers_match_the_reference(monkeypatch, name, op, grad):
     if name == "torch-segment":  # the per-user segment loop that large banks take
         monkeypatch.setattr(providers, "WIDE_MAX_RANK", 0)
         name = "torch"
+    if name == "auto":  # what a CPU user gets: the package's torch backend, not the interpreter
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     case = _small(op, grad)
     prov = REGISTRY[name]
     assert prov.skip_reason(case, CPU) is None
@@ -54,6 +56,18 @@ def test_torch_formulation_and_graph_safety(monkeypatch):
     assert torch_p.formulation(case) == "segment" and not torch_p.graph_safe(case)
     assert "segment" in REGISTRY["torch-compile"].note_for(case, None, None, None, None)
     assert not REGISTRY["loop"].graph_safe(case) and not REGISTRY["peft"].graph_safe(case)
+
+
+def test_auto_is_what_lora_mixture_takes_by_default(monkeypatch):
+    """The auto provider's note is the path proper_kernels.explain reports (the torch
+    backend on a CPU without the interpreter); under TRITON_INTERPRET=1 it is skipped."""
+    case = _small("fwd")
+    layers, x, ids, pl, _ = make_layers(case, torch.float32, CPU, 0)
+    prov = REGISTRY["auto"]
+    assert "Triton CPU interpreter" in prov.skip_reason(case, CPU)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert prov.skip_reason(case, CPU) is None and not prov.graph_safe(case)
+    assert prov.note_for(case, layers, x, ids, pl) == "path=torch (segment)"
 
 
 def test_peft_matches_the_reference_of_the_users_part():
