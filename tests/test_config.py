@@ -28,6 +28,7 @@ def test_a_single_target_name_is_a_tuple():
     (dict(num_experts=True), "num_experts must be a non-negative int"),
     (dict(num_experts=2, expert_rank=0), "expert_rank must be >= 1"),
     (dict(balance_weight=-0.1), "balance_weight"),
+    (dict(backend="tritonn"), r"backend must be one of \('auto', 'reference', 'torch', 'triton', 'cuda'\)"),
 ])
 def test_bad_fields_raise_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -388,3 +388,13 @@ def test_explain_reads_the_plan(interpreter):
     p = pk.plan(ids, 3)
     assert pk.explain(x, w, b, plan=p, backend="auto", **kw) == explain(x, w, b, dict(kw, user_ids=ids),
                                                                          backend="auto")
+
+
+def test_explain_takes_the_ops_keywords_and_names_the_valid_ones():
+    """explain accepts what lora_mixture accepts (return_gates does not change the path)
+    and refuses a misspelt keyword listing the valid ones."""
+    c = mixture_case(9, 16, 8)
+    assert pk.explain(c.x, c.weight, c.bias, return_gates=True, **c.kwargs()) == \
+        pk.explain(c.x, c.weight, c.bias, **c.kwargs())
+    with pytest.raises(TypeError, match=r"unexpected keyword\(s\) \['expert_a'\].*expert_A, expert_B"):
+        pk.explain(c.x, c.weight, expert_a=c.kwargs()["expert_A"])

@@ -118,7 +118,7 @@ def scenario(name: str, rank: int, world: int, out_dir: str):
     from proper_kernels.integrations.distributed import set_balance_group
 
     kind, stage = name.split(":")[:2]
-    if kind in ("ddp", "ddp-local-balance", "fsdp2", "fsdp2-triton"):  # the whole bank on every rank
+    if kind in ("ddp", "ddp-lazy", "ddp-local-balance", "fsdp2", "fsdp2-triton"):  # the whole bank on every rank
         over = dict(target_modules=("down_proj",), backend="triton") if kind == "fsdp2-triton" else {}
         pm = _setup(stage, **over)
         if kind == "ddp-local-balance":  # each rank's balance loss over its own rows
@@ -128,7 +128,9 @@ def scenario(name: str, rank: int, world: int, out_dir: str):
             model = DDP(pm) if kind.startswith("ddp") else fully_shard_model(pm)
         else:
             model = pm
-        res = _train(model, pm, batches)
+        # ddp-lazy: the lazy per-user optimiser steps the users of every rank's batch
+        opt = pm.make_optimizer(lr=LR, eps=EPS) if kind == "ddp-lazy" else None
+        res = _train(model, pm, batches, opt)
         if name == "fsdp2:group" and world > 1:  # a collective: the shared tensors are gathered
             pm.save_pretrained(os.path.join(out_dir, "ckpt-fsdp2"))
         return res
@@ -148,7 +150,7 @@ def scenario(name: str, rank: int, world: int, out_dir: str):
     return res
 
 
-SCENARIOS = ["ddp:population", "ddp:group", "ddp:user", "fsdp2:population", "fsdp2:group", "fsdp2:user",
+SCENARIOS = ["ddp:population", "ddp:group", "ddp:user", "ddp-lazy:group", "fsdp2:population", "fsdp2:group", "fsdp2:user",
              "fsdp2-triton:group", "ddp-local-balance:group", "shard-ddp:group", "shard-ddp:user",
              "shard-fsdp2:group", "shard-lazy:user"]
 
@@ -267,7 +269,7 @@ def _assert_matches(name: str, rank_res: dict, ref: dict, rank: int, sharded: bo
             assert err <= ATOL, f"{name} rank {rank} {part} {key}: max err {err:.3g} > {ATOL}"
 
 
-@pytest.mark.parametrize("name", [s for s in SCENARIOS if s.split(":")[0] in ("ddp", "fsdp2", "fsdp2-triton")])
+@pytest.mark.parametrize("name", [s for s in SCENARIOS if s.split(":")[0] in ("ddp", "ddp-lazy", "fsdp2", "fsdp2-triton")])
 def test_data_parallel_step_equals_one_process(runs, name):
     """DDP and FSDP2 (the whole bank on every rank), auxiliary losses on: gradients and
     updated parameters equal one process on the concatenated batch."""

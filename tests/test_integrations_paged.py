@@ -148,7 +148,7 @@ def test_data_parallel_training_without_sharding_is_refused(saved, monkeypatch):
     raises; inference, and a bank sharded by pm.shard_users, run."""
     from proper_kernels.integrations import paged
 
-    monkeypatch.setattr(paged, "_data_parallel_world", lambda: 2)
+    monkeypatch.setattr(paged, "data_parallel_world", lambda: 2)
     pag = _paged(saved)
     ids = _batch(0, [0] * 2)
     with torch.no_grad():

@@ -122,6 +122,31 @@ def test_check_ids_identity_version_and_value():
         p.check_ids(ids)
 
 
+def test_plans_and_routing_of_inference_tensors():
+    """Under torch.inference_mode ids keep no version counter: plans and the layers'
+    routing are built all the same, and other ids (or ids changed in place) are told
+    by value."""
+    from proper_kernels.layers import UserRouting
+    from proper_kernels.testing import mixture_case
+
+    c = mixture_case(11, 16, 8, N=4)
+    with torch.inference_mode():
+        ids = c.user_ids.clone()
+        p = pk.plan(ids, 4)
+        p.check_ids(ids)
+        y = pk.lora_mixture(c.x, c.weight, c.bias, plan=p, **c.kwargs())
+        assert torch.allclose(y, pk.lora_mixture(c.x, c.weight, c.bias, **c.kwargs()))
+        ids[0] = (ids[0] + 2) % 4
+        with pytest.raises(ValueError, match="plan does not belong to user_ids: token 0"):
+            p.check_ids(ids)
+        rows = torch.tensor([1, 0, -1])
+        routing = UserRouting(rows, 4)
+        routing.for_input(torch.zeros(3, 5, 2))
+        rows[1] = 3
+        with pytest.raises(ValueError, match="modified in place after the batch's routing was set"):
+            routing.for_input(torch.zeros(3, 5, 2))
+
+
 @pytest.mark.gpu
 def test_unchecked_plan_builds_without_a_host_sync_and_in_a_cuda_graph():
     """check=False on CUDA: no host sync (sync debug mode 'error' would raise), so the

@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
+from ..ops.dispatch import BACKENDS
+
 __all__ = ["ProperConfig"]
 
 
@@ -64,6 +66,9 @@ class ProperConfig:
         self.target_modules = tuple(self.target_modules)
         if not self.target_modules:
             raise ValueError("target_modules must name at least one nn.Linear attribute")
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} (or None: $PROPER_KERNELS_BACKEND), "
+                             f"got {self.backend!r}")
         for name in ("num_experts", "expert_rank", "num_users", "user_rank", "user_embed_dim", "population_rank",
                      "user_cache_size"):
             v = getattr(self, name)

@@ -160,8 +160,7 @@ class ShardedUserBank:
 
     def __init__(self, inner, sharding: UserSharding, config, names=None):
         self.inner, self.sharding, self.config = inner, sharding, config
-        if hasattr(inner, "sharded"):
-            inner.sharded = True  # a paged bank may now train under data parallelism
+        inner.sharded = True  # its rows are this rank's alone: never reduced across ranks
         self.layers = inner.layers
         self.names: Dict = dict(names or {})
         sharding.attach(inner)

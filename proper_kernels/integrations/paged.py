@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from .bank_io import SafetensorsFile
 from .config import ProperConfig
-from .user_bank import BankGroup, UserBank, bank_groups, record_users
+from .user_bank import BankGroup, UserBank, bank_groups, data_parallel_world, record_users
 
 __all__ = ["PagedUserBank", "RowStore"]
 
@@ -207,12 +207,6 @@ class _Transfers:
             done(host)
 
 
-def _data_parallel_world() -> int:
-    """The size of the default process group, 1 when none is up."""
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 class PagedUserBank(UserBank):
     """A :class:`UserBank` whose rows live in host memory, with ``config.user_cache_size``
     device slots per banked parameter (the layers' parameters, [C, ...]).
@@ -233,8 +227,6 @@ class PagedUserBank(UserBank):
     def __init__(self, layers: Sequence[Tuple[str, nn.Module]], config: ProperConfig, *,
                  source: Optional[SafetensorsFile] = None, mmap: bool = False):
         super().__init__(layers, config)
-        # Set by pm.shard_users: each rank then pages only its own users (see _route).
-        self.sharded = False
         self.cache_size = C = config.user_cache_size
         self._groups = bank_groups(self.layers)
         for g in self._groups:
@@ -360,7 +352,7 @@ class PagedUserBank(UserBank):
             return self._route(ids, training)
 
     def _route(self, ids: Tensor, training: bool) -> Tuple[Tensor, int]:
-        if training and not self.sharded and _data_parallel_world() > 1:
+        if training and not self.sharded and data_parallel_world() > 1:
             raise RuntimeError(
                 "a paged user bank trained under data parallelism needs pm.shard_users(rank, world_size) "
                 "before wrapping the model: otherwise each rank's cache slots hold other users and DDP would "

@@ -89,6 +89,12 @@ def record_users(layers: Sequence[Tuple[str, nn.Module]]) -> bool:
         p is not None and p.requires_grad for _, layer in layers for p in (getattr(layer, n) for n in USER_PARAMS))
 
 
+def data_parallel_world() -> int:
+    """The size of the default process group, 1 when none is up."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 class UserBank:
     """The per-user parameters of a set of adapted layers, addressed by user id.
 
@@ -116,6 +122,8 @@ class UserBank:
         self._frozen_stack: Optional[Tuple[List[int], Dict[str, Tensor]]] = None  # the pinned rows stacked
         self._touched: Optional[Tensor] = None  # bool [N]: users of the forwards since the last optimiser step
         self._optim: Dict[Tuple[str, ...], Dict[str, Tensor]] = {}  # group keys -> per-row AdamW state
+        # Set by pm.shard_users: each rank then holds and steps only its own users.
+        self.sharded = False
 
     @property
     def num_users(self) -> int:
@@ -308,6 +316,16 @@ class UserBank:
     def begin_step(self) -> Optional[Tensor]:
         """Rows to step now (int64 on the parameters' device): the users of the forwards
         that trained since the last step, frozen users left out; None when there are none."""
+        if data_parallel_world() > 1 and not self.sharded:
+            # Every rank holds every user and DDP averages every row's gradient: a user of
+            # any rank's batch steps on every rank, as in one process on the union batch.
+            if self._touched is None or self._touched.numel() != self.num_users:
+                groups = self.groups()
+                dev = groups[0].params()[0].device if groups else torch.device("cpu")
+                self._touched = torch.zeros(self.num_users, dtype=torch.bool, device=dev)
+            seen = self._touched.to(torch.int32)
+            torch.distributed.all_reduce(seen, op=torch.distributed.ReduceOp.MAX)
+            self._touched = seen.bool()
         if self._touched is None:
             return None
         mask = self._touched.clone()

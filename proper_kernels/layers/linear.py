@@ -36,15 +36,29 @@ class UserRouting:
         RoutingPlan(row_user_ids, num_users)  # range check (raises with the bad values)
         self.row_user_ids = row_user_ids
         self.num_users = num_users
-        self._version = row_user_ids._version  # the cached plans are of these ids
+        # The cached plans are of these ids: their version tells an in-place change, or,
+        # for an inference tensor (which keeps none), a copy to compare with.
+        inference = row_user_ids.is_inference()
+        self._version = None if inference else row_user_ids._version
+        self._copy = row_user_ids.clone() if inference else None
         self._plans: Dict[tuple, RoutingPlan] = {}
+
+    def _check_unchanged(self) -> None:
+        ids, why = self.row_user_ids, ("user_ids were modified in place after the batch's routing was set: "
+                                       "build a new UserRouting (the model does so on each call) instead")
+        if self._copy is None:
+            if ids._version != self._version:
+                raise ValueError(why)
+        elif ids.device.type == "cuda":
+            torch._assert_async((ids == self._copy).all(), why)
+        elif not torch.equal(ids, self._copy):
+            raise ValueError(why)
 
     def for_input(self, x: Tensor):
         """(token user ids [...], plan) for x [B, S, d] or [B, d]."""
         B = self.row_user_ids.shape[0]
-        if not torch.compiler.is_compiling() and self.row_user_ids._version != self._version:
-            raise ValueError("user_ids were modified in place after the batch's routing was set: "
-                             "build a new UserRouting (the model does so on each call) instead")
+        if not torch.compiler.is_compiling():
+            self._check_unchanged()
         if x.shape[0] != B:
             raise ValueError(f"user_ids has {B} rows but the layer input has batch size {x.shape[0]}")
         lead = tuple(x.shape[:-1])
@@ -85,7 +99,8 @@ class ProperLinear(nn.Module):
         population_rank, population_alpha: rank/alpha of the population LoRA (0: none).
         top_k: keep only the top_k gate logits (None: dense softmax, as LoRAMoE).
         freeze_base: set requires_grad False on the wrapped weight and bias.
-        backend: passed to lora_mixture ("auto", "reference", "triton", "cuda").
+        backend: passed to lora_mixture ("auto", "reference", "torch", "triton", "cuda"; None:
+            $PROPER_KERNELS_BACKEND, else "auto").
 
     Set by the model: ``routing`` (the batch's user routing) and ``track_diversity``
     (form the diversity loss in forward, where the experts are whole under FSDP2).

@@ -280,7 +280,8 @@ def lora_mixture_decode_cuda(
     user_ids: Optional[Tensor] = None, out: Optional[Tensor] = None, return_gates: bool = False, plan=None,
     launch: Optional[str] = None, accumulate: bool = False, _ext=None,
 ) -> Union[Tensor, Tuple[Tensor, Optional[Tensor]]]:
-    """y = x W0^T + b + s_g sum_k g_k B_k A_k x + s_u B_u A_u x, decode forward on CUDA.
+    """The layer's forward (the math of ``proper_kernels.reference.mixture``) as the CUDA
+    decode kernel: the base through cuBLAS, the adapter delta added by the kernel.
 
     Args (all floating tensors share x's dtype: float16, bfloat16 or float32; all
     contiguous, on x's CUDA device; every optional part may be None):

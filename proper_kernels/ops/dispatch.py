@@ -210,12 +210,18 @@ def choose_path(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], ada
 
 
 def explain(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = None, *, user_ids=None,
-            plan: Optional[RoutingPlan] = None, backend: Optional[str] = None, **adapter_kwargs) -> Path:
+            plan: Optional[RoutingPlan] = None, backend: Optional[str] = None, return_gates: bool = False,
+            **adapter_kwargs) -> Path:
     """The :class:`Path` that ``lora_mixture`` would take for these arguments (same
-    keywords), without running it. Validates the arguments exactly as the op does.
+    keywords; ``return_gates`` does not change the path), without running it.
+    Validates the arguments exactly as the op does.
 
         >>> pk.explain(x, W0, expert_A=A, expert_B=B).reason
     """
+    unknown = sorted(set(adapter_kwargs) - set(Adapters._fields))
+    if unknown:
+        raise TypeError(f"explain() got unexpected keyword(s) {unknown}; it takes lora_mixture's: bias, user_ids, "
+                        f"plan, backend, return_gates and {', '.join(Adapters._fields)}")
     adapters = Adapters(**adapter_kwargs)
     spec = check_mixture_args(x, weight, bias, adapters, user_ids, plan)
     ids = plan.user_ids if plan is not None else (user_ids.reshape(spec.T) if user_ids is not None else None)

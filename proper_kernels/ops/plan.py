@@ -57,7 +57,8 @@ class RoutingPlan:
         # The tensor the plan belongs to, and its version: a call that passes other ids
         # (or these ids modified in place) is caught by :meth:`check_ids`.
         self.source = user_ids
-        self.source_version = user_ids._version
+        # Inference tensors keep no version: their plans compare the ids by value.
+        self.source_version = None if user_ids.is_inference() else user_ids._version
         self.num_users = num_users
         self.num_tokens = ids.numel()
         self.device = ids.device
@@ -78,10 +79,13 @@ class RoutingPlan:
         """Raise ValueError unless ``user_ids`` are the ids this plan was built from.
 
         The tensor the plan was built from (or a view of its memory of the same shape),
-        unmodified since, passes without reading it. Another tensor is compared by
+        unmodified since, passes without reading it (an inference tensor has no version
+        to tell, so it is compared by value like any other). Another tensor is compared by
         value: at once on the CPU; on CUDA by an asynchronous device assertion, which
         needs no host sync and fails the next synchronising call."""
         src = self.source
+        if user_ids is self.user_ids:
+            return
         if torch.compiler.is_compiling():
             # Traced code has no storage pointers or versions: compare by value, with an
             # assertion that the compiled graph keeps.
@@ -91,7 +95,7 @@ class RoutingPlan:
             return
         same_memory = (user_ids is src or (user_ids.data_ptr() == src.data_ptr() and user_ids.shape == src.shape
                                            and user_ids.stride() == src.stride() and user_ids.device == src.device))
-        if same_memory:
+        if same_memory and self.source_version is not None and not user_ids.is_inference():
             if user_ids._version != self.source_version:
                 raise ValueError(f"plan was built from {name} before they were modified in place "
                                  f"(version {self.source_version}, now {user_ids._version}): rebuild it with "

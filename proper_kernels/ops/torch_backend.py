@@ -233,7 +233,8 @@ def _forward(x, weight, bias, ad: Adapters, rt: _Routing, d_out: int, save: bool
             else:
                 logits = logits + c if logits is not None else c.expand(T, K)
         if K and V is not None:
-            logits = torch.addmm(logits, zw, V.transpose(1, 2).reshape(n * r_u, K))
+            Vm = V.transpose(1, 2).reshape(n * r_u, K)
+            logits = torch.addmm(logits, zw, Vm) if logits is not None else zw @ Vm
     elif rt.G:  # tiles
         mask = _cast(rt.mask, cd)
         if A_u is not None:

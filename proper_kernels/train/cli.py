@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--balance-weight", type=float, default=_DEFAULT.balance_weight)
     g.add_argument("--diversity-weight", type=float, default=_DEFAULT.diversity_weight)
     g.add_argument("--target-modules", default=",".join(_DEFAULT.target_modules), help="comma list of nn.Linear names")
-    g.add_argument("--backend", default=_DEFAULT.backend, choices=("auto", "reference", "triton", "cuda"))
+    g.add_argument("--backend", default=_DEFAULT.backend, choices=("auto", "reference", "torch", "triton", "cuda"))
 
     g = ap.add_argument_group("evaluation and machine")
     g.add_argument("--buckets", type=_pair, help="history-size edges E1,E2 of sparse / medium / rich "
