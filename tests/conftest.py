@@ -3,9 +3,10 @@
 * TRITON_INTERPRET=1 on machines without CUDA, so every @triton.jit kernel is
   defined in interpreter mode and its tests run on the CPU. It must be set before
   triton is first imported, hence here.
-* PROPER_KERNELS_BACKEND=reference makes ``backend="auto"`` pick the reference on
-  the CPU, so tests of the module, the integration and the benchmark do not run the
-  (slow) interpreter by accident; kernel tests ask for backend="triton" explicitly.
+* PROPER_KERNELS_BACKEND=torch makes ``backend="auto"`` pick the torch backend on the
+  CPU, the path a CPU user gets, so tests of the layers, the integration, training and
+  the benchmark run it and not the (slow) interpreter; kernel tests ask for
+  backend="triton" explicitly, and oracle comparisons call the reference by name.
 * Modules that run kernels in the interpreter call :func:`skip_if_interpreter_broken`:
   an interpreter that cannot run at all (triton < 3.7 with numpy >= 2.3) skips them
   with the fix in the reason instead of failing every test.
@@ -23,7 +24,7 @@ except ImportError:  # pragma: no cover
 
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    os.environ.setdefault("PROPER_KERNELS_BACKEND", "reference")
+    os.environ.setdefault("PROPER_KERNELS_BACKEND", "torch")
 
 
 def skip_if_interpreter_broken():

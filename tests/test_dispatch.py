@@ -102,12 +102,13 @@ def test_explain_validates_like_the_op():
 
 
 @pytest.mark.parametrize("backend", [None, "auto", "reference", "triton", "cuda"])
-def test_no_tokens_is_the_reference(backend):
+def test_no_tokens_is_the_reference(backend, monkeypatch):
     """T = 0: nothing to launch, whatever was asked for (even a backend that cannot run
     here); backend='torch' keeps its own path (test_requested_torch)."""
+    monkeypatch.setenv("PROPER_KERNELS_BACKEND", "auto")  # what backend=None reads
     x, w, b, kw = case(T=0)
     path = explain(x, w, b, kw, backend=backend)
-    assert path == Path("reference", backend or "reference", "no tokens (T = 0)", "reference")
+    assert path == Path("reference", backend or "auto", "no tokens (T = 0)", "reference")
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])

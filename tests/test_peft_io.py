@@ -287,8 +287,9 @@ def test_from_peft_users_of_a_parent_directory(tmp_path):
     assert pm.user_rows == {"7": 0, "alice": 1, "carol": 2}  # sorted subdirectory names
     by_name = ProperModel.from_peft_users(copy.deepcopy(orig), {"alice": tmp_path / "alice"})
     ids = torch.tensor(random_token_seqs([6]))
-    with torch.no_grad():
-        assert torch.equal(pm(input_ids=ids, user_ids=[1]).logits, by_name(input_ids=ids, user_ids=[0]).logits)
+    with torch.no_grad():  # the same user at another row: equal up to the rounding of another tile layout
+        torch.testing.assert_close(pm(input_ids=ids, user_ids=[1]).logits, by_name(input_ids=ids, user_ids=[0]).logits,
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_from_peft_users_refuses_clearly(tmp_path):

@@ -80,6 +80,10 @@ CASES = {
     "one-user-bias-only": dict(T=7, d_in=16, d_out=8, r_u=0, law="identical", no_user=0.0),
     "one-user-no-experts": dict(T=7, d_in=16, d_out=8, K=0, law="identical", no_user=0.0),
     "no-user-router-bias": dict(T=23, d_in=16, d_out=8, user_router=False, user_bias=False),
+    # the user bias without the LoRA-aware router, every token with a user (an expanded c per tile)
+    "user-bias-no-user-router": dict(T=23, d_in=16, d_out=8, user_router=False, no_user=0.0),
+    "user-bias-no-user-router-full-tiles": dict(T=16, d_in=16, d_out=8, N=4, law="punica-uniform", user_router=False,
+                                                no_user=0.0),
     # the LoRA-aware router alone makes the logits (no W_r, no c)
     "user-router-only": dict(T=19, d_in=16, d_out=8, router=False, user_bias=False),
     "one-user-user-router-only": dict(T=9, d_in=16, d_out=8, router=False, user_bias=False, law="identical",

@@ -152,7 +152,7 @@ def _tiled(t: Tensor, rt: _Routing) -> Tensor:
 
 def _untile_add(dst: Tensor, src: Tensor, rt: _Routing, alpha: float = 1.0) -> Tensor:
     """dst [T, m] += alpha * src [G, L, m] (zero on padding rows), in place."""
-    return dst.index_add_(0, rt.rows, src.view(-1, dst.shape[1]), alpha=alpha)
+    return dst.index_add_(0, rt.rows, src.reshape(-1, dst.shape[1]), alpha=alpha)
 
 
 def _per_tile(W: Tensor, rt: _Routing) -> Tensor:
@@ -252,7 +252,7 @@ def _forward(x, weight, bias, ad: Adapters, rt: _Routing, d_out: int, save: bool
                 lp = cp.expand(rt.G, rt.L, K)
             if cp is not None and mask is not None:
                 lp = lp * mask
-            logits = (xc.new_zeros(T, K) if logits is None else logits).index_add(0, rt.rows, lp.view(-1, K))
+            logits = (xc.new_zeros(T, K) if logits is None else logits).index_add(0, rt.rows, lp.reshape(-1, K))
     if K:
         g = gates_from_logits(logits if logits is not None else xc.new_zeros(T, K), ad.top_k)
         hg = (h.view(T, K, r) * g.unsqueeze(-1)).view(T, K * r)
