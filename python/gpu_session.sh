@@ -14,8 +14,9 @@
 #       e2e       tokens/s of a stage-3 training step and of generation                50
 #   bash python/gpu_session.sh more    the second call: the rest of square-4096 (every
 #                                      provider and law, T = 256, torch-compile),
-#                                      llama-7b-mlp, and the whole test suite
-#   bash python/gpu_session.sh install|decode|tests|prefill|e2e|mlp    one part alone
+#                                      llama-7b-mlp, the paged user bank (paged vs resident
+#                                      tokens/s at Llama-7B-like dims), the whole test suite
+#   bash python/gpu_session.sh install|decode|tests|prefill|e2e|mlp|paged    one part alone
 #
 # Files follow benchmarks/results/README.md: <gpu>-<date>-<preset>[-<part>].{csv,jsonl,txt,cmd};
 # copy them to benchmarks/results/ and commit them with the session's note. The decode
@@ -82,9 +83,10 @@ case "$stage" in
              kernel_tests 110
              bench 60 square-4096-prefill --preset square-4096 --case 1,5 --providers base,triton
              bench 50 e2e --preset e2e ;;
-    more)    install 300 || exit 1
-             decode 240 --case 13,14,15,16,17,18,19 --providers all
-             bench 150 llama-7b-mlp --preset llama-7b-mlp
+    more)    install 300 || exit 1  # a no-op after `all` on the same machine
+             decode 150 --case 13,14,15,16,17,18,19 --providers all
+             bench 110 llama-7b-mlp --preset llama-7b-mlp
+             bench 110 paged --preset paged
              timeout 170 python -m pytest tests -q --maxfail=20 -rs -k "not interpreter_suite" 2>&1 \
                  | tee "$prefix-suite.txt" | tail -30 ;;
     install) install 300 ;;
@@ -93,5 +95,6 @@ case "$stage" in
     prefill) install 300 && bench 560 square-4096-prefill --preset square-4096 --op fwd,fwdbwd ;;
     e2e)     install 300 && bench 560 e2e --preset e2e ;;
     mlp)     install 300 && bench 560 llama-7b-mlp --preset llama-7b-mlp ;;
-    *) echo "usage: $0 {all|more|install|decode|tests|prefill|e2e|mlp}" >&2; exit 2 ;;
+    paged)   install 300 && bench 560 paged --preset paged ;;
+    *) echo "usage: $0 {all|more|install|decode|tests|prefill|e2e|mlp|paged}" >&2; exit 2 ;;
 esac
