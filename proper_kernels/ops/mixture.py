@@ -84,15 +84,17 @@ def lora_mixture(
     elif path.backend == "torch":
         y, gates = lora_mixture_torch(x2, weight, bias, adapters, ids, d_out=spec.d_out, num_users=spec.N, plan=plan,
                                       variant=path.forward)
-    elif path.backend == "triton":
-        from .autograd import lora_mixture_fused
-
-        if plan is None and ids is not None and spec.N is not None:
-            plan = RoutingPlan(ids, spec.N, check=False)  # ids were range-checked above
-        y, gates = lora_mixture_fused(x2, weight, bias, adapters, spec=spec, plan=plan, impl=path.forward)
     else:
-        y, gates = cuda_decode.lora_mixture_decode_cuda(x2, weight, bias, adapters, user_ids=ids, plan=plan,
-                                                        return_gates=True)
+        # The kernels read the ids through a plan; ids were range-checked above, so one
+        # built here needs no second check (no second host sync on CUDA).
+        if plan is None and ids is not None and spec.N is not None:
+            plan = RoutingPlan(ids, spec.N, check=False)
+        if path.backend == "triton":
+            from .autograd import lora_mixture_fused
+
+            y, gates = lora_mixture_fused(x2, weight, bias, adapters, spec=spec, plan=plan, impl=path.forward)
+        else:
+            y, gates = cuda_decode.lora_mixture_decode_cuda(x2, weight, bias, adapters, plan=plan, return_gates=True)
     y = y.reshape(*lead, spec.d_out)
     if not return_gates:
         return y
