@@ -190,14 +190,13 @@ def choose_path(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], ada
     why = _cuda_unusable(x.device)
     if why is None:
         limit = cuda_decode.decode_threshold(x.device, x.dtype)
-        unsupported = cuda_decode.unsupported_reason(x.reshape(spec.T, spec.d_in), weight, bias, adapters,
-                                                     user_ids)
         if needs_grad:
             notes.append("CUDA decode is forward-only and an input requires grad")
         elif spec.T > limit:
             notes.append(f"T = {spec.T} is above the CUDA decode limit {limit} (decode table / "
                          "PROPER_KERNELS_CUDA_DECODE_MAX_T)")
-        elif unsupported is not None:
+        elif (unsupported := cuda_decode.unsupported_reason(x.reshape(spec.T, spec.d_in), weight, bias, adapters,
+                                                            user_ids)) is not None:
             notes.append(f"CUDA decode cannot take these inputs: {unsupported}")
         else:
             return Path("cuda", requested, f"inference batch of T = {spec.T} <= {limit} on a GPU with the "

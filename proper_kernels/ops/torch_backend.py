@@ -155,9 +155,10 @@ def _untile_add(dst: Tensor, src: Tensor, rt: _Routing, alpha: float = 1.0) -> T
     return dst.index_add_(0, rt.rows, src.reshape(-1, dst.shape[1]), alpha=alpha)
 
 
-def _per_tile(W: Tensor, rt: _Routing) -> Tensor:
-    """A user-indexed tensor [N, ...] as one entry per tile [G, ...]."""
-    return W if rt.users is None else W.index_select(0, rt.users)
+def _per_tile(W: Tensor, rt: _Routing, cd: torch.dtype) -> Tensor:
+    """A user-indexed tensor [N, ...] as one entry per tile [G, ...], in cd (cast after
+    the selection: only the tiles' users are converted, not the whole bank)."""
+    return _cast(W if rt.users is None else W.index_select(0, rt.users), cd)
 
 
 def _per_user(t: Tensor, rt: _Routing) -> Tensor:
@@ -199,7 +200,9 @@ def _forward(x, weight, bias, ad: Adapters, rt: _Routing, d_out: int, save: bool
     """(y [T, d_out] in x.dtype, h [T, K r], z [T, r_u], g [T, K]); the codes in the
     compute dtype, h and z None unless ``save``."""
     cd = compute_dtype(x.dtype)
-    A_g, B_g, W_r, c, A_u, B_u, V = [_cast(t, cd) for t in ad.tensors()]
+    A_g, B_g, W_r = [_cast(t, cd) for t in (ad.expert_A, ad.expert_B, ad.router_weight)]
+    # The user tensors are cast once cut to the users the batch reads (below).
+    c, A_u, B_u, V = ad.user_logit_bias, ad.user_A, ad.user_B, ad.user_router
     xc = _cast(x, cd)
     T = xc.shape[0]
     K, r = ad.num_experts, ad.expert_rank
@@ -211,7 +214,7 @@ def _forward(x, weight, bias, ad: Adapters, rt: _Routing, d_out: int, save: bool
     if rt.wide:  # the users' rows: all N, or the one user's
         n = 1 if rt.user >= 0 else rt.N
         sl = slice(rt.user, rt.user + 1) if rt.user >= 0 else slice(None)
-        A_u, B_u, c, V = [t[sl] if t is not None else None for t in (A_u, B_u, c, V)]
+        A_u, B_u, c, V = [_cast(t[sl], cd) if t is not None else None for t in (A_u, B_u, c, V)]
         onehot = _one_hot(rt, cd)
     h = logits = z = zw = zp = None
     A_wide = A_u if rt.wide else None
@@ -238,15 +241,15 @@ def _forward(x, weight, bias, ad: Adapters, rt: _Routing, d_out: int, save: bool
     elif rt.G:  # tiles
         mask = _cast(rt.mask, cd)
         if A_u is not None:
-            zp = torch.bmm(_tiled(xc, rt), _per_tile(A_u, rt).transpose(1, 2))  # [G, L, r_u]
+            zp = torch.bmm(_tiled(xc, rt), _per_tile(A_u, rt, cd).transpose(1, 2))  # [G, L, r_u]
             if mask is not None:
                 zp.mul_(mask)
             if save:
                 z = _untile_add(xc.new_zeros(T, r_u), zp, rt)
         if K and (c is not None or V is not None):  # l_t += c_u + V_u z_t
-            cp = _per_tile(c, rt).unsqueeze(1) if c is not None else None
+            cp = _per_tile(c, rt, cd).unsqueeze(1) if c is not None else None
             if V is not None:
-                Vt = _per_tile(V, rt).transpose(1, 2)
+                Vt = _per_tile(V, rt, cd).transpose(1, 2)
                 lp = torch.baddbmm(cp, zp, Vt) if cp is not None else torch.bmm(zp, Vt)
             else:
                 lp = cp.expand(rt.G, rt.L, K)
@@ -262,7 +265,7 @@ def _forward(x, weight, bias, ad: Adapters, rt: _Routing, d_out: int, save: bool
     if zw is not None:
         y.addmm_(zw, _cols(B_u).t(), alpha=ad.user_scale)
     elif zp is not None:
-        _untile_add(y, torch.bmm(zp, _per_tile(B_u, rt).transpose(1, 2)), rt, alpha=ad.user_scale)
+        _untile_add(y, torch.bmm(zp, _per_tile(B_u, rt, cd).transpose(1, 2)), rt, alpha=ad.user_scale)
     if save:
         h = h.contiguous() if h is not None else xc.new_zeros(T, 0)  # not a view keeping all of H alive
         z = z if z is not None else xc.new_zeros(T, r_u)
@@ -274,7 +277,9 @@ def _backward(dy, dg_ext, x, h, z, g, weight, ad: Adapters, rt: _Routing, needs)
     compute dtype (None where not needed): the chain rule of rankspace.py."""
     n_x, n_w, n_b, n_Ag, n_Bg, n_Wr, n_c, n_Au, n_Bu, n_V = needs
     cd = compute_dtype(x.dtype)
-    A_g, B_g, W_r, c, A_u, B_u, V = [_cast(t, cd) for t in ad.tensors()]
+    A_g, B_g, W_r = [_cast(t, cd) for t in (ad.expert_A, ad.expert_B, ad.router_weight)]
+    # The user tensors are cast once cut to the users the batch reads (below).
+    c, A_u, B_u, V = ad.user_logit_bias, ad.user_A, ad.user_B, ad.user_router
     xc, dyc = _cast(x, cd), _cast(dy, cd)
     T, d_in = xc.shape
     d_out = dyc.shape[1]
@@ -284,7 +289,7 @@ def _backward(dy, dg_ext, x, h, z, g, weight, ad: Adapters, rt: _Routing, needs)
     if rt.wide:
         n = 1 if rt.user >= 0 else N
         sl = slice(rt.user, rt.user + 1) if rt.user >= 0 else slice(None)
-        A_w, B_w, V_w = [t[sl] if t is not None else None for t in (A_u, B_u, V)]
+        A_w, B_w, V_w = [_cast(t[sl], cd) if t is not None else None for t in (A_u, B_u, V)]
         onehot = _one_hot(rt, cd)
     dx = dyc @ _cast(weight, cd) if (n_x and weight is not None) else (xc.new_zeros(T, d_in) if n_x else None)
     dW0 = dyc.t() @ xc if n_w else None
@@ -350,9 +355,9 @@ def _backward(dy, dg_ext, x, h, z, g, weight, ad: Adapters, rt: _Routing, needs)
             if V is not None and n_V:
                 dV = _per_user(torch.bmm(dlp.transpose(1, 2), zp), rt)
             if n_Au or n_x:  # dz_t = s_u B_u^T dy_t + V_u^T dl_t
-                Bp = _per_tile(B_u, rt)
+                Bp = _per_tile(B_u, rt, cd)
                 if V is not None:
-                    dzp = torch.baddbmm(torch.bmm(dlp, _per_tile(V, rt)), dyp, Bp, alpha=s_u)
+                    dzp = torch.baddbmm(torch.bmm(dlp, _per_tile(V, rt, cd)), dyp, Bp, alpha=s_u)
                 else:
                     dzp = torch.bmm(dyp, Bp).mul_(s_u)
                 if mask is not None:
@@ -360,7 +365,7 @@ def _backward(dy, dg_ext, x, h, z, g, weight, ad: Adapters, rt: _Routing, needs)
                 if n_Au:
                     dA_u = _per_user(torch.bmm(dzp.transpose(1, 2), _tiled(xc, rt)), rt)
                 if n_x:
-                    _untile_add(dx, torch.bmm(dzp, _per_tile(A_u, rt)), rt)
+                    _untile_add(dx, torch.bmm(dzp, _per_tile(A_u, rt, cd)), rt)
     # Parameters of users absent from the batch (or of an empty bank) get zeros.
     if n_c and c is not None and dc is None:
         dc = xc.new_zeros(c.shape)
