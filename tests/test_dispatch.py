@@ -357,23 +357,22 @@ def test_auto_inputs_the_decode_kernel_does_not_take(fake_cuda, monkeypatch):
 
 
 def test_cuda_path_calls_the_decode_wrapper(fake_cuda, monkeypatch):
-    """lora_mixture follows the decision: on the cuda path it hands the CUDA wrapper
-    the flattened x, the Adapters and a plan of the ids (built unchecked: the op
-    checked their range once already)."""
+    """lora_mixture follows the decision: on the cuda path it hands the decode kernel
+    the flattened x, the Adapters and the ids, already checked (no second check)."""
     calls = []
 
-    def decode(x2, weight, bias, adapters, *, plan, return_gates):
-        calls.append((x2.shape, adapters, plan))
-        return pk.lora_mixture_ref(x2, weight, bias, adapters, plan.user_ids)
+    def decode(x2, weight, bias, adapters, spec, user_ids, *, return_gates):
+        calls.append((x2.shape, adapters, user_ids))
+        return pk.lora_mixture_ref(x2, weight, bias, adapters, user_ids)
 
-    monkeypatch.setattr(cuda_decode, "lora_mixture_decode_cuda", decode)
+    monkeypatch.setattr(cuda_decode, "decode_checked", decode)
     c = mixture_case(6, 16, 12, K=3, r=2, r_u=2, N=3, top_k=2)
     x = c.x.reshape(2, 3, 16)
     y, g = pk.lora_mixture(x, c.weight, c.bias, return_gates=True, backend="auto",
                            **dict(c.kwargs(), user_ids=c.user_ids.view(2, 3)))
-    (shape, adapters, plan), = calls
+    (shape, adapters, ids), = calls
     assert shape == (6, 16) and isinstance(adapters, pk.Adapters) and adapters.top_k == 2
-    assert torch.equal(plan.user_ids, c.user_ids.int()) and plan.num_users == 3
+    assert torch.equal(ids, c.user_ids)
     assert y.shape == (2, 3, 12) and g.shape == (2, 3, 3)
     torch.testing.assert_close(y.reshape(6, 12), pk.lora_mixture_ref(c.x, c.weight, c.bias, c.adapters,
                                                                      c.user_ids)[0])

@@ -29,7 +29,7 @@ from .validate import check_mixture_args
 
 __all__ = [
     "available", "built_archs", "unavailable_reason", "decode_table", "decode_threshold", "prefers_cuda_decode",
-    "check_decode_args", "lora_mixture_decode_cuda", "run_extension", "use_extension", "mixture_decode_op", "launch_mode", "MAX_TOKENS", "MAX_EXPERTS", "MAX_RANK_TOTAL",
+    "check_decode_args", "lora_mixture_decode_cuda", "decode_checked", "run_extension", "use_extension", "mixture_decode_op", "launch_mode", "MAX_TOKENS", "MAX_EXPERTS", "MAX_RANK_TOTAL",
 ]
 
 # Limits of the kernel; they mirror csrc/lora_mixture_decode.h, which re-checks them.
@@ -342,23 +342,43 @@ def lora_mixture_decode_cuda(
                          "call it under torch.no_grad() or use proper_kernels.lora_mixture")
     if plan is not None:
         user_ids = plan.user_ids  # int32 [T], range-checked when the plan was built
-    if spec.N is None or spec.N == 0:
-        # No user tensors, or a bank of zero users (every id is -1, checked above): every
-        # user term is zero, so the kernel gets none of them (it needs N >= 1 for any).
-        adapters = adapters._replace(user_logit_bias=None, user_A=None, user_B=None, user_router=None)
-        user_ids = None
-    ids = user_ids.to(dtype=torch.int32).contiguous() if user_ids is not None else None
-    top_k = int(adapters.top_k) if adapters.top_k is not None else 0
     if out is None and not accumulate:
-        # The functional form goes through the custom op, which torch.compile traces.
-        with (use_extension(_ext) if _ext is not None else contextlib.nullcontext()):
-            y, gates = mixture_decode_op(
-                x, weight, bias, *adapters.tensors(), ids, float(adapters.expert_scale),
-                float(adapters.user_scale), top_k, spec.d_out, launch, return_gates)
+        y, gates = decode_checked(x, weight, bias, adapters, spec, user_ids, launch=launch,
+                                  return_gates=return_gates, _ext=_ext)
     else:
-        y, gates = _launch(ext, x, weight, bias, adapters, ids, top_k, spec.d_out, launch, return_gates,
+        adapters, ids = _kernel_users(adapters, spec, user_ids)
+        y, gates = _launch(ext, x, weight, bias, adapters, ids, _top_k(adapters), spec.d_out, launch, return_gates,
                            out=out, accumulate=accumulate)
-    return (y, gates if spec.K > 0 else None) if return_gates else y
+        gates = gates if spec.K > 0 else None
+    return (y, gates) if return_gates else y
+
+
+def decode_checked(x: Tensor, weight, bias, adapters: Adapters, spec, user_ids: Optional[Tensor], *,
+                   launch: Optional[str] = None, return_gates: bool = False, _ext=None):
+    """(y, gates or None) of the decode kernel through its custom op (which
+    torch.compile traces), on arguments already validated: shapes and the id range by
+    ``check_mixture_args`` (``spec`` is its result), the kernel's limits by
+    :func:`unsupported_reason` (``lora_mixture``'s dispatch asks both before it comes
+    here; :func:`lora_mixture_decode_cuda` checks them itself)."""
+    launch = launch_mode(launch, x.device, x.dtype)
+    adapters, ids = _kernel_users(adapters, spec, user_ids)
+    with (use_extension(_ext) if _ext is not None else contextlib.nullcontext()):
+        y, gates = mixture_decode_op(x, weight, bias, *adapters.tensors(), ids, float(adapters.expert_scale),
+                                     float(adapters.user_scale), _top_k(adapters), spec.d_out, launch, return_gates)
+    return y, (gates if spec.K > 0 else None)
+
+
+def _kernel_users(adapters: Adapters, spec, user_ids: Optional[Tensor]):
+    """(adapters, int32 ids or None) as the kernel takes them: with no user tensors, or a
+    bank of zero users (every id is -1), every user term is zero, so the kernel gets none
+    of them (it needs N >= 1 for any)."""
+    if not spec.N:
+        return adapters._replace(user_logit_bias=None, user_A=None, user_B=None, user_router=None), None
+    return adapters, (user_ids.to(dtype=torch.int32).contiguous() if user_ids is not None else None)
+
+
+def _top_k(adapters: Adapters) -> int:
+    return int(adapters.top_k) if adapters.top_k is not None else 0
 
 
 # The extension the custom op calls when set: an emulated build of csrc/ (tests),

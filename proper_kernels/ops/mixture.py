@@ -84,17 +84,14 @@ def lora_mixture(
     elif path.backend == "torch":
         y, gates = lora_mixture_torch(x2, weight, bias, adapters, ids, d_out=spec.d_out, num_users=spec.N, plan=plan,
                                       variant=path.forward)
-    else:
-        # The kernels read the ids through a plan; ids were range-checked above, so one
-        # built here needs no second check (no second host sync on CUDA).
-        if plan is None and ids is not None and spec.N is not None:
-            plan = RoutingPlan(ids, spec.N, check=False)
-        if path.backend == "triton":
-            from .autograd import lora_mixture_fused
+    elif path.backend == "triton":
+        from .autograd import lora_mixture_fused
 
-            y, gates = lora_mixture_fused(x2, weight, bias, adapters, spec=spec, plan=plan, impl=path.forward)
-        else:
-            y, gates = cuda_decode.lora_mixture_decode_cuda(x2, weight, bias, adapters, plan=plan, return_gates=True)
+        if plan is None and ids is not None and spec.N is not None:
+            plan = RoutingPlan(ids, spec.N, check=False)  # ids were range-checked above
+        y, gates = lora_mixture_fused(x2, weight, bias, adapters, spec=spec, plan=plan, impl=path.forward)
+    else:  # the arguments and the kernel's limits were checked above
+        y, gates = cuda_decode.decode_checked(x2, weight, bias, adapters, spec, ids, return_gates=True)
     y = y.reshape(*lead, spec.d_out)
     if not return_gates:
         return y
