@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from proper_kernels.integrations import ProperConfig, get_proper_model
+from proper_kernels.train.early_stopping import PerUserEarlyStopping
 
 SPECIAL = 2  # 0 = pad, 1 = bos; content tokens are [SPECIAL, vocab)
 
@@ -210,7 +211,8 @@ def split_validation(data: List[tuple], frac: float = 0.2, max_val: int = 10, se
 
 def train_users_early_stopping(pm, train: List[tuple], val: List[tuple], max_epochs: int, lr: float, bs: int,
                                desc: str, patience: int = 2, min_delta: float = 0.0) -> Dict[str, object]:
-    """The user stage with per-user early stopping on a validation split.
+    """The user stage with per-user early stopping on a validation split
+    (:class:`proper_kernels.train.early_stopping.PerUserEarlyStopping`).
 
     Epoch 0 is the model as the user stage finds it (the group-stage parameters;
     with a fresh bank B_u = 0 and V_u = 0, so the group-stage output). After each epoch every active user's
@@ -222,26 +224,16 @@ def train_users_early_stopping(pm, train: List[tuple], val: List[tuple], max_epo
     Users without validation data are frozen from the start. At the end every user
     holds its best rows, so no user's validation loss is above its group-stage one.
     Only the per-user rows are copied, never the model."""
-    all_ids = list(range(pm.num_users))
     val_users = {u for u, _ in val}
-    best_loss = per_user_loss(pm, val)                     # epoch 0 = group-stage parameters
-    start_loss = dict(best_loss)
-    best_state = pm.get_user_state(all_ids)                # rows of every bank tensor, [N, ...]
-    best_epoch = {u: 0 for u in val_users}
-    stale = {u: 0 for u in val_users}
-    pm.unfreeze_users()
-    no_val = [u for u in all_ids if u not in val_users]
-    if no_val:
-        pm.freeze_users(no_val)
+    es = PerUserEarlyStopping(pm, val_users, patience=patience, min_delta=min_delta)
+    es.start(per_user_loss(pm, val))                       # epoch 0 = group-stage parameters
     opt = torch.optim.AdamW(pm.trainable_parameters(), lr=lr, weight_decay=0.0)
-    epochs_run = 0
     pm.train()
     for epoch in range(1, max_epochs + 1):
-        frozen = set(pm.frozen_users)
-        active = sorted(val_users - frozen)
+        active = set(es.active_users())
         if not active:
             break
-        data = [d for d in train if d[0] not in frozen]
+        data = [d for d in train if d[0] in active]
         order = random.sample(range(len(data)), len(data))
         bar = tqdm(range(0, len(order), bs), desc=f"{desc} (epoch {epoch}, {len(active)} users)", leave=False)
         for i in bar:
@@ -254,36 +246,15 @@ def train_users_early_stopping(pm, train: List[tuple], val: List[tuple], max_epo
             opt.step()
             pm.restore_frozen_users()
             bar.set_postfix(loss=f"{out.loss.item():.3f}")
-        epochs_run = epoch
-        vl = per_user_loss(pm, [d for d in val if d[0] in set(active)])
-        improved = [u for u in active if vl[u] < best_loss[u] - min_delta]
-        if improved:
-            cur = pm.get_user_state(improved)
-            rows = torch.tensor(improved)
-            for k, v in cur.items():
-                best_state[k][rows] = v
-            for u in improved:
-                best_loss[u], best_epoch[u], stale[u] = vl[u], epoch, 0
-        stop = []
-        for u in active:
-            if u not in improved:
-                stale[u] += 1
-                if stale[u] >= patience:
-                    stop.append(u)
-        if stop:
-            rows = torch.tensor(stop)
-            pm.freeze_users(stop, state={k: v[rows] for k, v in best_state.items()})
-    pm.unfreeze_users()
-    pm.set_user_state(best_state, all_ids)                 # every user at its best epoch
+        es.update(epoch, per_user_loss(pm, [d for d in val if d[0] in active]))
+    summary = es.finish()                                  # every user at its best epoch
     pm.eval()
     final = per_user_loss(pm, val)                         # check: nobody above its starting loss
-    worse = sum(final[u] > start_loss[u] + 1e-5 for u in val_users)
-    hist = [0] * (max_epochs + 1)
-    for u in val_users:
-        hist[best_epoch[u]] += 1
+    worse = sum(final[u] > es.start_loss[u] + 1e-5 for u in val_users)
+    hist = summary["users_by_best_epoch"] + [0] * (max_epochs - summary["epochs_run"])
     mean = lambda d: sum(d.values()) / max(1, len(d))  # noqa: E731
-    return {"epochs_run": epochs_run, "best_epoch_hist": hist, "no_val": len(no_val),
-            "val_start": mean(start_loss), "val_best": mean(final), "worse": worse}
+    return {"epochs_run": summary["epochs_run"], "best_epoch_hist": hist, "no_val": es.no_val,
+            "val_start": mean(es.start_loss), "val_best": mean(final), "worse": worse}
 
 
 def summarize(per_user: Dict[int, float], corpus: Corpus) -> Dict[str, float]:
