@@ -30,7 +30,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["SafetensorsFile", "write_safetensors", "read_safetensors", "BankFileError", "DTYPES"]
+__all__ = ["SafetensorsFile", "write_safetensors", "BankFileError", "DTYPES"]
 
 DTYPES: Dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -178,9 +178,3 @@ class SafetensorsFile:
             return torch.empty(shape, dtype=dtype)
         count = (end - begin) // torch.empty((), dtype=dtype).element_size()
         return torch.frombuffer(self._map, dtype=dtype, count=count, offset=self._data + begin).view(shape)
-
-
-def read_safetensors(path: str) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
-    """(every tensor of ``path`` as a copy-on-write view of its map, its metadata)."""
-    f = SafetensorsFile(path)
-    return {k: f.tensor(k) for k in f.keys()}, f.metadata

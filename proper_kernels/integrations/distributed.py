@@ -54,20 +54,14 @@ from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
 import torch
 from torch import Tensor, nn
 
-from .user_bank import USER_PARAMS, UserBank
+from .bank_io import SafetensorsFile, write_safetensors
+from .user_bank import USER_PARAMS, UserBank, data_parallel_world, live_dist
 
 __all__ = ["UserSharding", "shard_users", "user_parameters", "fully_shard_model", "decoder_layers",
            "UserShardSampler", "global_importance", "set_balance_group", "balance_group", "save_pretrained",
            "saves_distributed", "UserRowsSource", "SHARD_FILE"]
 
 SHARD_FILE = "proper_users-{rank:05d}-of-{world:05d}.safetensors"
-
-
-def _dist():
-    """torch.distributed when a process group is up, else None."""
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() else None
 
 
 def _is_dtensor(t) -> bool:
@@ -269,16 +263,14 @@ def shard_users(pm, rank: int, world_size: int) -> UserSharding:
     bank.restore_frozen()  # a frozen user's rows are its pinned ones: pinned again below
     frozen = [u for u in bank.frozen if sharding.owns(u)]
     cfg = _local_config(pm.proper_config, len(owned))
-    if bank.mode == "resident":
-        idx = torch.tensor(owned, dtype=torch.long)
-        with torch.no_grad():
-            for _, layer in bank.layers:
-                for pname in USER_PARAMS:
-                    p = getattr(layer, pname)
-                    if p is not None:
-                        rows = p.detach()[idx.to(p.device)].clone()
-                        setattr(layer, pname, nn.Parameter(rows, requires_grad=p.requires_grad))
-                layer.num_users = len(owned)
+    if bank.mode == "resident":  # the owned rows become the layers' Parameters
+        rows = bank.get_state(owned)
+        for name, layer in bank.layers:
+            for pname in USER_PARAMS:
+                p = getattr(layer, pname)
+                if p is not None:
+                    setattr(layer, pname, nn.Parameter(rows[f"{name}.{pname}"], requires_grad=p.requires_grad))
+            layer.num_users = len(owned)
         inner = type(bank)(bank.layers, cfg)
     else:  # paged: a bank of the owned users' host rows (the device slots stay)
         inner = type(bank)(bank.layers, cfg)
@@ -344,7 +336,7 @@ def balance_group(pm):
     group = pm.__dict__.get("_balance_group", "auto")
     if not isinstance(group, str):
         return group
-    dist = _dist()
+    dist = live_dist()
     if dist is None or dist.get_world_size() < 2 or not (pm.training and torch.is_grad_enabled()):
         return None
     return dist.group.WORLD
@@ -394,8 +386,8 @@ class UserShardSampler(torch.utils.data.Sampler):
 
     def __init__(self, row_users: Sequence[int], batch_size: int, *, rank: Optional[int] = None,
                  world_size: Optional[int] = None, shuffle: bool = True, seed: int = 0, drop_last: bool = False):
-        dist = _dist()
-        world_size = world_size if world_size is not None else (dist.get_world_size() if dist else 1)
+        dist = live_dist()
+        world_size = world_size if world_size is not None else data_parallel_world()
         rank = rank if rank is not None else (dist.get_rank() if dist else 0)
         self.sharding = UserSharding(rank, world_size)
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
@@ -476,10 +468,8 @@ def save_pretrained(pm, directory: str, layout: Tuple[str, str, str]) -> None:
     bank size and its frozen users in the file's metadata), rank 0 the config (listing
     the shard files) and the shared tensors. Users not sharded: rank 0 writes the
     one-process format. Ends with a barrier when a process group is up."""
-    from .bank_io import write_safetensors
-
     config_name, weights_name, fmt = layout
-    bank, dist = pm.user_bank, _dist()
+    bank, dist = pm.user_bank, live_dist()
     sharded = isinstance(bank, ShardedUserBank)
     rank = bank.sharding.rank if sharded else (dist.get_rank() if dist else 0)
     full = {} if sharded else dict(bank.tensors())  # not sharded: the whole bank goes with the shared tensors
@@ -555,16 +545,17 @@ class UserRowsSource:
             self._fill(out, tensors.get, 0, 1)
             used.update(out)
             return out
-        from safetensors import safe_open
+        for src_rank, f in enumerate(self._shard_files()):
+            self._fill(out, lambda key: f.tensor(key) if key in f.entries else None, src_rank, info["world_size"])
+        return out
 
-        for src_rank, name in enumerate(info["files"]):
+    def _shard_files(self) -> Iterator[SafetensorsFile]:
+        """The shard files of a sharded save, in rank order, checked and mapped (:mod:`.bank_io`)."""
+        for name in self.meta["user_shards"]["files"]:
             path = os.path.join(self.directory, name)
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{path}: a shard file of this sharded save is missing")
-            with safe_open(path, framework="pt") as f:
-                keys = set(f.keys())
-                self._fill(out, lambda key: f.get_tensor(key) if key in keys else None, src_rank, info["world_size"])
-        return out
+            yield SafetensorsFile(path)
 
     def _fill(self, out: Dict[str, Tensor], get, src_rank: int, src_world: int) -> None:
         """Copy into ``out`` the rows of :attr:`ids` that a source holds: the users u with
@@ -585,14 +576,8 @@ class UserRowsSource:
     @property
     def frozen(self) -> List[int]:
         """The frozen users among :attr:`ids` (from the shard files, or the config)."""
-        info = self.meta.get("user_shards")
-        if info:
-            from safetensors import safe_open
-
-            frozen = []
-            for name in info["files"]:
-                with safe_open(os.path.join(self.directory, name), framework="pt") as f:
-                    frozen += json.loads((f.metadata() or {}).get("frozen_users", "[]"))
+        if self.meta.get("user_shards"):
+            frozen = [u for f in self._shard_files() for u in json.loads(f.metadata.get("frozen_users", "[]"))]
         else:
             frozen = self.meta.get("frozen_users", [])
         mine = set(self.ids)

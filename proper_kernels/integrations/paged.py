@@ -252,7 +252,6 @@ class PagedUserBank(UserBank):
         self._held = torch.zeros(C, dtype=torch.bool)  # users of the batches since the last step
         self._dirty = torch.zeros(C, dtype=torch.bool)  # rows (and loaded state) changed since paged in
         self._state_in = torch.zeros(C, dtype=torch.bool)  # optimiser state paged in
-        self._dev_state: Dict[int, Dict[str, Tensor]] = {}  # group index -> slot state on the device
         self._tick = 0
         self._stepping: Optional[Tensor] = None  # begin_step's slots, on the host
         self._rewritten_frozen: set = set()  # frozen users written by set_state since their pinning
@@ -332,8 +331,7 @@ class PagedUserBank(UserBank):
         nothing per frozen user."""
         ids = sorted(u for u in self._rewritten_frozen if u in self._frozen)
         if ids:
-            rows = {k: torch.cat([self._frozen[u][k] for u in ids]) for k in self._frozen[ids[0]]}
-            self.set_state(rows, ids)
+            self.set_state(self._pinned_rows(ids), ids)
         self._rewritten_frozen.clear()
 
     def freeze(self, users, state: Optional[Dict[str, Tensor]] = None) -> None:
@@ -434,7 +432,7 @@ class PagedUserBank(UserBank):
             for gi, (g, store) in enumerate(zip(self._groups, self._rows)):
                 rows = torch.stack([p.detach().index_select(0, s_dev) for p in g.params()]).to(g.dtype)
                 self._send_home(rows, store, w_users)
-                dst = self._dev_state.get(gi)
+                dst = self._optim.get(g.keys)
                 if dst is not None and bool(st_in.any()):
                     u_sel = w_users[st_in]
                     for name, s in zip(("exp_avg", "exp_avg_sq", "step"), self._moments[gi]):
@@ -486,21 +484,6 @@ class PagedUserBank(UserBank):
         self._stepping = slots
         return self._io.to_device(slots, self._device())
 
-    def optim_state(self) -> Iterator[Tuple[List[nn.Parameter], Dict[str, Tensor]]]:
-        """(slot parameters of a group, their AdamW state [layers, C, ...] on the device)."""
-        for gi, g in enumerate(self._groups):
-            params = g.params()
-            st = self._dev_state.get(gi)
-            if st is not None and st["step"].device != params[0].device:  # the model moved
-                st = self._dev_state[gi] = {k: v.to(params[0].device) for k, v in st.items()}
-            if st is None:
-                shape, dev = (len(params),) + tuple(params[0].shape), params[0].device
-                dt = params[0].dtype  # the slots' (the model may have been cast since the bank was built)
-                st = self._dev_state[gi] = {"exp_avg": torch.zeros(shape, dtype=dt, device=dev),
-                                            "exp_avg_sq": torch.zeros(shape, dtype=dt, device=dev),
-                                            "step": torch.zeros(shape[:2], dtype=torch.float32, device=dev)}
-            yield params, st
-
     def end_step(self, rows: Optional[Tensor]) -> None:
         if rows is not None and self._stepping is not None:  # the host copy of begin_step's rows: no sync
             self._dirty[self._stepping] = True
@@ -516,11 +499,6 @@ class PagedUserBank(UserBank):
     def resident_users(self) -> List[int]:
         """The users in device slots now, by slot."""
         return self._user_of[self._user_of >= 0].tolist()
-
-    def device_bytes(self) -> int:
-        """Bytes of the slots, their gradients and their optimiser state on the device."""
-        return super().device_bytes() + sum(v.numel() * v.element_size() for st in self._dev_state.values()
-                                            for v in st.values())
 
     def host_bytes(self) -> int:
         """Bytes of rows and optimiser state in host memory (a mapped file's pages count

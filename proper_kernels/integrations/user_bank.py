@@ -89,10 +89,16 @@ def record_users(layers: Sequence[Tuple[str, nn.Module]]) -> bool:
         p is not None and p.requires_grad for _, layer in layers for p in (getattr(layer, n) for n in USER_PARAMS))
 
 
+def live_dist():
+    """torch.distributed when a process group is up, else None."""
+    dist = torch.distributed
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
 def data_parallel_world() -> int:
     """The size of the default process group, 1 when none is up."""
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    dist = live_dist()
+    return dist.get_world_size() if dist is not None else 1
 
 
 class UserBank:
@@ -290,10 +296,13 @@ class UserBank:
             return
         if self._frozen_stack is None:
             ids = sorted(self._frozen)
-            rows = {k: torch.cat([self._frozen[u][k] for u in ids], 0) for k in self._frozen[ids[0]]}
-            self._frozen_stack = (ids, rows)
+            self._frozen_stack = (ids, self._pinned_rows(ids))
         ids, rows = self._frozen_stack
         self.set_state(rows, ids)
+
+    def _pinned_rows(self, ids: List[int]) -> Dict[str, Tensor]:
+        """The pinned rows of the frozen users ``ids`` (non-empty), as a user state."""
+        return {k: torch.cat([self._frozen[u][k] for u in ids], 0) for k in self._frozen[ids[0]]}
 
     # ------------------------------------------------------------------ routing
     def route(self, ids: Tensor) -> Tuple[Tensor, int]:
@@ -335,7 +344,8 @@ class UserBank:
 
     def optim_state(self) -> Iterator[Tuple[List[nn.Parameter], Dict[str, Tensor]]]:
         """(parameters of a group, its per-row AdamW state ``{"exp_avg", "exp_avg_sq":
-        [layers, rows, *row], "step": [layers, rows] float32}``), created at zero on first use."""
+        [layers, rows, *row], "step": [layers, rows] float32}``; rows: the bank's N when resident, its C device
+        slots when paged), created at zero on first use."""
         for g in self.groups():
             params = g.params()
             st = self._optim.get(g.keys)
@@ -343,8 +353,9 @@ class UserBank:
                 st = self._optim[g.keys] = {k: v.to(params[0].device) for k, v in st.items()}
             if st is None:
                 shape, dev = (len(params),) + tuple(params[0].shape), params[0].device
-                st = self._optim[g.keys] = {"exp_avg": torch.zeros(shape, dtype=g.dtype, device=dev),
-                                            "exp_avg_sq": torch.zeros(shape, dtype=g.dtype, device=dev),
+                dt = params[0].dtype  # the rows' now (a paged bank's groups are those of its build; a cast may follow)
+                st = self._optim[g.keys] = {"exp_avg": torch.zeros(shape, dtype=dt, device=dev),
+                                            "exp_avg_sq": torch.zeros(shape, dtype=dt, device=dev),
                                             "step": torch.zeros(shape[:2], dtype=torch.float32, device=dev)}
             yield params, st
 
