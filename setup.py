@@ -3,7 +3,9 @@
 `pip install -e .` works with or without CUDA: the pure-PyTorch reference always
 runs, the Triton kernels run where triton is installed (any CUDA machine, or the CPU
 interpreter with TRITON_INTERPRET=1), and the CUDA decode extension in csrc/ is built
-only where nvcc is found (see python/build_cuda.py).
+only where nvcc is found (see python/build_cuda.py). The CPU kernels in csrc/cpu/ are
+built with the host C++ compiler against the installed torch (python/build_cpu.py);
+without them the same math runs in plain PyTorch ops.
 """
 import os
 import sys
@@ -20,6 +22,16 @@ try:
 
     ext_modules, cmdclass = build_cuda.cuda_extensions(HERE)
 except ImportError:  # the helper is absent: pure-Python install
+    pass
+try:
+    import build_cpu  # python/build_cpu.py: the CPU kernels, never installed
+
+    cpu_ext = build_cpu.cpu_extension(HERE)
+    if cpu_ext is not None:
+        ext_modules.append(cpu_ext)
+        # The CUDA helper's build_ext already drops a failing extension; else this one does.
+        cmdclass.setdefault("build_ext", build_cpu.tolerant_build_ext())
+except ImportError:
     pass
 
 setup(

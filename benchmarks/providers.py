@@ -442,7 +442,7 @@ class TritonProvider(LayerwiseProvider):
         return f"forward=triton variant={variant}"
 
     def setup(self, case, layers, ids, plan):
-        return [lambda x, p=p: _call_op(x, p, ids, plan, "triton") for p in layers]
+        return [_op_fn(p, ids, plan, "triton") for p in layers]
 
 
 class AutoProvider(LayerwiseProvider):
@@ -468,7 +468,7 @@ class AutoProvider(LayerwiseProvider):
         return f"path={path.backend} ({path.forward})"
 
     def setup(self, case, layers, ids, plan):
-        return [lambda x, p=p: _call_op(x, p, ids, plan, "auto") for p in layers]
+        return [_op_fn(p, ids, plan, "auto") for p in layers]
 
 
 class CudaProvider(LayerwiseProvider):
@@ -491,7 +491,7 @@ class CudaProvider(LayerwiseProvider):
         return None
 
     def setup(self, case, layers, ids, plan):
-        return [lambda x, p=p: _call_op(x, p, ids, plan, "cuda") for p in layers]
+        return [_op_fn(p, ids, plan, "cuda") for p in layers]
 
 
 class CudaOneProvider(CudaProvider):
@@ -512,10 +512,13 @@ def adapter_kwargs(p: Dict[str, object]) -> Dict[str, object]:
     return Adapters.from_kwargs(p)._asdict()
 
 
-def _call_op(x, p, ids, plan, backend):
+def _op_fn(p, ids, plan, backend):
+    """x -> lora_mixture(x, ...) on one layer's parameters, its keywords built once
+    (as a model's layer holds its tensors)."""
     from proper_kernels import lora_mixture
 
-    return lora_mixture(x, p["weight"], p["bias"], **adapter_kwargs(p), user_ids=ids, plan=plan, backend=backend)
+    weight, bias, kw = p["weight"], p["bias"], adapter_kwargs(p)
+    return lambda x: lora_mixture(x, weight, bias, **kw, user_ids=ids, plan=plan, backend=backend)
 
 
 REGISTRY: Dict[str, Provider] = {

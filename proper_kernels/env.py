@@ -73,6 +73,11 @@ def report() -> dict:
     }
     if has_cuda:
         info["backends cuda"] = available_backends("cuda")
+    from proper_kernels.ops import torch_backend
+
+    info["cpu kernels"] = ("built (proper_kernels._cpu: the torch backend's wide variant)" if torch_backend._cpu_kernels()
+                           else "not built (pip install --no-build-isolation -e . with a C++ compiler): "
+                                "the wide variant runs as torch ops")
     info["cuda extension"] = (f"built for {', '.join(cuda_decode.built_archs())}" if cuda_decode.available()
                               else cuda_decode.unavailable_reason())
     overridden = any(os.environ.get(v) for v in ("PROPER_KERNELS_CUDA_DECODE_MAX_T", "PROPER_KERNELS_CUDA_DECODE_LAUNCH"))

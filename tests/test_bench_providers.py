@@ -67,7 +67,7 @@ def test_auto_is_what_lora_mixture_takes_by_default(monkeypatch):
     assert "Triton CPU interpreter" in prov.skip_reason(case, CPU)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert prov.skip_reason(case, CPU) is None and not prov.graph_safe(case)
-    assert prov.note_for(case, layers, x, ids, pl) == "path=torch (segment)"
+    assert prov.note_for(case, layers, x, ids, pl) == "path=torch (wide)"  # N (r_u + K) = 192: a small bank
 
 
 def test_peft_matches_the_reference_of_the_users_part():

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import subprocess
 import sys
@@ -82,12 +83,16 @@ def test_ptxas_report_alone_parses_one_arch():
 
 
 def test_every_csrc_file_is_listed():
-    """Each file of csrc/ is a source of the extension or the emulation, or a header
-    whose change rebuilds them (the emulation's cache key, setuptools' depends)."""
+    """Each file of csrc/ is a source of the CUDA extension, the emulation or the CPU
+    kernels (python/build_cpu.py), or a header whose change rebuilds them (the
+    emulation's cache key, setuptools' depends)."""
     bc = load_build_cuda()
     on_disk = {os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "**", "*"), recursive=True)
                if os.path.isfile(p)}
-    listed = bc.CU_SOURCES + bc.CPP_SOURCES + bc.EMU_SOURCES + bc.EMU_HEADERS
+    spec = importlib.util.spec_from_file_location("build_cpu", os.path.join(ROOT, "python", "build_cpu.py"))
+    build_cpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_cpu)
+    listed = bc.CU_SOURCES + bc.CPP_SOURCES + bc.EMU_SOURCES + bc.EMU_HEADERS + build_cpu.CPU_SOURCES
     assert len(listed) == len(set(listed)), listed
     assert set(listed) == on_disk
     assert set(bc.HEADERS) <= set(bc.EMU_HEADERS)

@@ -161,16 +161,22 @@ def test_torch_variant_of_a_large_bank_is_segment():
                                 f"{torch_backend.WIDE_MAX_RANK})")
 
 
-def test_torch_variant_on_cpu_is_segment():
-    """On the CPU the user terms are grouped by the plan's segments; CUDA and
-    torch.compile take wide (test_torch_backend.test_choose_variant)."""
+def test_torch_variant_on_cpu_follows_the_bank():
+    """On the CPU a bank wider than CPU_WIDE_MAX_RANK rank columns groups the user
+    terms by the plan's segments, a smaller one takes wide; CUDA and torch.compile
+    take wide (test_torch_backend.test_choose_variant)."""
     c = mixture_case(256, 256, 256, K=4, r=8, r_u=16, N=32, law="identical", no_user=0.0)
     path = pk.explain(c.x, c.weight, c.bias, backend="torch", **c.kwargs())
     assert path.forward == "segment"
-    assert path.reason.endswith("segment variant (on the CPU the user terms follow the tokens, grouped by the "
-                                "plan's segments)")
+    assert path.reason.endswith("segment variant (on the CPU the user terms follow the tokens (N (r_u + K) = 640 > "
+                                f"{torch_backend.CPU_WIDE_MAX_RANK}), grouped by the plan's segments)")
     kw = {k: v for k, v in c.kwargs().items() if k != "user_ids"}
     assert pk.explain(c.x, c.weight, c.bias, backend="torch", plan=pk.plan(c.user_ids, 32), **kw) == path
+    small = mixture_case(16, 32, 24, K=4, r=8, r_u=8, N=16)
+    path = pk.explain(small.x, small.weight, small.bias, backend="torch", **small.kwargs())
+    assert path.forward == "wide"
+    assert path.reason.endswith("wide variant (a small bank on the CPU: one-hot over N (r_u + K) = 192 <= "
+                                f"{torch_backend.CPU_WIDE_MAX_RANK} columns)")
 
 
 def test_requested_triton_runs_the_kernels(interpreter):

@@ -3,6 +3,8 @@ both variants: the forward and every gradient (through the gates too) by the one
 tolerance rule (fp64 reference the oracle, fp32 reference the baseline), awkward
 sizes and routings (every tile layout), 16-bit inputs, gradcheck, frozen inputs; the
 variant rule; and the dispatch, which takes this backend by default on the CPU."""
+import os
+
 import pytest
 import torch
 
@@ -185,7 +187,8 @@ def test_tile_layouts():
 def test_choose_variant():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert tb.choose_variant(None, 0, 3, cpu) == ("wide", "no user terms")
-    assert tb.choose_variant(8, 4, 2, cpu)[0] == "segment"
+    assert tb.choose_variant(8, 4, 2, cpu)[0] == "wide"  # N (r_u + K) = 48 <= CPU_WIDE_MAX_RANK
+    assert tb.choose_variant(tb.CPU_WIDE_MAX_RANK // 6 + 1, 4, 2, cpu)[0] == "segment"
     assert tb.choose_variant(8, 4, 2, cuda)[0] == "wide"
     assert tb.choose_variant(8, 4, 2, cpu, traced=True) == ("wide", "traced by torch.compile: no host sync")
     assert tb.choose_variant(tb.WIDE_MAX_RANK, 4, 2, cuda)[0] == "segment"
@@ -201,8 +204,8 @@ def test_auto_on_cpu_is_the_torch_backend(monkeypatch):
     c = mixture_case(10, 16, 8, K=3, r=2, r_u=3, N=4)
     path = pk.explain(c.x, c.weight, c.bias, **c.kwargs())
     assert path == pk.Path("torch", "auto", "no Triton: x is a CPU tensor and TRITON_INTERPRET=1 is not set: the "
-                           "torch backend, segment variant (on the CPU the user terms follow the tokens, grouped by "
-                           "the plan's segments)", "segment")
+                           "torch backend, wide variant (a small bank on the CPU: one-hot over N (r_u + K) = 24 <= "
+                           f"{tb.CPU_WIDE_MAX_RANK} columns)", "wide")
     calls = []
     real = mixture_op.lora_mixture_torch
     monkeypatch.setattr(mixture_op, "lora_mixture_torch", lambda *a, **k: calls.append(k["variant"]) or real(*a, **k))
@@ -211,7 +214,7 @@ def test_auto_on_cpu_is_the_torch_backend(monkeypatch):
         yr, gr = lora_mixture_ref(c.x, c.weight, c.bias, c.adapters, c.user_ids)
         torch.testing.assert_close(y, yr)
         torch.testing.assert_close(g, gr)
-    assert calls == ["segment", "segment"]
+    assert calls == ["wide", "wide"]
 
 
 def test_torch_compile_takes_the_wide_variant(monkeypatch):
@@ -240,3 +243,106 @@ def test_torch_compile_takes_the_wide_variant(monkeypatch):
 def test_cuda_matches_reference(variant):
     c = mixture_case(77, 48, 40, K=4, r=4, r_u=4, N=9, law="zipf", device="cuda")
     check_against_reference(c, torch_op(c, variant))
+
+
+# ---- the CPU kernels of the wide variant, the packed weights, the one-user rows ----------
+@pytest.fixture
+def torch_ops_only(monkeypatch):
+    """The wide variant's per-token work as torch ops, as where the CPU kernels are not built."""
+    monkeypatch.setattr(tb, "_CPU_KERNELS", False)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_wide_without_the_cpu_kernels_matches_reference(name, torch_ops_only):
+    c = mixture_case(**CASES[name])
+    check_against_reference(c, torch_op(c, "wide"))
+
+
+def test_cpu_kernels_are_built():
+    """pip install -e . builds proper_kernels._cpu (python/build_cpu.py) wherever torch's
+    headers and a C++ compiler are, as on CI; the wide variant then runs them."""
+    if os.environ.get("PROPER_KERNELS_SKIP_CPU_BUILD") == "1":
+        pytest.skip("PROPER_KERNELS_SKIP_CPU_BUILD=1")
+    assert tb._cpu_kernels(), "proper_kernels._cpu is not built: pip install --no-build-isolation -e ."
+
+
+@pytest.mark.skipif(not tb._cpu_kernels(), reason="proper_kernels._cpu not built")
+def test_cpu_kernels_run_and_reject_bad_ids(monkeypatch):
+    c = mixture_case(11, 16, 8, K=3, r=2, r_u=3, N=4, top_k=2)
+    calls = []
+    real = torch.ops.proper_kernels_cpu.wide_forward
+    monkeypatch.setattr(torch.ops.proper_kernels_cpu, "wide_forward", lambda *a: calls.append(1) or real(*a))
+    check_against_reference(c, torch_op(c, "wide"))
+    assert calls
+    H = torch.zeros(2, 3 * 2 + 4 * 3 + 3)
+    ids = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"ids\[1\] = 4 is outside \[-1, 4\)"):
+        real(H, ids, None, None, 3, 2, 3, 4, True, 0, 1.0, 1.0)
+    with pytest.raises(RuntimeError, match="H must have"):
+        real(H[:, 1:].contiguous(), ids, None, None, 3, 2, 3, 4, True, 0, 1.0, 1.0)
+
+
+def _count_packs(monkeypatch):
+    calls = []
+    real = tb._wide_weights
+    monkeypatch.setattr(tb, "_wide_weights", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def test_packed_weights_follow_every_change(monkeypatch):
+    """Frozen adapters are packed once and repacked after any change the version
+    counter or the storage shows: in-place writes, another tensor, a new shape. Writes
+    through .data bypass the counter: clear_pack_cache() is the remedy."""
+    c = mixture_case(9, 16, 8, K=3, r=2, r_u=3, N=4)
+    a = c.adapters._replace(**{k: getattr(c.adapters, k).clone() for k in ADAPTER_TENSORS})
+    calls = _count_packs(monkeypatch)
+
+    def check():
+        y, _ = torch_op(c, "wide")(c.x, c.weight, c.bias, a, c.user_ids)
+        torch.testing.assert_close(y, lora_mixture_ref(c.x, c.weight, c.bias, a, c.user_ids)[0])
+
+    check(), check()
+    assert len(calls) == 1
+    with torch.no_grad():
+        a.user_B[2].mul_(3.0)  # a view's write bumps the base's version
+    check()
+    assert len(calls) == 2
+    a = a._replace(expert_B=a.expert_B.clone() * 0.5)
+    check()
+    assert len(calls) == 3
+    a.user_A.data.add_(1.0)  # invisible to the counter...
+    y, _ = torch_op(c, "wide")(c.x, c.weight, c.bias, a, c.user_ids)
+    assert len(calls) == 3
+    assert not torch.allclose(y, lora_mixture_ref(c.x, c.weight, c.bias, a, c.user_ids)[0])
+    tb.clear_pack_cache()  # ...until the cache is cleared
+    check()
+    assert len(calls) == 4
+
+
+def test_trainable_adapters_are_packed_every_call(monkeypatch):
+    """Tensors that require grad change at every step: packed once per forward (and
+    reused by its backward), never kept. Without the cache every call packs."""
+    c = mixture_case(9, 16, 8, K=3, r=2, r_u=3, N=4)
+    calls = _count_packs(monkeypatch)
+    A = c.adapters.user_A.clone().requires_grad_()
+    a = c.adapters._replace(user_A=A)
+    for _ in range(2):
+        y, _ = torch_op(c, "wide")(c.x, c.weight, c.bias, a, c.user_ids)
+        torch.autograd.grad(y.sum(), [A])
+    assert len(calls) == 2
+    monkeypatch.setattr(tb, "_PACK_CACHE", False)
+    for _ in range(2):
+        torch_op(c, "wide")(c.x, c.weight, c.bias, c.adapters, c.user_ids)
+    assert len(calls) == 4
+
+
+@pytest.mark.parametrize("T, one_user", [(1, False), (200, True)])
+def test_one_user_rows_when_wide_would_waste(T, one_user):
+    """On the CPU one user owning a batch runs as plain GEMMs over its own rows once
+    wide would multiply ONE_USER_MIN_WASTE zeros; a small batch stays wide."""
+    c = mixture_case(T, 64, 48, K=3, r=4, r_u=8, N=64, law="identical", no_user=0.0)
+    assert (T * 63 * 8 * (64 + 48) >= tb.ONE_USER_MIN_WASTE) == one_user
+    plan = pk.plan(c.user_ids, 64)
+    rt = tb._routing("wide", plan.user_ids, plan, 64, 8, 64 + 48)
+    assert (rt.user >= 0) == one_user and rt.wide != one_user
+    check_against_reference(c, torch_op(c, "wide", plan))

@@ -132,3 +132,47 @@ def test_no_output_size():
 def test_zero_width_input_with_tokens():
     y = pk.lora_mixture(torch.randn(3, 0), torch.randn(4, 0), torch.ones(4))
     torch.testing.assert_close(y, torch.ones(3, 4))
+
+
+def test_a_known_signature_still_checks_values_and_new_shapes():
+    """The shape checks are remembered per signature of the arguments; the values (ids
+    against the plan, their range) are checked at every call, and any other shape,
+    dtype, device or type is a new signature, checked in full."""
+    from proper_kernels.testing import mixture_case
+
+    c = mixture_case(7, 16, 8, K=3, r=2, r_u=3, N=4)
+    kw = c.kwargs()
+    for _ in range(2):
+        pk.lora_mixture(c.x, c.weight, c.bias, **kw)
+    bad_ids = c.user_ids.clone()
+    bad_ids[3] = 4
+    with pytest.raises(ValueError, match=r"user_ids must lie in \[-1, 4\)"):
+        pk.lora_mixture(c.x, c.weight, c.bias, **dict(kw, user_ids=bad_ids))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        pk.lora_mixture(c.x, c.weight, c.bias[:-1], **kw)
+    with pytest.raises(TypeError, match="expert_scale must be a real number"):
+        pk.lora_mixture(c.x, c.weight, c.bias, **dict(kw, expert_scale=torch.tensor(1.0)))
+    with pytest.raises(TypeError, match="user_A must be a torch.Tensor"):
+        pk.lora_mixture(c.x, c.weight, c.bias, **dict(kw, user_A=c.adapters.user_A.tolist()))
+    plan = pk.plan(c.user_ids, 4)
+    pk.lora_mixture(c.x, c.weight, c.bias, **dict(kw, plan=plan))
+    with pytest.raises(ValueError, match="plan does not belong to user_ids"):
+        pk.lora_mixture(c.x, c.weight, c.bias, **dict(kw, plan=plan, user_ids=bad_ids.clamp(max=3).flip(0)))
+
+
+def test_the_cpu_path_follows_the_environment(monkeypatch):
+    """The CPU dispatch is remembered per signature, request, environment and grad
+    need: PROPER_KERNELS_BACKEND set between two calls of the same signature counts."""
+    from proper_kernels.ops import mixture as mixture_op
+    from proper_kernels.testing import mixture_case
+
+    c = mixture_case(7, 16, 8, K=3, r=2, r_u=3, N=4)
+    calls = []
+    real = mixture_op.lora_mixture_torch
+    monkeypatch.setattr(mixture_op, "lora_mixture_torch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv("PROPER_KERNELS_BACKEND", "torch")
+    pk.lora_mixture(c.x, c.weight, c.bias, **c.kwargs())
+    assert calls == [1]
+    monkeypatch.setenv("PROPER_KERNELS_BACKEND", "reference")
+    pk.lora_mixture(c.x, c.weight, c.bias, **c.kwargs())
+    assert calls == [1]

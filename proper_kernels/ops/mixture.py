@@ -9,10 +9,10 @@ from torch import Tensor
 from ..reference.adapters import Adapters
 from ..reference.mixture import lora_mixture_ref
 from . import cuda_decode
-from .dispatch import choose_path
+from .dispatch import choose_path_cached
 from .plan import RoutingPlan
 from .torch_backend import lora_mixture_torch
-from .validate import check_mixture_args
+from .validate import check_and_sign
 
 __all__ = ["lora_mixture"]
 
@@ -68,14 +68,15 @@ def lora_mixture(
     """
     adapters = Adapters(expert_A, expert_B, router_weight, user_logit_bias, user_A, user_B, user_router,
                         expert_scale, user_scale, top_k)
-    spec = check_mixture_args(x, weight, bias, adapters, user_ids, plan)
-    adapters = adapters._replace(expert_scale=float(expert_scale), user_scale=float(user_scale),
-                                 top_k=top_k if (top_k is not None and top_k < spec.K) else None)
+    spec, sig = check_and_sign(x, weight, bias, adapters, user_ids, plan)
+    if type(expert_scale) is not float or type(user_scale) is not float or top_k is not None:
+        adapters = adapters._replace(expert_scale=float(expert_scale), user_scale=float(user_scale),
+                                     top_k=top_k if (top_k is not None and top_k < spec.K) else None)
     lead = tuple(x.shape[:-1])
     x2 = x.reshape(spec.T, spec.d_in)
     # The plan, when given, is the routing of the batch: every backend reads its ids.
     ids = plan.user_ids if plan is not None else (user_ids.reshape(spec.T) if user_ids is not None else None)
-    path = choose_path(x, weight, bias, adapters, spec, ids, backend)
+    path = choose_path_cached(sig, x, weight, bias, adapters, spec, ids, backend)
     if path.backend == "base":
         y = F.linear(x, weight, bias)
         return (y, None) if return_gates else y

@@ -1,60 +1,79 @@
-"""The fast pure-PyTorch path of :func:`proper_kernels.lora_mixture` (backend "torch").
+"""The fast path of :func:`proper_kernels.lora_mixture` without kernels (backend "torch").
 
 The rank-space contract of ``proper_kernels.reference.rankspace`` as a few large
 GEMMs with a hand-written backward (its chain rule is written out there), instead of
 autograd over the reference's per-token gathers. The forward keeps, per token, only
-x and the codes ``h = A_cat x`` [K r], ``z = A_u x`` [r_u] and the gates g [K];
-everything runs in the compute dtype (float32; float64 stays float64) and each result
-comes back in its own tensor's dtype, as the reference does.
+x and the codes ``h = A_cat x`` [K r], ``z = A_u x`` [r_u] and the gates g [K] (wide:
+the codes of every user, and the scaled codes the expand met); everything runs in the
+compute dtype (float32; float64 stays float64) and each result comes back in its own
+tensor's dtype, as the reference does.
 
 The group part is dense (every token, every expert). The user part has two variants:
 
-* ``wide``     every token against every user of the bank: the shrink GEMM runs over
-               [A_cat; W_r; A_u of all N users], and a one-hot [T, N] keeps each
-               token's own r_u columns; the user bias, the LoRA-aware router, the
-               expand and every user gradient are GEMMs with that one-hot. No host
-               sync, no loop, but (N - 1) r_u wasted rank columns per token.
+* ``wide``     every token against every user of the bank: one shrink GEMM over
+               [A_cat; A_u of all N users; W_r], one pass of per-token work (each
+               token keeps its own user's r_u columns; its logits, gates and
+               scales), one expand GEMM over [B_cat | B_u of all users]; the
+               backward likewise. The per-token pass is a C++ kernel on the CPU
+               (csrc/cpu/wide_glue.cpp, the module proper_kernels._cpu, where built),
+               else torch ops with a one-hot [T, N]. No host sync, no loop, but
+               (N - 1) r_u wasted rank columns per token.
 * ``segment``  the tokens grouped by user in the routing plan's sorted order, cut
                into tiles of one user each; every per-user product is one batched
                GEMM over the tiles (a gather of the user tokens before, a scatter
-               after). One user owning the whole batch needs neither: its terms are
-               plain GEMMs. Its cost follows the tokens, not the bank; it needs the
+               after). Its cost follows the tokens, not the bank; it needs the
                plan's segment offsets on the host (one sync on CUDA).
+
+One user owning the whole batch needs neither: its terms are plain GEMMs over its own
+rows (segment always; wide on the CPU once its waste would matter). The GEMM layouts
+of frozen adapter tensors are kept between calls (:func:`_packed`).
 
 :func:`choose_variant` picks one; the dispatch (``proper_kernels.ops.dispatch.
 choose_path``) calls it and reports the choice.
 """
 from __future__ import annotations
 
+import importlib
+import os
 import weakref
+from functools import partial
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..reference.adapters import Adapters
 from ..reference.mixture import compute_dtype, gates_from_logits
 from .plan import RoutingPlan
 
-__all__ = ["VARIANTS", "choose_variant", "lora_mixture_torch", "TorchMixtureFunction"]
+__all__ = ["VARIANTS", "choose_variant", "clear_pack_cache", "lora_mixture_torch", "TorchMixtureFunction"]
 
 VARIANTS = ("wide", "segment")
 
-# Wide's one-hot rank space is [T, N (r_u + K)]: beyond this width it is never taken.
+# Wide's one-hot rank space is [T, N (r_u + K)]: beyond this width it is never taken,
+# and on the CPU not beyond CPU_WIDE_MAX_RANK (see choose_variant).
 WIDE_MAX_RANK = 4096
+CPU_WIDE_MAX_RANK = 256
+# Wide with one user owning the batch multiplies T (N - 1) r_u (d_in + d_out) times
+# by zero: from this many (~50 us of fp32 GEMM on one CPU core) that user's own rows
+# run as plain GEMMs instead (on the CPU; measured cpu-small: wide 1.3x faster at
+# T = 1, the user's rows 1.5x faster at T = 256).
+ONE_USER_MIN_WASTE = 4_000_000
 
 
 def choose_variant(N: Optional[int], r_u: int, K: int, device: torch.device,
                    traced: bool = False) -> Tuple[str, str]:
     """(variant, reason): "wide" or "segment" for one call of the torch backend.
 
-    On the CPU segment: its cost follows the tokens, wide's the whole bank, and the
-    plan's segment offsets cost no device sync there (measured: segment is at least
-    as fast as wide in every cpu-small case, up to 1.7x faster). Elsewhere (CUDA) and
-    under torch.compile (``traced``) wide, which has no host sync and no loop, up to
-    WIDE_MAX_RANK rank columns.
+    Under torch.compile (``traced``) and on CUDA wide, which has no host sync and no
+    loop, up to WIDE_MAX_RANK rank columns. On the CPU, where the plan's segment
+    offsets cost no device sync, wide only up to CPU_WIDE_MAX_RANK: its cost follows
+    the whole bank, segment's the tokens (measured, d_in 256, T 16 to 256: wide
+    1.05-1.15x faster at N (r_u + K) = 192, segment 1.4-2.6x faster from 768 on). On
+    the CPU one user owning the batch runs as plain GEMMs in either variant.
     """
     if not N or (r_u == 0 and K == 0):
         return "wide", "no user terms"
@@ -64,7 +83,10 @@ def choose_variant(N: Optional[int], r_u: int, K: int, device: torch.device,
     if traced:
         return "wide", "traced by torch.compile: no host sync"
     if device.type == "cpu":
-        return "segment", "on the CPU the user terms follow the tokens, grouped by the plan's segments"
+        if width > CPU_WIDE_MAX_RANK:
+            return "segment", (f"on the CPU the user terms follow the tokens (N (r_u + K) = {width} > "
+                               f"{CPU_WIDE_MAX_RANK}), grouped by the plan's segments")
+        return "wide", f"a small bank on the CPU: one-hot over N (r_u + K) = {width} <= {CPU_WIDE_MAX_RANK} columns"
     return "wide", f"one-hot over the bank's N (r_u + K) = {width} columns, no host sync"
 
 
@@ -89,23 +111,43 @@ class _Routing(NamedTuple):
     rows: Optional[Tensor] = None    # tiles: [G L] int64, the token of each tile row
     mask: Optional[Tensor] = None    # tiles: [G, L, 1] float32, 1 on rows that hold their tile's token; None: all do
     users: Optional[Tensor] = None   # tiles: [G] int64, the user of each tile; None: tile g is user g (G = N)
+    masks: Optional[dict] = None     # wide: (compute dtype, r_u) -> its one-hot masks, built once per routing
 
     @property
     def wide(self) -> bool:
-        """Whether the user terms run as wide GEMMs (all users' ranks, or the one user's)."""
-        return self.user >= 0 or (self.variant == "wide" and self.N > 0)
+        """Whether the user terms run in the wide variant (every user of the bank)."""
+        return self.variant == "wide" and self.N > 0
 
 
-# The segment routings of a plan (per user rank), built at their first use: the plan
-# is shared by every layer of a batch, and so are they.
+# The routings of a plan (wide, and segment per user rank), built at their first use:
+# the plan is shared by every layer of a batch, and so are they.
 _SEGMENT_ROUTING: "weakref.WeakKeyDictionary[RoutingPlan, dict]" = weakref.WeakKeyDictionary()
 
 
-def _routing(variant: str, ids: Optional[Tensor], plan: Optional[RoutingPlan], N: int, r_u: int) -> _Routing:
+def _routing(variant: str, ids: Optional[Tensor], plan: Optional[RoutingPlan], N: int, r_u: int,
+             d: int = 0) -> _Routing:
+    """The routing of a call; ``d``: d_in + d_out of the layer (wide's waste)."""
     if ids is None or N == 0:
         return _Routing("wide", None, 0)
     if variant == "wide":
-        return _Routing("wide", ids, N)
+        # Traced code keeps no tensors between calls: its masks are built in the graph.
+        if plan is None or torch.compiler.is_compiling():
+            return _Routing("wide", ids, N, masks={})
+        cache = _SEGMENT_ROUTING.setdefault(plan, {})
+        # On the CPU, where the plan's segments cost no sync, one user owning a batch
+        # large enough for wide's waste to matter runs as plain GEMMs over its rows.
+        key = "wide"
+        if ids.device.type == "cpu" and plan.num_tokens * (N - 1) * r_u * d >= ONE_USER_MIN_WASTE:
+            if "segments" not in cache:
+                cache["segments"] = plan.segments()
+            segs = cache["segments"]
+            if len(segs) == 1 and segs[0][1] == 0:
+                key = "one-user"
+                if key not in cache:
+                    cache[key] = _Routing("segment", ids, N, user=segs[0][0])
+        if key not in cache:
+            cache[key] = _Routing("wide", ids, N, masks={})
+        return cache[key]
     if plan is None:
         plan = RoutingPlan(ids, N, check=False)
     cache = _SEGMENT_ROUTING.setdefault(plan, {})
@@ -177,69 +219,319 @@ def _cast(t: Optional[Tensor], cd: torch.dtype) -> Optional[Tensor]:
     return t if (t is None or t.dtype == cd) else t.to(cd)
 
 
+# --------------------------------------------------------------------------- packed weights
+# The GEMM layouts of the adapter tensors ([A_cat; W_r], the up-projections as one
+# matrix, the router in rank space), in the compute dtype. Tensors that take no
+# gradient (frozen: requires_grad False) keep theirs between calls, rebuilt when the
+# tensor changes: another storage, shape, stride or dtype, or a new version (every
+# in-place write through the tensor or a view of it bumps it). Writes that bypass the
+# version counter (``t.data.copy_(...)``) are not seen: call clear_pack_cache() after
+# them, or set PROPER_KERNELS_PACK_CACHE=0. Trainable tensors are packed once per
+# forward and the pack is reused by its backward.
+_PACKS = WeakIdKeyDictionary()  # first source tensor -> {kind: (signature, packs, the sources kept alive)}
+_PACK_CACHE = os.environ.get("PROPER_KERNELS_PACK_CACHE", "1") != "0"
+
+
+def clear_pack_cache() -> None:
+    """Drop every cached pack (after writes the version counter does not see)."""
+    _PACKS.clear()
+
+
+def _packed(kind, build, *sources: Optional[Tensor]):
+    """build(*sources), cached while every source is frozen and unchanged."""
+    if not _PACK_CACHE or torch.compiler.is_compiling():
+        return build(*sources)
+    present = [t for t in sources if t is not None]
+    for t in present:
+        if t.requires_grad or t.is_inference():
+            return build(*sources)
+    # The entry keeps the sources' storage alive (below), so a pointer seen again is the
+    # same memory: a new version, shape or stride is all that can change what it holds.
+    sig = [(t.data_ptr(), t._version, t.shape, t.stride()) for t in present]
+    slot = _PACKS.get(present[0])
+    if slot is None:
+        slot = _PACKS[present[0]] = {}
+    hit = slot.get(kind)
+    if hit is not None and hit[0] == sig:
+        return hit[1]
+    packs = build(*sources)
+    # The sources stay referenced (their storage, no copy) so that their memory cannot
+    # be taken by another tensor of the same signature while the entry lives.
+    slot[kind] = (sig, packs, [t.detach() for t in present])
+    return packs
+
+
+def _build_shrink(cd: torch.dtype, A_g: Tensor, W_r: Optional[Tensor]) -> Tensor:
+    """[K r (+ K), d_in]: the expert down-projections, then the router rows."""
+    A = A_g.reshape(-1, A_g.shape[-1])
+    return _cast(torch.cat([A, W_r]) if W_r is not None else A, cd)
+
+
+def _build_cols(cd: torch.dtype, B: Tensor) -> Tensor:
+    """B [M, d_out, r] -> [d_out, M r]: M stacked LoRA up-projections as one matrix."""
+    return _cast(B.permute(1, 0, 2).reshape(B.shape[1], -1), cd)
+
+
+def _build_router(cd: torch.dtype, V: Tensor) -> Tensor:
+    """V [N, K, r_u] -> [N r_u, K]: the LoRA-aware router over the rank space of all users."""
+    return _cast(V.transpose(1, 2).reshape(-1, V.shape[1]), cd)
+
+
+class _Weights(NamedTuple):
+    """The GEMM operands of a segment call in the compute dtype (None where absent);
+    the user ones are the rows of the one user owning the batch (else None: the
+    tiles gather theirs)."""
+
+    S: Optional[Tensor]    # [K r (+ K), d_in]  [A_cat; W_r]
+    Bg: Optional[Tensor]   # [d_out, K r]       B_cat
+    Su: Optional[Tensor]   # [r_u, d_in]        A_u[u]
+    Bu: Optional[Tensor]   # [d_out, r_u]       B_u[u]
+    Vm: Optional[Tensor]   # [r_u, K]           V[u]^T
+    c: Optional[Tensor]    # [1, K]             c[u]
+
+
+def _group_weights(cd: torch.dtype, A_g: Tensor, B_g: Tensor, W_r: Optional[Tensor]):
+    return _build_shrink(cd, A_g, W_r), _build_cols(cd, B_g)
+
+
+def _weights(ad: Adapters, rt: _Routing, cd: torch.dtype) -> _Weights:
+    S = Bg = Su = Bu = Vm = c = None
+    if ad.expert_A is not None:
+        S, Bg = _packed(("group", cd), partial(_group_weights, cd), ad.expert_A, ad.expert_B, ad.router_weight)
+    A_u, B_u, V, c_all = ad.user_A, ad.user_B, ad.user_router, ad.user_logit_bias
+    if rt.user >= 0:  # one user's rows: views
+        u = rt.user
+        if A_u is not None:
+            Su, Bu = _cast(A_u[u], cd), _cast(B_u[u], cd)
+            Vm = _cast(V[u], cd).t() if V is not None else None
+        c = _cast(c_all[u:u + 1], cd) if c_all is not None else None
+    return _Weights(S, Bg, Su, Bu, Vm, c)
+
+
+_ARANGE: dict = {}
+
+
 def _one_hot(rt: _Routing, cd: torch.dtype) -> Optional[Tensor]:
     """[T, N] in cd, 1 where token t belongs to user n (rows of id -1 are zero); None
     when one user owns the batch."""
     if rt.user >= 0:
         return None
-    return (rt.ids.unsqueeze(1) == torch.arange(rt.N, device=rt.ids.device)).to(cd)
+    key = (rt.N, rt.ids.device)
+    cols = _ARANGE.get(key)
+    if cols is None:
+        cols = _ARANGE[key] = torch.arange(rt.N, device=rt.ids.device, dtype=rt.ids.dtype)
+    return (rt.ids.unsqueeze(1) == cols).to(cd)
 
 
-def _cols(B: Tensor) -> Tensor:
-    """B [M, d_out, r] -> [d_out, M r]: M stacked LoRA up-projections as one matrix."""
-    return B.permute(1, 0, 2).reshape(B.shape[1], -1)
+# --------------------------------------------------------------------------- wide
+def _cpu_kernels() -> bool:
+    """Whether the CPU kernels of the wide variant (csrc/cpu/wide_glue.cpp, the module
+    proper_kernels._cpu) are built and loaded; imported at the first call."""
+    global _CPU_KERNELS
+    if _CPU_KERNELS is None:
+        try:
+            importlib.import_module("proper_kernels._cpu")
+            _CPU_KERNELS = hasattr(torch.ops.proper_kernels_cpu, "wide_forward")
+        except ImportError:
+            _CPU_KERNELS = False
+    return _CPU_KERNELS
 
 
-def _shrink(A_g: Optional[Tensor], W_r: Optional[Tensor], A_u: Optional[Tensor]) -> Tensor:
-    """[K r + K + n r_u, d_in]: the rows present of [A_cat; W_r; A_u of n users]."""
-    rows = [t.reshape(-1, t.shape[-1]) for t in (A_g, W_r, A_u) if t is not None]
-    return torch.cat(rows) if len(rows) > 1 else rows[0]
+_CPU_KERNELS: Optional[bool] = None if os.environ.get("PROPER_KERNELS_CPU_KERNELS", "1") != "0" else False
 
 
-def _forward(x, weight, bias, ad: Adapters, rt: _Routing, d_out: int, save: bool):
-    """(y [T, d_out] in x.dtype, h [T, K r], z [T, r_u], g [T, K]); the codes in the
-    compute dtype, h and z None unless ``save``."""
+class _Wide(NamedTuple):
+    """The operands of the wide variant in the compute dtype. The code columns are
+    [h: K r | z: N r_u | l: K] (the blocks present, in this order); the expand meets
+    the first two, scaled: [s_g g_k h_k | s_u z in the token's own user block]."""
+
+    S: Tensor              # [K r + N r_u (+ K), d_in]   [A_cat; A_u of all users; W_r]
+    Et: Tensor             # [K r + N r_u, d_out]        [B_cat | B_u of all users]^T (a transposed view)
+    V: Optional[Tensor]    # the LoRA-aware router: [N r_u, K] (torch ops) or V [N, K, r_u] contiguous (kernels)
+    c: Optional[Tensor]    # [N, K] contiguous           the user logit bias
+
+
+def _wide_weights(cd: torch.dtype, kernels: bool, A_g, B_g, W_r, c, A_u, B_u, V) -> _Wide:
+    rows = [t.reshape(-1, t.shape[-1]) for t in (A_g, A_u, W_r) if t is not None]
+    cols = [_build_cols(cd, B) for B in (B_g, B_u) if B is not None]
+    S = _cast(torch.cat(rows) if len(rows) > 1 else rows[0], cd)
+    E = torch.cat(cols, 1) if len(cols) > 1 else cols[0]
+    if V is not None:
+        V = _cast(V, cd).contiguous() if kernels else _build_router(cd, V)
+    return _Wide(S, E.t(), V, _cast(c, cd).contiguous() if c is not None else None)
+
+
+def _wide_pack(ad: Adapters, cd: torch.dtype, kernels: bool) -> _Wide:
+    """The wide operands of these adapters (cached while they are frozen)."""
+    return _packed(("wide", cd, kernels), partial(_wide_weights, cd, kernels), *ad.tensors())
+
+
+def _wide_masks(rt: _Routing, cd: torch.dtype, r_u: int) -> Tuple[Tensor, Optional[Tensor]]:
+    """(one-hot [T, N], its columns repeated r_u times [T, N r_u] or None) in cd:
+    token t's row is 1 on its own user (zero for id -1)."""
+    key = (cd, r_u)
+    if key not in rt.masks:
+        onehot = _one_hot(rt, cd)
+        masks = (onehot, onehot.repeat_interleave(r_u, dim=1) if r_u else None)
+        if torch.compiler.is_compiling():  # traced: no tensor kept outside the graph
+            return masks
+        rt.masks[key] = masks
+    return rt.masks[key]
+
+
+def _ids32(rt: _Routing) -> Tensor:
+    """The routing's ids as the CPU kernels read them: int32, contiguous."""
+    if "ids32" not in rt.masks:
+        rt.masks["ids32"] = rt.ids.to(torch.int32).contiguous()
+    return rt.masks["ids32"]
+
+
+def _mul_into(out: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """out = a * b, written into ``out`` (a column block of a wider tensor)."""
+    if torch.compiler.is_compiling():  # dynamo takes no strided out=
+        return out.copy_(a * b)
+    return torch.mul(a, b, out=out)
+
+
+def _forward_wide(x, weight, bias, ad: Adapters, rt: _Routing, d_out: int, save: bool):
+    """The wide variant: every token against every user of the bank. One shrink GEMM
+    H = x S^T gives the codes of all experts and users and the router's logits; the
+    per-token work (each token keeps its own user's codes, the gates, the scales) makes
+    HG; one expand GEMM adds it to the base output. The per-token work runs in the CPU
+    kernels where they are built (one pass), else as torch ops.
+
+    Returns (y in x.dtype, g [T, K], saved for the backward or None)."""
     cd = compute_dtype(x.dtype)
-    A_g, B_g, W_r = [_cast(t, cd) for t in (ad.expert_A, ad.expert_B, ad.router_weight)]
-    # The user tensors are cast once cut to the users the batch reads (below).
-    c, A_u, B_u, V = ad.user_logit_bias, ad.user_A, ad.user_B, ad.user_router
     xc = _cast(x, cd)
     T = xc.shape[0]
     K, r = ad.num_experts, ad.expert_rank
+    A_u = ad.user_A
     r_u = A_u.shape[1] if A_u is not None else 0
+    s_g, s_u = ad.expert_scale, ad.user_scale
+    kernels = xc.device.type == "cpu" and _cpu_kernels() and not torch.compiler.is_compiling()
+    w = _wide_pack(ad, cd, kernels)
+    Kr, R = K * r, w.Et.shape[0]  # R: the expanded code columns, K r + N r_u
     if weight is not None:
         y = F.linear(xc, _cast(weight, cd), _cast(bias, cd))
     else:
         y = xc.new_zeros(T, d_out) if bias is None else _cast(bias, cd).expand(T, d_out).clone()
-    if rt.wide:  # the users' rows: all N, or the one user's
-        n = 1 if rt.user >= 0 else rt.N
-        sl = slice(rt.user, rt.user + 1) if rt.user >= 0 else slice(None)
-        A_u, B_u, c, V = [_cast(t[sl], cd) if t is not None else None for t in (A_u, B_u, c, V)]
-        onehot = _one_hot(rt, cd)
+    H = F.linear(xc, w.S)
+    if kernels:
+        HG, g = torch.ops.proper_kernels_cpu.wide_forward(H, _ids32(rt), w.c, w.V, K, r, r_u, rt.N,
+                                                         ad.router_weight is not None, ad.top_k or 0, s_g, s_u)
+    else:
+        onehot, zmask = _wide_masks(rt, cd, r_u)
+        HG = torch.empty(T, R, dtype=cd, device=xc.device)  # the codes as the expand reads them
+        zw = _mul_into(HG[:, Kr:], H[:, Kr:R], zmask) if r_u else None
+        g = xc.new_zeros(T, 0)
+        if K:
+            logits = H[:, R:] if ad.router_weight is not None else None
+            if w.c is not None:
+                logits = torch.addmm(logits, onehot, w.c) if logits is not None else onehot @ w.c
+            if w.V is not None:
+                logits = torch.addmm(logits, zw, w.V) if logits is not None else zw @ w.V
+            g = gates_from_logits(logits if logits is not None else xc.new_zeros(T, K), ad.top_k)
+            _mul_into(HG[:, :Kr].view(T, K, r), H[:, :Kr].view(T, K, r), (g * s_g).unsqueeze(-1))
+        if r_u and s_u != 1.0:
+            zw.mul_(s_u)
+    y.addmm_(HG, w.Et)
+    return _cast(y, x.dtype), g, ((H, HG, g, w, kernels) if save else None)
+
+
+def _backward_wide(dy, dg_ext, x, weight, ad: Adapters, rt: _Routing, saved, needs):
+    """The chain rule of rankspace.py for the wide variant, on the codes of the
+    forward: the 10 gradients in the compute dtype (None where not needed)."""
+    n_x, n_w, n_b, n_Ag, n_Bg, n_Wr, n_c, n_Au, n_Bu, n_V = needs
+    H, HG, g, w, kernels = saved
+    cd = compute_dtype(x.dtype)
+    xc, dyc = _cast(x, cd), _cast(dy, cd)
+    T, d_in = xc.shape
+    d_out = dyc.shape[1]
+    K, r, N = ad.num_experts, ad.expert_rank, rt.N
+    A_u = ad.user_A
+    r_u = A_u.shape[1] if A_u is not None else 0
+    s_g, s_u = ad.expert_scale, ad.user_scale
+    Kr, R = K * r, w.Et.shape[0]
+    has_router = ad.router_weight is not None
+    dx = dW0 = db = dA_g = dB_g = dW_r = dc = dA_u = dB_u = dV = None
+    if n_x:
+        dx = dyc @ _cast(weight, cd) if weight is not None else xc.new_zeros(T, d_in)
+    if n_w:
+        dW0 = dyc.t() @ xc
+    if n_b:
+        db = dyc.sum(0)
+    if n_Bg or n_Bu:  # HG holds the scaled codes the expand met: dE = dy^T HG
+        dE = dyc.t() @ HG
+        dB_g = dE[:, :Kr].view(d_out, K, r).permute(1, 0, 2) if (n_Bg and K) else None
+        dB_u = dE[:, Kr:].view(d_out, N, r_u).permute(1, 0, 2) if (n_Bu and r_u) else None
+    e = dyc @ w.Et.t()  # [T, K r + N r_u]: B_cat^T dy | B_u^T dy of every user (unscaled)
+    need_dc, need_dV = bool(n_c and w.c is not None), bool(n_V and w.V is not None)
+    if kernels:
+        dH, _, dc, dV = torch.ops.proper_kernels_cpu.wide_backward(
+            H, e, g, _cast(dg_ext, cd).contiguous() if dg_ext is not None else None, _ids32(rt), w.V, K, r, r_u, N,
+            has_router, s_g, s_u, need_dc, need_dV)
+    else:
+        onehot, zmask = _wide_masks(rt, cd, r_u)
+        dH = torch.empty(T, H.shape[1], dtype=cd, device=xc.device)  # the gradient of the codes H
+        dl = None
+        if K:
+            e3 = e[:, :Kr].view(T, K, r)
+            dg = (e3 * H[:, :Kr].view(T, K, r)).sum(-1).mul_(s_g)
+            if dg_ext is not None:
+                dg = dg + _cast(dg_ext, cd)
+            # softmax backward; zero off the top_k set, where g is zero
+            dl = g * (dg - (g * dg).sum(-1, keepdim=True))
+            _mul_into(dH[:, :Kr].view(T, K, r), e3, (g * s_g).unsqueeze(-1))
+            if has_router:
+                dH[:, R:].copy_(dl)
+            if need_dc:
+                dc = onehot.t() @ dl
+            if need_dV:  # the unscaled masked codes: H's user columns times the mask
+                dV = ((H[:, Kr:R] * zmask).t() @ dl).view(N, r_u, K).transpose(1, 2)
+        if r_u:  # dz_t = s_u B_u^T dy_t + V_u^T dl_t, in the token's own slot
+            dz = torch.addmm(e[:, Kr:], dl, w.V.t(), beta=s_u) if w.V is not None else e[:, Kr:].mul(s_u)
+            _mul_into(dH[:, Kr:R], dz, zmask)
+    if n_x:
+        dx.addmm_(dH, w.S)
+    if n_Ag or n_Au or (n_Wr and has_router):
+        dS = dH.t() @ xc
+        dA_g = dS[:Kr].view(K, r, d_in) if (n_Ag and K) else None
+        dA_u = dS[Kr:R].view(N, r_u, d_in) if (n_Au and r_u) else None
+        dW_r = dS[R:] if (n_Wr and has_router) else None
+    return dx, dW0, db, dA_g, dB_g, dW_r, (dc if need_dc else None), dA_u, dB_u, (dV if need_dV else None)
+
+
+def _forward_segment(x, weight, bias, ad: Adapters, rt: _Routing, d_out: int, save: bool):
+    """The segment variant (and the group part alone, without user terms): (y [T, d_out]
+    in x.dtype, h [T, K r], z [T, r_u], g [T, K], the GEMM operands); the codes in the
+    compute dtype, h and z None unless ``save``."""
+    cd = compute_dtype(x.dtype)
+    xc = _cast(x, cd)
+    T = xc.shape[0]
+    K, r = ad.num_experts, ad.expert_rank
+    A_u = ad.user_A
+    r_u = A_u.shape[1] if A_u is not None else 0
+    w = _weights(ad, rt, cd)
+    if weight is not None:
+        y = F.linear(xc, _cast(weight, cd), _cast(bias, cd))
+    else:
+        y = xc.new_zeros(T, d_out) if bias is None else _cast(bias, cd).expand(T, d_out).clone()
     h = logits = z = zw = zp = None
-    A_wide = A_u if rt.wide else None
-    if K or A_wide is not None:
-        H = xc @ _shrink(A_g, W_r, A_wide).t()  # [T, K r + K + n r_u]
+    if K:
+        H = xc @ w.S.t()  # [T, K r (+ K)]
         h = H[:, : K * r]
-        if W_r is not None:
-            logits = H[:, K * r: K * r + K]
-    if rt.wide:
-        if A_u is not None:
-            zw = H[:, H.shape[1] - n * r_u:]
-            if onehot is not None:  # each token keeps its own user's r_u columns
-                zw = zw.view(T, n, r_u).mul_(onehot.unsqueeze(-1)).view(T, n * r_u)
-            if save:
-                z = zw.view(T, n, r_u).sum(1) if n > 1 else zw.contiguous()
-        if K and c is not None:
-            if onehot is not None:
-                logits = torch.addmm(logits, onehot, c) if logits is not None else onehot @ c
-            else:
-                logits = logits + c if logits is not None else c.expand(T, K)
-        if K and V is not None:
-            Vm = V.transpose(1, 2).reshape(n * r_u, K)
-            logits = torch.addmm(logits, zw, Vm) if logits is not None else zw @ Vm
+        if ad.router_weight is not None:
+            logits = H[:, K * r:]
+    if rt.user >= 0:  # one user owns the batch: its rows as plain GEMMs
+        if w.Su is not None:
+            zw = z = xc @ w.Su.t()
+        if K and w.c is not None:
+            logits = logits + w.c if logits is not None else w.c.expand(T, K)
+        if K and w.Vm is not None:
+            logits = torch.addmm(logits, zw, w.Vm) if logits is not None else zw @ w.Vm
     elif rt.G:  # tiles
         mask = _cast(rt.mask, cd)
+        c, V = ad.user_logit_bias, ad.user_router
         if A_u is not None:
             zp = torch.bmm(_tiled(xc, rt), _per_tile(A_u, rt, cd).transpose(1, 2))  # [G, L, r_u]
             if mask is not None:
@@ -259,51 +551,44 @@ def _forward(x, weight, bias, ad: Adapters, rt: _Routing, d_out: int, save: bool
     if K:
         g = gates_from_logits(logits if logits is not None else xc.new_zeros(T, K), ad.top_k)
         hg = (h.view(T, K, r) * g.unsqueeze(-1)).view(T, K * r)
-        y.addmm_(hg, _cols(B_g).t(), alpha=ad.expert_scale)
+        y.addmm_(hg, w.Bg.t(), alpha=ad.expert_scale)
     else:
         g = xc.new_zeros(T, 0)
     if zw is not None:
-        y.addmm_(zw, _cols(B_u).t(), alpha=ad.user_scale)
+        y.addmm_(zw, w.Bu.t(), alpha=ad.user_scale)
     elif zp is not None:
-        _untile_add(y, torch.bmm(zp, _per_tile(B_u, rt, cd).transpose(1, 2)), rt, alpha=ad.user_scale)
+        _untile_add(y, torch.bmm(zp, _per_tile(ad.user_B, rt, cd).transpose(1, 2)), rt, alpha=ad.user_scale)
     if save:
-        h = h.contiguous() if h is not None else xc.new_zeros(T, 0)  # not a view keeping all of H alive
+        h = h if h is not None else xc.new_zeros(T, 0)
         z = z if z is not None else xc.new_zeros(T, r_u)
-    return _cast(y, x.dtype), h, z, g
+    return _cast(y, x.dtype), h, z, g, w
 
 
-def _backward(dy, dg_ext, x, h, z, g, weight, ad: Adapters, rt: _Routing, needs):
-    """The 10 gradients (dx, dW0, db, dA_g, dB_g, dW_r, dc, dA_u, dB_u, dV) in the
-    compute dtype (None where not needed): the chain rule of rankspace.py."""
+def _backward_segment(dy, dg_ext, x, h, z, g, weight, ad: Adapters, rt: _Routing, w: _Weights, needs):
+    """The segment variant's 10 gradients (dx, dW0, db, dA_g, dB_g, dW_r, dc, dA_u, dB_u,
+    dV) in the compute dtype (None where not needed): the chain rule of rankspace.py.
+    ``w``: the forward's GEMM operands."""
     n_x, n_w, n_b, n_Ag, n_Bg, n_Wr, n_c, n_Au, n_Bu, n_V = needs
     cd = compute_dtype(x.dtype)
-    A_g, B_g, W_r = [_cast(t, cd) for t in (ad.expert_A, ad.expert_B, ad.router_weight)]
-    # The user tensors are cast once cut to the users the batch reads (below).
     c, A_u, B_u, V = ad.user_logit_bias, ad.user_A, ad.user_B, ad.user_router
     xc, dyc = _cast(x, cd), _cast(dy, cd)
     T, d_in = xc.shape
     d_out = dyc.shape[1]
-    K, r, N = ad.num_experts, ad.expert_rank, rt.N
+    K, r = ad.num_experts, ad.expert_rank
     r_u = A_u.shape[1] if A_u is not None else 0
     s_g, s_u = ad.expert_scale, ad.user_scale
-    if rt.wide:
-        n = 1 if rt.user >= 0 else N
-        sl = slice(rt.user, rt.user + 1) if rt.user >= 0 else slice(None)
-        A_w, B_w, V_w = [_cast(t[sl], cd) if t is not None else None for t in (A_u, B_u, V)]
-        onehot = _one_hot(rt, cd)
-    dx = dyc @ _cast(weight, cd) if (n_x and weight is not None) else (xc.new_zeros(T, d_in) if n_x else None)
-    dW0 = dyc.t() @ xc if n_w else None
-    db = dyc.sum(0) if n_b else None
-    dA_g = dB_g = dW_r = dc = dA_u = dB_u = dV = None
-    # The code gradients [dh | dl | dz of the wide users] meet the shrink rows
-    # [A_cat; W_r; A_u of the wide users] in one GEMM for dx and one for their gradient.
-    A_wide = A_w if (rt.wide and A_u is not None and (n_Au or n_x)) else None
-    codes = []  # [dh | dl | dz], the blocks present, in the order of the shrink rows
-    dl = None
+    has_router = ad.router_weight is not None
+    dx = dW0 = db = dA_g = dB_g = dW_r = dc = dA_u = dB_u = dV = dl = None
+    if n_x:
+        dx = dyc @ _cast(weight, cd) if weight is not None else xc.new_zeros(T, d_in)
+    if n_w:
+        dW0 = dyc.t() @ xc
+    if n_b:
+        db = dyc.sum(0)
     if K:
         gs = (g * s_g).unsqueeze(-1)
         h3 = h.view(T, K, r)
-        e = (dyc @ _cols(B_g)).view(T, K, r)  # B_cat^T dy_t, before the scale and the gates
+        e = (dyc @ w.Bg).view(T, K, r)  # B_cat^T dy_t, before the scale and the gates
         if n_Bg:
             dB_g = (dyc.t() @ (h3 * gs).view(T, K * r)).view(d_out, K, r).permute(1, 0, 2)
         dg = (e * h3).sum(-1).mul_(s_g)
@@ -311,36 +596,34 @@ def _backward(dy, dg_ext, x, h, z, g, weight, ad: Adapters, rt: _Routing, needs)
             dg = dg + _cast(dg_ext, cd)
         # softmax backward; zero off the top_k set, where g is zero
         dl = g * (dg - (g * dg).sum(-1, keepdim=True))
-        codes += [(e * gs).view(T, K * r)] + ([dl] if W_r is not None else [])
-    if rt.wide:
+        if n_x or n_Ag or (n_Wr and has_router):  # [dh | dl] against the shrink rows [A_cat; W_r]
+            D = (e * gs).view(T, K * r)
+            if has_router:
+                D = torch.cat([D, dl], 1)
+            if n_x:
+                dx.addmm_(D, w.S)
+            if n_Ag or (n_Wr and has_router):
+                dS = D.t() @ xc
+                dA_g = dS[: K * r].view(K, r, d_in) if n_Ag else None
+                dW_r = dS[K * r:] if (n_Wr and has_router) else None
+    if rt.user >= 0:  # one user owns the batch: its rows as plain GEMMs
         if K and c is not None and n_c:
-            dc = _per_user(onehot.t() @ dl if onehot is not None else dl.sum(0, keepdim=True), rt)
+            dc = _per_user(dl.sum(0, keepdim=True), rt)
         if A_u is not None:
-            zw = (z.unsqueeze(1) * onehot.unsqueeze(-1)).view(T, n * r_u) if onehot is not None else z
             if n_Bu:
-                dB_u = _per_user((dyc.t() @ zw).mul_(s_u).view(d_out, n, r_u).permute(1, 0, 2), rt)
+                dB_u = _per_user((dyc.t() @ z).mul_(s_u).unsqueeze(0), rt)
             if V is not None and n_V:
-                dV = _per_user((zw.t() @ dl).view(n, r_u, K).transpose(1, 2), rt)
-            if A_wide is not None:  # dz_t = s_u B_u^T dy_t + V_u^T dl_t, in the token's own slot
+                dV = _per_user((dl.t() @ z).unsqueeze(0), rt)
+            if n_Au or n_x:  # dz_t = s_u B_u^T dy_t + V_u^T dl_t
                 if V is not None:
-                    dzw = torch.addmm(dl @ V_w.permute(1, 0, 2).reshape(K, n * r_u), dyc, _cols(B_w), alpha=s_u)
+                    dz = torch.addmm(dl @ w.Vm.t(), dyc, w.Bu, alpha=s_u)
                 else:
-                    dzw = (dyc @ _cols(B_w)).mul_(s_u)
-                if onehot is not None:
-                    dzw = (dzw.view(T, n, r_u) * onehot.unsqueeze(-1)).view(T, n * r_u)
-                codes.append(dzw)
-    if codes and (n_x or n_Ag or n_Wr or A_wide is not None):
-        D = torch.cat(codes, 1) if len(codes) > 1 else codes[0]
-        S = _shrink(A_g, W_r, A_wide)
-        if n_x:
-            dx.addmm_(D, S)
-        if n_Ag or (n_Wr and W_r is not None) or (A_wide is not None and n_Au):
-            widths = [K * r, K if W_r is not None else 0, n * r_u if A_wide is not None else 0]
-            dS = (D.t() @ xc).split(widths, dim=0)
-            dA_g = dS[0].view(K, r, d_in) if (K and n_Ag) else None
-            dW_r = dS[1] if (W_r is not None and n_Wr) else None
-            dA_u = _per_user(dS[2].view(n, r_u, d_in), rt) if (A_wide is not None and n_Au) else None
-    if not rt.wide and rt.G:  # tiles
+                    dz = (dyc @ w.Bu).mul_(s_u)
+                if n_x:
+                    dx.addmm_(dz, w.Su)
+                if n_Au:
+                    dA_u = _per_user((dz.t() @ xc).unsqueeze(0), rt)
+    elif rt.G:  # tiles
         mask = _cast(rt.mask, cd)
         dlp = _tiled(dl, rt) if dl is not None else None  # [G, L, K]
         if K and c is not None and n_c:
@@ -391,9 +674,17 @@ class TorchMixtureFunction(torch.autograd.Function):
                 user_router, rt, expert_scale, user_scale, top_k, d_out):
         ad = Adapters(expert_A, expert_B, router_weight, user_logit_bias, user_A, user_B, user_router,
                       expert_scale, user_scale, top_k)
-        y, h, z, g = _forward(x, weight, bias, ad, rt, d_out, save=True)
-        ctx.save_for_backward(x, h, z, g, weight, *ad.tensors())
+        if rt.wide:
+            y, g, (H, HG, g, w, kernels) = _forward_wide(x, weight, bias, ad, rt, d_out, save=True)
+            ctx.save_for_backward(x, H, HG, g, weight, *ad.tensors())
+            w = (w, kernels)
+        else:
+            y, h, z, g, w = _forward_segment(x, weight, bias, ad, rt, d_out, save=True)
+            ctx.save_for_backward(x, h, z, g, weight, *ad.tensors())
+        # The GEMM operands are packed once, for the forward and its backward (traced
+        # code keeps no tensor outside the graph: the backward packs them again).
         ctx.rt, ctx.scales, ctx.d_out = rt, (expert_scale, user_scale), d_out
+        ctx.w = None if torch.compiler.is_compiling() else w
         ctx.dtypes = [t.dtype if t is not None else None for t in (x, weight, bias) + ad.tensors()]
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
         return y, g
@@ -401,14 +692,22 @@ class TorchMixtureFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, dg):
-        x, h, z, g, weight, *tensors = ctx.saved_tensors
+        x, c1, c2, g, weight, *tensors = ctx.saved_tensors  # the codes: (H, HG) wide, (h, z) segment
         needs = ctx.needs_input_grad[:10]
         if not any(needs) or (dy is None and (dg is None or g.numel() == 0)):
             return (None,) * 15
         if dy is None:  # only the gates were used
             dy = x.new_zeros(x.shape[0], ctx.d_out)
         ad = Adapters(*tensors, expert_scale=ctx.scales[0], user_scale=ctx.scales[1])
-        grads = _backward(dy, dg if g.numel() else None, x, h, z, g, weight, ad, ctx.rt, needs)
+        dg = dg if g.numel() else None
+        w = ctx.w
+        if ctx.rt.wide:
+            if w is None:
+                w = (_wide_pack(ad, compute_dtype(x.dtype), False), False)
+            grads = _backward_wide(dy, dg, x, weight, ad, ctx.rt, (c1, c2, g) + w, needs)
+        else:
+            grads = _backward_segment(dy, dg, x, c1, c2, g, weight, ad, ctx.rt,
+                                      w if w is not None else _weights(ad, ctx.rt, compute_dtype(x.dtype)), needs)
         out = [_cast(gr, dt) if need else None for need, gr, dt in zip(needs, grads, ctx.dtypes)]
         return (*out,) + (None,) * 5
 
@@ -432,11 +731,14 @@ def lora_mixture_torch(x: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     N = num_users if num_users is not None else (adapters.num_users or 0)
-    rt = _routing(variant, user_ids, plan, N, adapters.user_rank)
+    rt = _routing(variant, user_ids, plan, N, adapters.user_rank, x.shape[1] + d_out)
     tensors = (x, weight, bias) + adapters.tensors()
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         y, g = TorchMixtureFunction.apply(*tensors, rt, float(adapters.expert_scale), float(adapters.user_scale),
                                           adapters.top_k, int(d_out))
     else:
-        y, _, _, g = _forward(x, weight, bias, adapters, rt, d_out, save=False)
+        if rt.wide:
+            y, g, _ = _forward_wide(x, weight, bias, adapters, rt, d_out, save=False)
+        else:
+            y, _, _, g, _ = _forward_segment(x, weight, bias, adapters, rt, d_out, save=False)
     return y, (g if adapters.num_experts else None)

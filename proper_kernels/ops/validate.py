@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 from torch import Tensor
@@ -16,7 +16,7 @@ from torch import Tensor
 from ..reference.adapters import Adapters
 from .plan import RoutingPlan
 
-__all__ = ["MixtureSpec", "check_mixture_args"]
+__all__ = ["MixtureSpec", "check_mixture_args", "check_and_sign"]
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,63 @@ def _dim(name: str, t: Tensor, i: int, expected: int, what: str, shape_doc: str)
         )
 
 
+# Specs of the argument signatures seen (types, shapes, dtypes, devices; the plan's
+# sizes): a call with a known signature skips the checks that read only those, and
+# runs the ones that read values (the ids against the plan, or their range).
+_SPECS: Dict[tuple, MixtureSpec] = {}
+_SPECS_MAX = 1024
+
+
+def _signature(x, weight, bias, adapters: Adapters, user_ids, plan) -> Optional[tuple]:
+    """Everything the shape checks read, or None when some argument is not of a type
+    they accept (the full checks then run, and raise)."""
+    if type(adapters) is not Adapters or torch.compiler.is_compiling():
+        return None
+    tensors = (*adapters[:7], x, weight, bias, user_ids)
+    for t in tensors:
+        if t is not None and not isinstance(t, Tensor):
+            return None
+    if x is None or (plan is not None and type(plan) is not RoutingPlan):
+        return None
+    sig = [None if t is None else (t.shape, t.dtype, t.device) for t in tensors]
+    sig += [type(adapters.expert_scale), type(adapters.user_scale), adapters.top_k]
+    if plan is not None:
+        sig.append((plan.num_tokens, plan.num_users, plan.device))
+    return tuple(sig)
+
+
 def check_mixture_args(x, weight, bias, adapters: Adapters, user_ids=None, plan=None) -> MixtureSpec:
     """Validate the arguments of lora_mixture; return the sizes. See the op's docstring."""
+    return check_and_sign(x, weight, bias, adapters, user_ids, plan)[0]
+
+
+def check_and_sign(x, weight, bias, adapters: Adapters, user_ids=None, plan=None):
+    """(spec, signature): :func:`check_mixture_args`, and the signature of the arguments'
+    types, shapes, dtypes and devices it checked (None where none is kept: arguments of
+    other types, or code traced by torch.compile)."""
+    sig = _signature(x, weight, bias, adapters, user_ids, plan)
+    spec = _SPECS.get(sig) if sig is not None else None
+    if spec is None:
+        spec = _check_shapes(x, weight, bias, adapters, user_ids, plan)
+        if sig is not None:
+            if len(_SPECS) >= _SPECS_MAX:
+                _SPECS.clear()
+            _SPECS[sig] = spec
+    if plan is not None:
+        if user_ids is not None:
+            plan.check_ids(user_ids)
+    elif user_ids is not None and spec.T > 0:
+        # One host sync; a plan built once per batch carries this check for every layer.
+        lo, hi = int(user_ids.min()), int(user_ids.max())
+        N = spec.N
+        if lo < -1 or (N is not None and hi >= N):
+            rng = f"[-1, {N})" if N is not None else "[-1, inf)"
+            raise ValueError(f"user_ids must lie in {rng} (N = number of users), got values in [{lo}, {hi}]")
+    return spec, sig
+
+
+def _check_shapes(x, weight, bias, adapters: Adapters, user_ids=None, plan=None) -> MixtureSpec:
+    """The checks of check_mixture_args that read no tensor's values."""
     if not isinstance(adapters, Adapters):
         raise TypeError(f"adapters must be a proper_kernels.Adapters, got {type(adapters).__name__}")
     (expert_A, expert_B, router_weight, user_logit_bias, user_A, user_B, user_router,
@@ -193,14 +248,6 @@ def check_mixture_args(x, weight, bias, adapters: Adapters, user_ids=None, plan=
             raise ValueError(f"plan was built for num_users={plan.num_users} but the user tensors have N={N}")
         if plan.device != x.device:
             raise ValueError(f"plan is on {plan.device} but x is on {x.device}")
-        if user_ids is not None:
-            plan.check_ids(user_ids)
-    elif user_ids is not None and T > 0:
-        # One host sync; a plan built once per batch carries this check for every layer.
-        lo, hi = int(user_ids.min()), int(user_ids.max())
-        if lo < -1 or (N is not None and hi >= N):
-            rng = f"[-1, {N})" if N is not None else "[-1, inf)"
-            raise ValueError(f"user_ids must lie in {rng} (N = number of users), got values in [{lo}, {hi}]")
 
     if top_k is not None:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= K:
