@@ -13,10 +13,10 @@
 //             user logit bias's and the LoRA-aware router's gradients
 //             dc_u = sum_t dl_t, dV_u = sum_t dl_t z_t^T over the tokens of user u.
 //
-// The GEMMs around these stay in ATen. Everything here runs in the dtype of H (the
-// compute dtype: float32, or float64); the per-user sums go in token order, one user
-// after the other, so they are deterministic. Registered as torch.ops.proper_kernels_cpu.*;
-// the module proper_kernels._cpu loads them.
+// The GEMMs around these stay in ATen; wide_pack lays the adapters out for them.
+// Everything here runs in the dtype of H (the compute dtype: float32, or float64); the
+// per-user sums go in token order, one user after the other, so they are deterministic.
+// Registered as torch.ops.proper_kernels_cpu.*; the module proper_kernels._cpu loads them.
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -242,9 +243,128 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wide_backward(
   return {DH, DL, DC, DV};
 }
 
+// The GEMM operands of the wide variant in dtype `dtype`: S = [A_cat; A_u of all users;
+// W_r] ([K r + N r_u (+ K), d_in]) and E = [B_cat | B_u of all users] ([d_out, K r +
+// N r_u]), each block copied once from the tensors' own layouts (E's rows gather
+// `rank`-long runs: B[m, o, :] is E[o, m rank : (m + 1) rank]).
+std::tuple<at::Tensor, at::Tensor> wide_pack(const c10::optional<at::Tensor>& A_g,
+                                             const c10::optional<at::Tensor>& B_g,
+                                             const c10::optional<at::Tensor>& W_r,
+                                             const c10::optional<at::Tensor>& A_u,
+                                             const c10::optional<at::Tensor>& B_u, at::ScalarType dtype) {
+  TORCH_CHECK(A_g.has_value() == B_g.has_value() && A_u.has_value() == B_u.has_value(),
+              "A and B come in pairs");
+  TORCH_CHECK(A_g || A_u, "wide_pack needs experts or user LoRAs");
+  const at::Tensor& A0 = A_g ? *A_g : *A_u;
+  const at::Tensor& B0 = B_g ? *B_g : *B_u;
+  const int64_t d_in = A0.size(-1), d_out = B0.size(1);
+  int64_t rows = 0, cols = 0;
+  for (const auto* t : {&A_g, &A_u})
+    if (*t) {
+      TORCH_CHECK((*t)->dim() == 3 && (*t)->size(2) == d_in, "A must be [M, rank, d_in]");
+      rows += (*t)->size(0) * (*t)->size(1);
+    }
+  for (const auto* t : {&B_g, &B_u})
+    if (*t) {
+      TORCH_CHECK((*t)->dim() == 3 && (*t)->size(1) == d_out, "B must be [M, d_out, rank]");
+      cols += (*t)->size(0) * (*t)->size(2);
+    }
+  TORCH_CHECK(rows == cols, "A and B ranks differ");
+  if (W_r) TORCH_CHECK(W_r->dim() == 2 && W_r->size(1) == d_in, "W_r must be [K, d_in]");
+  const int64_t K = W_r ? W_r->size(0) : 0;
+  auto opts = A0.options().dtype(dtype);
+  at::Tensor S = at::empty({rows + K, d_in}, opts);
+  at::Tensor E = at::empty({d_out, cols}, opts);
+  int64_t row = 0;
+  for (const auto* src : {&A_g, &A_u, &W_r}) {
+    if (!*src) continue;
+    const at::Tensor& A = **src;
+    const int64_t n = A.numel() / d_in;
+    at::Tensor dst = S.narrow(0, row, n);
+    if (A.is_contiguous() && A.scalar_type() == dtype)
+      std::memcpy(dst.data_ptr(), A.data_ptr(), A.nbytes());
+    else
+      dst.copy_(A.reshape({n, d_in}));
+    row += n;
+  }
+  int64_t col = 0;
+  for (const auto* pair : {&B_g, &B_u}) {
+    if (!*pair) continue;
+    const at::Tensor& B = **pair;
+    const int64_t M = B.size(0), rank = B.size(2);
+    if (B.is_contiguous() && B.scalar_type() == dtype) {
+      AT_DISPATCH_FLOATING_TYPES(dtype, "wide_pack", [&] {
+        const scalar_t* src = B.data_ptr<scalar_t>();
+        scalar_t* out = E.data_ptr<scalar_t>() + col;
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t o = 0; o < d_out; ++o)
+            std::memcpy(out + o * cols + m * rank, src + (m * d_out + o) * rank, rank * sizeof(scalar_t));
+      });
+    } else {
+      E.narrow(1, col, M * rank).view({d_out, M, rank}).copy_(B.permute({1, 0, 2}));
+    }
+    col += M * rank;
+  }
+  return {S, E};
+}
+
+// One wide layer: y = x W0^T + b + HG E^T with H = x S^T and (HG, g) = wide_forward(H).
+// x, W0, b, S, E in the compute dtype. Returns (y, H, HG, g).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> wide_layer_forward(
+    const at::Tensor& x, const c10::optional<at::Tensor>& W0, const c10::optional<at::Tensor>& b,
+    const at::Tensor& S, const at::Tensor& E, const at::Tensor& ids, const c10::optional<at::Tensor>& c,
+    const c10::optional<at::Tensor>& V, int64_t K, int64_t r, int64_t r_u, int64_t N, bool router, int64_t top_k,
+    double s_g, double s_u) {
+  TORCH_CHECK(x.dim() == 2 && S.dim() == 2 && E.dim() == 2 && S.size(1) == x.size(1),
+              "x [T, d_in], S [R, d_in] and E [d_out, R'] expected");
+  const int64_t T = x.size(0), d_out = E.size(0);
+  at::Tensor y;
+  if (W0)
+    y = at::linear(x, *W0, b);
+  else if (b)
+    y = b->expand({T, d_out}).clone();
+  else
+    y = at::zeros({T, d_out}, x.options());
+  at::Tensor H = at::mm(x, S.t());
+  auto [HG, G] = wide_forward(H, ids, c, V, K, r, r_u, N, router, top_k, s_g, s_u);
+  y.addmm_(HG, E.t());
+  return {y, H, HG, G};
+}
+
+// Its backward without the base weight's own gradients: (dx, dS = dH^T x, dE = dy^T HG,
+// dc, dV), each undefined where not asked for.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> wide_layer_backward(
+    const at::Tensor& dy, const at::Tensor& x, const c10::optional<at::Tensor>& W0, const at::Tensor& S,
+    const at::Tensor& E, const at::Tensor& H, const at::Tensor& HG, const at::Tensor& G,
+    const c10::optional<at::Tensor>& dg, const at::Tensor& ids, const c10::optional<at::Tensor>& V, int64_t K,
+    int64_t r, int64_t r_u, int64_t N, bool router, double s_g, double s_u, bool need_x, bool need_S, bool need_E,
+    bool need_dc, bool need_dV) {
+  at::Tensor dE = need_E ? at::mm(dy.t(), HG) : at::Tensor();
+  at::Tensor e = at::mm(dy, E);
+  auto [dH, dl, dc, dV] = wide_backward(H, e, G, dg, ids, V, K, r, r_u, N, router, s_g, s_u, need_dc, need_dV);
+  at::Tensor dx;
+  if (need_x) {
+    dx = W0 ? at::mm(dy, *W0) : at::zeros({x.size(0), x.size(1)}, x.options());
+    dx.addmm_(dH, S);
+  }
+  at::Tensor dS = need_S ? at::mm(dH.t(), x) : at::Tensor();
+  return {dx, dS, dE, need_dc ? dc : at::Tensor(), need_dV ? dV : at::Tensor()};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(proper_kernels_cpu, m) {
+  m.def(
+      "wide_layer_forward(Tensor x, Tensor? W0, Tensor? b, Tensor S, Tensor E, Tensor ids, Tensor? c, Tensor? V, "
+      "int K, int r, int r_u, int N, bool router, int top_k, float s_g, float s_u) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "wide_layer_backward(Tensor dy, Tensor x, Tensor? W0, Tensor S, Tensor E, Tensor H, Tensor HG, Tensor g, "
+      "Tensor? dg, Tensor ids, Tensor? V, int K, int r, int r_u, int N, bool router, float s_g, float s_u, "
+      "bool need_x, bool need_S, bool need_E, bool need_dc, bool need_dV) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "wide_pack(Tensor? A_g, Tensor? B_g, Tensor? W_r, Tensor? A_u, Tensor? B_u, ScalarType dtype) -> "
+      "(Tensor, Tensor)");
   m.def(
       "wide_forward(Tensor H, Tensor ids, Tensor? c, Tensor? V, int K, int r, int r_u, int N, bool router, "
       "int top_k, float s_g, float s_u) -> (Tensor, Tensor)");
@@ -254,6 +374,9 @@ TORCH_LIBRARY(proper_kernels_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(proper_kernels_cpu, CPU, m) {
+  m.impl("wide_pack", &wide_pack);
+  m.impl("wide_layer_forward", &wide_layer_forward);
+  m.impl("wide_layer_backward", &wide_layer_backward);
   m.impl("wide_forward", &wide_forward);
   m.impl("wide_backward", &wide_backward);
 }

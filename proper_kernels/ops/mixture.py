@@ -84,7 +84,7 @@ def lora_mixture(
         y, gates = lora_mixture_ref(x2, weight, bias, adapters, ids, d_out=spec.d_out)
     elif path.backend == "torch":
         y, gates = lora_mixture_torch(x2, weight, bias, adapters, ids, d_out=spec.d_out, num_users=spec.N, plan=plan,
-                                      variant=path.forward)
+                                      variant=path.forward, gates=return_gates)
     elif path.backend == "triton":
         from .autograd import lora_mixture_fused
 

@@ -346,19 +346,22 @@ class _Wide(NamedTuple):
     the first two, scaled: [s_g g_k h_k | s_u z in the token's own user block]."""
 
     S: Tensor              # [K r + N r_u (+ K), d_in]   [A_cat; A_u of all users; W_r]
-    Et: Tensor             # [K r + N r_u, d_out]        [B_cat | B_u of all users]^T (a transposed view)
+    E: Tensor              # [d_out, K r + N r_u]        [B_cat | B_u of all users]
     V: Optional[Tensor]    # the LoRA-aware router: [N r_u, K] (torch ops) or V [N, K, r_u] contiguous (kernels)
     c: Optional[Tensor]    # [N, K] contiguous           the user logit bias
 
 
 def _wide_weights(cd: torch.dtype, kernels: bool, A_g, B_g, W_r, c, A_u, B_u, V) -> _Wide:
-    rows = [t.reshape(-1, t.shape[-1]) for t in (A_g, A_u, W_r) if t is not None]
-    cols = [_build_cols(cd, B) for B in (B_g, B_u) if B is not None]
-    S = _cast(torch.cat(rows) if len(rows) > 1 else rows[0], cd)
-    E = torch.cat(cols, 1) if len(cols) > 1 else cols[0]
-    if V is not None:
-        V = _cast(V, cd).contiguous() if kernels else _build_router(cd, V)
-    return _Wide(S, E.t(), V, _cast(c, cd).contiguous() if c is not None else None)
+    if kernels:  # one call, each block copied once from its own layout
+        S, E = torch.ops.proper_kernels_cpu.wide_pack(A_g, B_g, W_r, A_u, B_u, cd)
+        V = _cast(V, cd).contiguous() if V is not None else None
+    else:
+        rows = [t.reshape(-1, t.shape[-1]) for t in (A_g, A_u, W_r) if t is not None]
+        cols = [_build_cols(cd, B) for B in (B_g, B_u) if B is not None]
+        S = _cast(torch.cat(rows) if len(rows) > 1 else rows[0], cd)
+        E = torch.cat(cols, 1) if len(cols) > 1 else cols[0]
+        V = _build_router(cd, V) if V is not None else None
+    return _Wide(S, E, V, _cast(c, cd).contiguous() if c is not None else None)
 
 
 def _wide_pack(ad: Adapters, cd: torch.dtype, kernels: bool) -> _Wide:
@@ -397,8 +400,8 @@ def _forward_wide(x, weight, bias, ad: Adapters, rt: _Routing, d_out: int, save:
     """The wide variant: every token against every user of the bank. One shrink GEMM
     H = x S^T gives the codes of all experts and users and the router's logits; the
     per-token work (each token keeps its own user's codes, the gates, the scales) makes
-    HG; one expand GEMM adds it to the base output. The per-token work runs in the CPU
-    kernels where they are built (one pass), else as torch ops.
+    HG; one expand GEMM adds it to the base output. On the CPU with the kernels built
+    the whole layer is one call (its per-token work one pass), else torch ops.
 
     Returns (y in x.dtype, g [T, K], saved for the backward or None)."""
     cd = compute_dtype(x.dtype)
@@ -410,31 +413,32 @@ def _forward_wide(x, weight, bias, ad: Adapters, rt: _Routing, d_out: int, save:
     s_g, s_u = ad.expert_scale, ad.user_scale
     kernels = xc.device.type == "cpu" and _cpu_kernels() and not torch.compiler.is_compiling()
     w = _wide_pack(ad, cd, kernels)
-    Kr, R = K * r, w.Et.shape[0]  # R: the expanded code columns, K r + N r_u
+    if kernels:
+        y, H, HG, g = torch.ops.proper_kernels_cpu.wide_layer_forward(
+            xc, _cast(weight, cd), _cast(bias, cd), w.S, w.E, _ids32(rt), w.c, w.V, K, r, r_u, rt.N,
+            ad.router_weight is not None, ad.top_k or 0, s_g, s_u)
+        return _cast(y, x.dtype), g, ((H, HG, g, w, kernels) if save else None)
+    Kr, R = K * r, w.E.shape[1]  # R: the expanded code columns, K r + N r_u
     if weight is not None:
         y = F.linear(xc, _cast(weight, cd), _cast(bias, cd))
     else:
         y = xc.new_zeros(T, d_out) if bias is None else _cast(bias, cd).expand(T, d_out).clone()
     H = F.linear(xc, w.S)
-    if kernels:
-        HG, g = torch.ops.proper_kernels_cpu.wide_forward(H, _ids32(rt), w.c, w.V, K, r, r_u, rt.N,
-                                                         ad.router_weight is not None, ad.top_k or 0, s_g, s_u)
-    else:
-        onehot, zmask = _wide_masks(rt, cd, r_u)
-        HG = torch.empty(T, R, dtype=cd, device=xc.device)  # the codes as the expand reads them
-        zw = _mul_into(HG[:, Kr:], H[:, Kr:R], zmask) if r_u else None
-        g = xc.new_zeros(T, 0)
-        if K:
-            logits = H[:, R:] if ad.router_weight is not None else None
-            if w.c is not None:
-                logits = torch.addmm(logits, onehot, w.c) if logits is not None else onehot @ w.c
-            if w.V is not None:
-                logits = torch.addmm(logits, zw, w.V) if logits is not None else zw @ w.V
-            g = gates_from_logits(logits if logits is not None else xc.new_zeros(T, K), ad.top_k)
-            _mul_into(HG[:, :Kr].view(T, K, r), H[:, :Kr].view(T, K, r), (g * s_g).unsqueeze(-1))
-        if r_u and s_u != 1.0:
-            zw.mul_(s_u)
-    y.addmm_(HG, w.Et)
+    onehot, zmask = _wide_masks(rt, cd, r_u)
+    HG = torch.empty(T, R, dtype=cd, device=xc.device)  # the codes as the expand reads them
+    zw = _mul_into(HG[:, Kr:], H[:, Kr:R], zmask) if r_u else None
+    g = xc.new_zeros(T, 0)
+    if K:
+        logits = H[:, R:] if ad.router_weight is not None else None
+        if w.c is not None:
+            logits = torch.addmm(logits, onehot, w.c) if logits is not None else onehot @ w.c
+        if w.V is not None:
+            logits = torch.addmm(logits, zw, w.V) if logits is not None else zw @ w.V
+        g = gates_from_logits(logits if logits is not None else xc.new_zeros(T, K), ad.top_k)
+        _mul_into(HG[:, :Kr].view(T, K, r), H[:, :Kr].view(T, K, r), (g * s_g).unsqueeze(-1))
+    if r_u and s_u != 1.0:
+        zw.mul_(s_u)
+    y.addmm_(HG, w.E.t())
     return _cast(y, x.dtype), g, ((H, HG, g, w, kernels) if save else None)
 
 
@@ -451,26 +455,20 @@ def _backward_wide(dy, dg_ext, x, weight, ad: Adapters, rt: _Routing, saved, nee
     A_u = ad.user_A
     r_u = A_u.shape[1] if A_u is not None else 0
     s_g, s_u = ad.expert_scale, ad.user_scale
-    Kr, R = K * r, w.Et.shape[0]
+    Kr, R = K * r, w.E.shape[1]
     has_router = ad.router_weight is not None
-    dx = dW0 = db = dA_g = dB_g = dW_r = dc = dA_u = dB_u = dV = None
-    if n_x:
-        dx = dyc @ _cast(weight, cd) if weight is not None else xc.new_zeros(T, d_in)
-    if n_w:
-        dW0 = dyc.t() @ xc
-    if n_b:
-        db = dyc.sum(0)
-    if n_Bg or n_Bu:  # HG holds the scaled codes the expand met: dE = dy^T HG
-        dE = dyc.t() @ HG
-        dB_g = dE[:, :Kr].view(d_out, K, r).permute(1, 0, 2) if (n_Bg and K) else None
-        dB_u = dE[:, Kr:].view(d_out, N, r_u).permute(1, 0, 2) if (n_Bu and r_u) else None
-    e = dyc @ w.Et.t()  # [T, K r + N r_u]: B_cat^T dy | B_u^T dy of every user (unscaled)
+    need_S, need_E = bool(n_Ag or n_Au or (n_Wr and has_router)), bool(n_Bg or n_Bu)
     need_dc, need_dV = bool(n_c and w.c is not None), bool(n_V and w.V is not None)
+    W0 = _cast(weight, cd)
+    dc = dV = dx = dS = dE = None
     if kernels:
-        dH, _, dc, dV = torch.ops.proper_kernels_cpu.wide_backward(
-            H, e, g, _cast(dg_ext, cd).contiguous() if dg_ext is not None else None, _ids32(rt), w.V, K, r, r_u, N,
-            has_router, s_g, s_u, need_dc, need_dV)
+        dx, dS, dE, dc, dV = torch.ops.proper_kernels_cpu.wide_layer_backward(
+            dyc, xc, W0, w.S, w.E, H, HG, g, _cast(dg_ext, cd).contiguous() if dg_ext is not None else None,
+            _ids32(rt), w.V, K, r, r_u, N, has_router, s_g, s_u, bool(n_x), need_S, need_E, need_dc, need_dV)
     else:
+        if need_E:  # HG holds the scaled codes the expand met: dE = dy^T HG
+            dE = dyc.t() @ HG
+        e = dyc @ w.E  # [T, K r + N r_u]: B_cat^T dy | B_u^T dy of every user (unscaled)
         onehot, zmask = _wide_masks(rt, cd, r_u)
         dH = torch.empty(T, H.shape[1], dtype=cd, device=xc.device)  # the gradient of the codes H
         dl = None
@@ -491,13 +489,17 @@ def _backward_wide(dy, dg_ext, x, weight, ad: Adapters, rt: _Routing, saved, nee
         if r_u:  # dz_t = s_u B_u^T dy_t + V_u^T dl_t, in the token's own slot
             dz = torch.addmm(e[:, Kr:], dl, w.V.t(), beta=s_u) if w.V is not None else e[:, Kr:].mul(s_u)
             _mul_into(dH[:, Kr:R], dz, zmask)
-    if n_x:
-        dx.addmm_(dH, w.S)
-    if n_Ag or n_Au or (n_Wr and has_router):
-        dS = dH.t() @ xc
-        dA_g = dS[:Kr].view(K, r, d_in) if (n_Ag and K) else None
-        dA_u = dS[Kr:R].view(N, r_u, d_in) if (n_Au and r_u) else None
-        dW_r = dS[R:] if (n_Wr and has_router) else None
+        if n_x:
+            dx = (dyc @ W0 if W0 is not None else xc.new_zeros(T, d_in)).addmm_(dH, w.S)
+        if need_S:
+            dS = dH.t() @ xc
+    dW0 = dyc.t() @ xc if n_w else None
+    db = dyc.sum(0) if n_b else None
+    dA_g = dS[:Kr].view(K, r, d_in) if (n_Ag and K) else None
+    dA_u = dS[Kr:R].view(N, r_u, d_in) if (n_Au and r_u) else None
+    dW_r = dS[R:] if (n_Wr and has_router) else None
+    dB_g = dE[:, :Kr].view(d_out, K, r).permute(1, 0, 2) if (n_Bg and K) else None
+    dB_u = dE[:, Kr:].view(d_out, N, r_u).permute(1, 0, 2) if (n_Bu and r_u) else None
     return dx, dW0, db, dA_g, dB_g, dW_r, (dc if need_dc else None), dA_u, dB_u, (dV if need_dV else None)
 
 
@@ -667,11 +669,12 @@ class TorchMixtureFunction(torch.autograd.Function):
     (written out there for every tensor) as a few GEMMs. The gates stay
     differentiable: their gradient (e.g. from the balance loss) joins dg before the
     softmax backward. Arguments: the 10 tensors of the op in the order of its
-    gradients, then the routing, the scales, top_k and d_out."""
+    gradients, then the routing, the scales, top_k, d_out and whether the gates are an
+    output (y alone otherwise: one output less for autograd to track)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, expert_A, expert_B, router_weight, user_logit_bias, user_A, user_B,
-                user_router, rt, expert_scale, user_scale, top_k, d_out):
+                user_router, rt, expert_scale, user_scale, top_k, d_out, with_gates):
         ad = Adapters(expert_A, expert_B, router_weight, user_logit_bias, user_A, user_B, user_router,
                       expert_scale, user_scale, top_k)
         if rt.wide:
@@ -687,15 +690,15 @@ class TorchMixtureFunction(torch.autograd.Function):
         ctx.w = None if torch.compiler.is_compiling() else w
         ctx.dtypes = [t.dtype if t is not None else None for t in (x, weight, bias) + ad.tensors()]
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
-        return y, g
+        return (y, g) if with_gates else y
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dy, dg):
+    def backward(ctx, dy, dg=None):
         x, c1, c2, g, weight, *tensors = ctx.saved_tensors  # the codes: (H, HG) wide, (h, z) segment
         needs = ctx.needs_input_grad[:10]
         if not any(needs) or (dy is None and (dg is None or g.numel() == 0)):
-            return (None,) * 15
+            return (None,) * 16
         if dy is None:  # only the gates were used
             dy = x.new_zeros(x.shape[0], ctx.d_out)
         ad = Adapters(*tensors, expert_scale=ctx.scales[0], user_scale=ctx.scales[1])
@@ -709,12 +712,12 @@ class TorchMixtureFunction(torch.autograd.Function):
             grads = _backward_segment(dy, dg, x, c1, c2, g, weight, ad, ctx.rt,
                                       w if w is not None else _weights(ad, ctx.rt, compute_dtype(x.dtype)), needs)
         out = [_cast(gr, dt) if need else None for need, gr, dt in zip(needs, grads, ctx.dtypes)]
-        return (*out,) + (None,) * 5
+        return (*out,) + (None,) * 6
 
 
 def lora_mixture_torch(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], adapters: Adapters,
                        user_ids: Optional[Tensor], *, d_out: int, num_users: Optional[int] = None,
-                       plan: Optional[RoutingPlan] = None, variant: str = "wide"):
+                       plan: Optional[RoutingPlan] = None, variant: str = "wide", gates: bool = True):
     """The torch backend on validated 2-D inputs.
 
     Args:
@@ -723,6 +726,8 @@ def lora_mixture_torch(x: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
         d_out: the output size. num_users: N (default: from the adapters).
         plan: the RoutingPlan of user_ids, read by the segment variant (built here
             when None). variant: "wide" or "segment" (see :func:`choose_variant`).
+        gates: return the gates (False: None in their place, and y the only output
+            autograd tracks).
 
     Returns:
         (y [T, d_out] in x.dtype, gates [T, K] in the compute dtype or None without
@@ -734,11 +739,12 @@ def lora_mixture_torch(x: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
     rt = _routing(variant, user_ids, plan, N, adapters.user_rank, x.shape[1] + d_out)
     tensors = (x, weight, bias) + adapters.tensors()
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        y, g = TorchMixtureFunction.apply(*tensors, rt, float(adapters.expert_scale), float(adapters.user_scale),
-                                          adapters.top_k, int(d_out))
+        out = TorchMixtureFunction.apply(*tensors, rt, float(adapters.expert_scale), float(adapters.user_scale),
+                                         adapters.top_k, int(d_out), gates)
+        y, g = out if gates else (out, None)
     else:
         if rt.wide:
             y, g, _ = _forward_wide(x, weight, bias, adapters, rt, d_out, save=False)
         else:
             y, _, _, g, _ = _forward_segment(x, weight, bias, adapters, rt, d_out, save=False)
-    return y, (g if adapters.num_experts else None)
+    return y, (g if (gates and adapters.num_experts) else None)
