@@ -270,11 +270,14 @@ def test_cpu_kernels_are_built():
 def test_cpu_kernels_run_and_reject_bad_ids(monkeypatch):
     c = mixture_case(11, 16, 8, K=3, r=2, r_u=3, N=4, top_k=2)
     calls = []
-    for name in ("wide_layer_forward", "wide_layer_backward"):
+    for name in ("wide_layer", "wide_layer_forward"):
         op = getattr(torch.ops.proper_kernels_cpu, name)
         monkeypatch.setattr(torch.ops.proper_kernels_cpu, name, lambda *a, op=op, name=name: calls.append(name) or op(*a))
-    check_against_reference(c, torch_op(c, "wide"))
-    assert set(calls) == {"wide_layer_forward", "wide_layer_backward"}
+    check_against_reference(c, torch_op(c, "wide"))  # with gradients: the kernels' own autograd node
+    assert set(calls) == {"wide_layer"}
+    with torch.no_grad():
+        torch_op(c, "wide")(c.x, c.weight, c.bias, c.adapters, c.user_ids)
+    assert calls[-1] == "wide_layer_forward"
     real = torch.ops.proper_kernels_cpu.wide_forward
     H = torch.zeros(2, 3 * 2 + 4 * 3 + 3)
     ids = torch.tensor([0, 4], dtype=torch.int32)

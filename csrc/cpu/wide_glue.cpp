@@ -21,6 +21,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -351,9 +352,92 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> wide_laye
   return {dx, dS, dE, need_dc ? dc : at::Tensor(), need_dV ? dV : at::Tensor()};
 }
 
+// The wide layer with its autograd in C++: inputs x, W0, b, then the 7 adapter
+// tensors (A_g, B_g, W_r, c, A_u, B_u, V: gradients flow to them), then their packed
+// forms (S, E, and c, V in the compute dtype: read, never differentiated), the ids and
+// the sizes. Every floating input is in one dtype (float32 or float64). Outputs y, g.
+class WideLayerFunction : public torch::autograd::Function<WideLayerFunction> {
+ public:
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext* ctx, const at::Tensor& x, const c10::optional<at::Tensor>& W0,
+      const c10::optional<at::Tensor>& b, const c10::optional<at::Tensor>& A_g, const c10::optional<at::Tensor>& B_g,
+      const c10::optional<at::Tensor>& W_r, const c10::optional<at::Tensor>& c, const c10::optional<at::Tensor>& A_u,
+      const c10::optional<at::Tensor>& B_u, const c10::optional<at::Tensor>& V, const at::Tensor& S,
+      const at::Tensor& E, const c10::optional<at::Tensor>& c_cd, const c10::optional<at::Tensor>& V_cd,
+      const at::Tensor& ids, int64_t K, int64_t r, int64_t r_u, int64_t N, int64_t top_k, double s_g, double s_u) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const bool router = W_r.has_value();
+    auto [y, H, HG, G] = wide_layer_forward(x, W0, b, S, E, ids, c_cd, V_cd, K, r, r_u, N, router, top_k, s_g, s_u);
+    ctx->save_for_backward({x, W0 ? *W0 : at::Tensor(), S, E, H, HG, G, ids, V_cd ? *V_cd : at::Tensor()});
+    ctx->saved_data["sizes"] = std::vector<int64_t>{K, r, r_u, N, router, c.has_value()};
+    // needs_input_grad counts the tensors given (an absent optional is no input):
+    // the index of each of the 10 differentiable arguments among them, or -1.
+    std::vector<int64_t> index;
+    int64_t given = 0;
+    for (bool present : {true, W0.has_value(), b.has_value(), A_g.has_value(), B_g.has_value(), W_r.has_value(),
+                         c.has_value(), A_u.has_value(), B_u.has_value(), V.has_value()})
+      index.push_back(present ? given++ : -1);
+    ctx->saved_data["index"] = index;
+    ctx->saved_data["scales"] = std::vector<double>{s_g, s_u};
+    return {y, G};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &W0 = saved[1], &S = saved[2], &E = saved[3], &H = saved[4], &HG = saved[5],
+                     &G = saved[6], &ids = saved[7], &V = saved[8];
+    const auto sz = ctx->saved_data["sizes"].toIntVector();
+    const auto sc = ctx->saved_data["scales"].toDoubleVector();
+    const int64_t K = sz[0], r = sz[1], r_u = sz[2], N = sz[3], Kr = K * r, R = E.size(1);
+    const bool router = sz[4], has_c = sz[5];
+    const auto index = ctx->saved_data["index"].toIntVector();
+    auto need = [&](int i) { return index[i] >= 0 && ctx->needs_input_grad(index[i]); };
+    at::Tensor dy = grads[0].defined() ? grads[0] : at::zeros({x.size(0), E.size(0)}, x.options());
+    c10::optional<at::Tensor> dg;
+    if (grads[1].defined() && K) dg = grads[1].contiguous();
+    const bool need_S = need(3) || need(7) || need(5), need_E = need(4) || need(8);
+    if (!need_S && !need_E && !need(0) && !need(6) && !need(9) && !need(1) && !need(2))
+      return torch::autograd::variable_list(22);
+    auto [dx, dS, dE, dc, dV] = wide_layer_backward(
+        dy, x, W0.defined() ? c10::optional<at::Tensor>(W0) : c10::nullopt, S, E, H, HG, G, dg, ids,
+        V.defined() ? c10::optional<at::Tensor>(V) : c10::nullopt, K, r, r_u, N, router, sc[0], sc[1], need(0), need_S,
+        need_E, need(6) && has_c, need(9) && V.defined());
+    const int64_t d_in = x.size(1), d_out = E.size(0);
+    torch::autograd::variable_list out(22);
+    if (need(0)) out[0] = dx;
+    if (need(1)) out[1] = at::mm(dy.t(), x);
+    if (need(2)) out[2] = dy.sum(0);
+    if (need(3) && K) out[3] = dS.narrow(0, 0, Kr).view({K, r, d_in});
+    if (need(4) && K) out[4] = dE.narrow(1, 0, Kr).view({d_out, K, r}).permute({1, 0, 2});
+    if (need(5) && router) out[5] = dS.narrow(0, R, K);
+    if (need(6)) out[6] = dc;
+    if (need(7) && r_u) out[7] = dS.narrow(0, Kr, N * r_u).view({N, r_u, d_in});
+    if (need(8) && r_u) out[8] = dE.narrow(1, Kr, N * r_u).view({d_out, N, r_u}).permute({1, 0, 2});
+    if (need(9)) out[9] = dV;
+    return out;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> wide_layer(
+    const at::Tensor& x, const c10::optional<at::Tensor>& W0, const c10::optional<at::Tensor>& b,
+    const c10::optional<at::Tensor>& A_g, const c10::optional<at::Tensor>& B_g, const c10::optional<at::Tensor>& W_r,
+    const c10::optional<at::Tensor>& c, const c10::optional<at::Tensor>& A_u, const c10::optional<at::Tensor>& B_u,
+    const c10::optional<at::Tensor>& V, const at::Tensor& S, const at::Tensor& E,
+    const c10::optional<at::Tensor>& c_cd, const c10::optional<at::Tensor>& V_cd, const at::Tensor& ids, int64_t K,
+    int64_t r, int64_t r_u, int64_t N, int64_t top_k, double s_g, double s_u) {
+  auto out = WideLayerFunction::apply(x, W0, b, A_g, B_g, W_r, c, A_u, B_u, V, S, E, c_cd, V_cd, ids, K, r, r_u, N,
+                                      top_k, s_g, s_u);
+  return {out[0], out[1]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(proper_kernels_cpu, m) {
+  m.def(
+      "wide_layer(Tensor x, Tensor? W0, Tensor? b, Tensor? A_g, Tensor? B_g, Tensor? W_r, Tensor? c, Tensor? A_u, "
+      "Tensor? B_u, Tensor? V, Tensor S, Tensor E, Tensor? c_cd, Tensor? V_cd, Tensor ids, int K, int r, int r_u, "
+      "int N, int top_k, float s_g, float s_u) -> (Tensor, Tensor)");
   m.def(
       "wide_layer_forward(Tensor x, Tensor? W0, Tensor? b, Tensor S, Tensor E, Tensor ids, Tensor? c, Tensor? V, "
       "int K, int r, int r_u, int N, bool router, int top_k, float s_g, float s_u) -> (Tensor, Tensor, Tensor, Tensor)");
@@ -371,6 +455,17 @@ TORCH_LIBRARY(proper_kernels_cpu, m) {
   m.def(
       "wide_backward(Tensor H, Tensor e, Tensor g, Tensor? dg, Tensor ids, Tensor? V, int K, int r, int r_u, "
       "int N, bool router, float s_g, float s_u, bool need_dc, bool need_dV) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+// wide_layer's autograd is WideLayerFunction: the op is one autograd node, whatever runs
+// inside. The others are its parts, differentiated by it (or by the Python
+// TorchMixtureFunction): autograd passes through them and leaves their outputs out of
+// the graph.
+TORCH_LIBRARY_IMPL(proper_kernels_cpu, CompositeImplicitAutograd, m) { m.impl("wide_layer", &wide_layer); }
+
+TORCH_LIBRARY_IMPL(proper_kernels_cpu, Autograd, m) {
+  for (const char* name : {"wide_pack", "wide_forward", "wide_backward", "wide_layer_forward", "wide_layer_backward"})
+    m.impl(name, torch::CppFunction::makeFallthrough());
 }
 
 TORCH_LIBRARY_IMPL(proper_kernels_cpu, CPU, m) {

@@ -222,8 +222,9 @@ def choose_path_cached(sig: Optional[tuple], x: Tensor, weight: Optional[Tensor]
     if sig is None or x.device.type != "cpu":
         return choose_path(x, weight, bias, adapters, spec, user_ids, requested)
     grad = torch.is_grad_enabled() and (x.requires_grad or any(
-        t is not None and t.requires_grad for t in (weight, bias) + adapters.tensors()))
-    key = (sig, requested, os.environ.get("PROPER_KERNELS_BACKEND"), os.environ.get("TRITON_INTERPRET"), grad)
+        t is not None and t.requires_grad for t in (weight, bias, *adapters[:7])))
+    env = os.environ
+    key = (sig, requested, env.get("PROPER_KERNELS_BACKEND"), env.get("TRITON_INTERPRET"), grad)
     path = _CPU_PATHS.get(key)
     if path is None:
         path = choose_path(x, weight, bias, adapters, spec, user_ids, requested)

@@ -74,6 +74,9 @@ class RoutingPlan:
         self.counts = (offsets[2:] - offsets[1:-1]).to(torch.int32)
         self._active: Optional[Tensor] = None
         self._tiles: Dict[int, Tuple[Tensor, Tensor, int]] = {}
+        # What a backend derives from the plan once for every layer of the batch (the
+        # torch backend's routings).
+        self.backend_cache: dict = {}
 
     def check_ids(self, user_ids: Tensor, name: str = "user_ids") -> None:
         """Raise ValueError unless ``user_ids`` are the ids this plan was built from.

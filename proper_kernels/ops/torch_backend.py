@@ -43,7 +43,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
-from torch.utils.weak import WeakIdKeyDictionary
 
 from ..reference.adapters import Adapters
 from ..reference.mixture import compute_dtype, gates_from_logits
@@ -119,21 +118,20 @@ class _Routing(NamedTuple):
         return self.variant == "wide" and self.N > 0
 
 
-# The routings of a plan (wide, and segment per user rank), built at their first use:
-# the plan is shared by every layer of a batch, and so are they.
-_SEGMENT_ROUTING: "weakref.WeakKeyDictionary[RoutingPlan, dict]" = weakref.WeakKeyDictionary()
 
 
 def _routing(variant: str, ids: Optional[Tensor], plan: Optional[RoutingPlan], N: int, r_u: int,
              d: int = 0) -> _Routing:
-    """The routing of a call; ``d``: d_in + d_out of the layer (wide's waste)."""
+    """The routing of a call; ``d``: d_in + d_out of the layer (wide's waste). The
+    routings of a plan (wide, and segment per user rank) are built at their first use
+    and kept in the plan: it is shared by every layer of a batch, and so are they."""
     if ids is None or N == 0:
         return _Routing("wide", None, 0)
     if variant == "wide":
         # Traced code keeps no tensors between calls: its masks are built in the graph.
         if plan is None or torch.compiler.is_compiling():
             return _Routing("wide", ids, N, masks={})
-        cache = _SEGMENT_ROUTING.setdefault(plan, {})
+        cache = plan.backend_cache
         # On the CPU, where the plan's segments cost no sync, one user owning a batch
         # large enough for wide's waste to matter runs as plain GEMMs over its rows.
         key = "wide"
@@ -150,7 +148,7 @@ def _routing(variant: str, ids: Optional[Tensor], plan: Optional[RoutingPlan], N
         return cache[key]
     if plan is None:
         plan = RoutingPlan(ids, N, check=False)
-    cache = _SEGMENT_ROUTING.setdefault(plan, {})
+    cache = plan.backend_cache
     if r_u not in cache:
         cache[r_u] = _segment_routing(plan, ids, r_u)
     return cache[r_u]
@@ -228,7 +226,9 @@ def _cast(t: Optional[Tensor], cd: torch.dtype) -> Optional[Tensor]:
 # version counter (``t.data.copy_(...)``) are not seen: call clear_pack_cache() after
 # them, or set PROPER_KERNELS_PACK_CACHE=0. Trainable tensors are packed once per
 # forward and the pack is reused by its backward.
-_PACKS = WeakIdKeyDictionary()  # first source tensor -> {kind: (signature, packs, the sources kept alive)}
+# id(first source) -> (a weak reference to it, {kind: (signature, packs, the sources kept alive)});
+# an entry goes with its first source.
+_PACKS: dict = {}
 _PACK_CACHE = os.environ.get("PROPER_KERNELS_PACK_CACHE", "1") != "0"
 
 
@@ -242,15 +242,19 @@ def _packed(kind, build, *sources: Optional[Tensor]):
     if not _PACK_CACHE or torch.compiler.is_compiling():
         return build(*sources)
     present = [t for t in sources if t is not None]
-    for t in present:
-        if t.requires_grad or t.is_inference():
-            return build(*sources)
     # The entry keeps the sources' storage alive (below), so a pointer seen again is the
     # same memory: a new version, shape or stride is all that can change what it holds.
-    sig = [(t.data_ptr(), t._version, t.shape, t.stride()) for t in present]
-    slot = _PACKS.get(present[0])
-    if slot is None:
-        slot = _PACKS[present[0]] = {}
+    try:
+        sig = [(t.data_ptr(), t._version, t.shape, t.stride()) for t in present if not t.requires_grad]
+    except RuntimeError:  # an inference tensor keeps no version
+        return build(*sources)
+    if len(sig) < len(present):  # some source trains: it changes at every step
+        return build(*sources)
+    first, key = present[0], id(present[0])
+    got = _PACKS.get(key)
+    if got is None or got[0]() is not first:
+        got = _PACKS[key] = (weakref.ref(first, lambda _, key=key: _PACKS.pop(key, None)), {})
+    slot = got[1]
     hit = slot.get(kind)
     if hit is not None and hit[0] == sig:
         return hit[1]
@@ -387,6 +391,15 @@ def _ids32(rt: _Routing) -> Tensor:
     if "ids32" not in rt.masks:
         rt.masks["ids32"] = rt.ids.to(torch.int32).contiguous()
     return rt.masks["ids32"]
+
+
+def _native_autograd(x: Tensor, tensors) -> bool:
+    """Whether a wide call with gradients runs as the CPU kernels' own autograd node:
+    they are built, x is a CPU float32/float64 tensor, every tensor has x's dtype (the
+    compute dtype: no conversion to differentiate), and nothing traces the call."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or not _cpu_kernels():
+        return False
+    return not torch.compiler.is_compiling() and all(t is None or t.dtype == x.dtype for t in tensors)
 
 
 def _mul_into(out: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -739,6 +752,12 @@ def lora_mixture_torch(x: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
     rt = _routing(variant, user_ids, plan, N, adapters.user_rank, x.shape[1] + d_out)
     tensors = (x, weight, bias) + adapters.tensors()
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        if rt.wide and _native_autograd(x, tensors):  # the layer and its backward as one C++ autograd node
+            w = _wide_pack(adapters, x.dtype, True)
+            y, g = torch.ops.proper_kernels_cpu.wide_layer(
+                *tensors, w.S, w.E, w.c, w.V, _ids32(rt), adapters.num_experts, adapters.expert_rank,
+                adapters.user_rank, N, adapters.top_k or 0, float(adapters.expert_scale), float(adapters.user_scale))
+            return y, (g if (gates and adapters.num_experts) else None)
         out = TorchMixtureFunction.apply(*tensors, rt, float(adapters.expert_scale), float(adapters.user_scale),
                                          adapters.top_k, int(d_out), gates)
         y, g = out if gates else (out, None)

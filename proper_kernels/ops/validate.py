@@ -68,19 +68,18 @@ _SPECS_MAX = 1024
 
 def _signature(x, weight, bias, adapters: Adapters, user_ids, plan) -> Optional[tuple]:
     """Everything the shape checks read, or None when some argument is not of a type
-    they accept (the full checks then run, and raise)."""
-    if type(adapters) is not Adapters or torch.compiler.is_compiling():
+    they accept (the full checks then run, and raise). Only signatures that passed the
+    full checks are remembered, so another type that happens to sign alike never hits."""
+    if type(adapters) is not Adapters or torch.compiler.is_compiling() or (
+            plan is not None and type(plan) is not RoutingPlan):
         return None
-    tensors = (*adapters[:7], x, weight, bias, user_ids)
-    for t in tensors:
-        if t is not None and not isinstance(t, Tensor):
-            return None
-    if x is None or (plan is not None and type(plan) is not RoutingPlan):
+    try:
+        sig = [None if t is None else (t.shape, t.dtype, t.device)
+               for t in (*adapters[:7], x, weight, bias, user_ids)]
+    except AttributeError:
         return None
-    sig = [None if t is None else (t.shape, t.dtype, t.device) for t in tensors]
-    sig += [type(adapters.expert_scale), type(adapters.user_scale), adapters.top_k]
-    if plan is not None:
-        sig.append((plan.num_tokens, plan.num_users, plan.device))
+    sig += [type(adapters.expert_scale), type(adapters.user_scale), adapters.top_k,
+            None if plan is None else (plan.num_tokens, plan.num_users, plan.device)]
     return tuple(sig)
 
 
