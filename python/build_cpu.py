@@ -19,7 +19,7 @@ import sys
 
 EXT_NAME = "proper_kernels._cpu"
 # Every file of csrc/cpu/ (tests/test_cuda_build.py checks that csrc/ has no other).
-CPU_SOURCES = ["csrc/cpu/wide_glue.cpp"]
+CPU_SOURCES = ["csrc/cpu/wide_layer.cpp"]
 
 
 def _say(msg: str) -> None:

@@ -261,8 +261,9 @@ def test_wide_without_the_cpu_kernels_matches_reference(name, torch_ops_only):
 def test_cpu_kernels_are_built():
     """pip install -e . builds proper_kernels._cpu (python/build_cpu.py) wherever torch's
     headers and a C++ compiler are, as on CI; the wide variant then runs them."""
-    if os.environ.get("PROPER_KERNELS_SKIP_CPU_BUILD") == "1":
-        pytest.skip("PROPER_KERNELS_SKIP_CPU_BUILD=1")
+    for var in ("PROPER_KERNELS_SKIP_CPU_BUILD", "PROPER_KERNELS_CPU_KERNELS"):
+        if os.environ.get(var) == ("0" if var.endswith("KERNELS") else "1"):
+            pytest.skip(f"{var}={os.environ[var]}")
     assert tb._cpu_kernels(), "proper_kernels._cpu is not built: pip install --no-build-isolation -e ."
 
 
@@ -278,19 +279,21 @@ def test_cpu_kernels_run_and_reject_bad_ids(monkeypatch):
     with torch.no_grad():
         torch_op(c, "wide")(c.x, c.weight, c.bias, c.adapters, c.user_ids)
     assert calls[-1] == "wide_layer_forward"
-    real = torch.ops.proper_kernels_cpu.wide_forward
-    H = torch.zeros(2, 3 * 2 + 4 * 3 + 3)
+    real = torch.ops.proper_kernels_cpu.wide_layer_forward
+    x, Au, Bt = torch.zeros(2, 5), torch.zeros(4, 3, 5), torch.zeros(12, 6)
     ids = torch.tensor([0, 4], dtype=torch.int32)
     with pytest.raises(RuntimeError, match=r"ids\[1\] = 4 is outside \[-1, 4\)"):
-        real(H, ids, None, None, 3, 2, 3, 4, True, 0, 1.0, 1.0)
-    with pytest.raises(RuntimeError, match="H must have"):
-        real(H[:, 1:].contiguous(), ids, None, None, 3, 2, 3, 4, True, 0, 1.0, 1.0)
+        real(x, None, None, None, None, Au, Bt, ids, None, None, 0, 0, 3, 4, 6, False, 0, 1.0, 1.0)
+    with pytest.raises(RuntimeError, match="Bt must have shape"):
+        real(x, None, None, None, None, Au, Bt[1:], ids.clamp(max=3), None, None, 0, 0, 3, 4, 6, False, 0, 1.0, 1.0)
 
 
 def _count_packs(monkeypatch):
+    """Calls of the pack builders (the CPU kernels' and the torch ops')."""
     calls = []
-    real = tb._wide_weights
-    monkeypatch.setattr(tb, "_wide_weights", lambda *a: calls.append(1) or real(*a))
+    for name in ("_wide_weights", "_kernel_weights"):
+        real = getattr(tb, name)
+        monkeypatch.setattr(tb, name, lambda *a, real=real: calls.append(1) or real(*a))
     return calls
 
 
@@ -315,7 +318,7 @@ def test_packed_weights_follow_every_change(monkeypatch):
     a = a._replace(expert_B=a.expert_B.clone() * 0.5)
     check()
     assert len(calls) == 3
-    a.user_A.data.add_(1.0)  # invisible to the counter...
+    a.user_B.data.add_(1.0)  # invisible to the counter...
     y, _ = torch_op(c, "wide")(c.x, c.weight, c.bias, a, c.user_ids)
     assert len(calls) == 3
     assert not torch.allclose(y, lora_mixture_ref(c.x, c.weight, c.bias, a, c.user_ids)[0])

@@ -208,29 +208,22 @@ def choose_path(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], ada
     return _torch_path(x, spec, requested, "; ".join(notes))
 
 
-# The paths of the CPU calls seen, by the arguments' signature (check_and_sign), what
-# was requested, the two environment variables the CPU dispatch reads and whether a
-# gradient is needed: everything choose_path reads on the CPU.
-_CPU_PATHS: dict = {}
-_CPU_PATHS_MAX = 1024
-
-
-def choose_path_cached(sig: Optional[tuple], x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+def choose_path_cached(memo: Optional[dict], x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                        adapters: Adapters, spec: MixtureSpec, user_ids: Optional[Tensor],
                        requested: Optional[str]) -> Path:
-    """:func:`choose_path`, remembered for the CPU calls of a known signature."""
-    if sig is None or x.device.type != "cpu":
+    """:func:`choose_path`, remembered in ``memo`` (the dict validation keeps for the
+    arguments' signature: :func:`~proper_kernels.ops.validate.check_and_sign`) for CPU
+    calls, by what was requested, the two environment variables the CPU dispatch reads
+    and whether a gradient is needed: everything choose_path reads there."""
+    if memo is None or x.device.type != "cpu":
         return choose_path(x, weight, bias, adapters, spec, user_ids, requested)
     grad = torch.is_grad_enabled() and (x.requires_grad or any(
         t is not None and t.requires_grad for t in (weight, bias, *adapters[:7])))
     env = os.environ
-    key = (sig, requested, env.get("PROPER_KERNELS_BACKEND"), env.get("TRITON_INTERPRET"), grad)
-    path = _CPU_PATHS.get(key)
+    key = (requested, env.get("PROPER_KERNELS_BACKEND"), env.get("TRITON_INTERPRET"), grad)
+    path = memo.get(key)
     if path is None:
-        path = choose_path(x, weight, bias, adapters, spec, user_ids, requested)
-        if len(_CPU_PATHS) >= _CPU_PATHS_MAX:
-            _CPU_PATHS.clear()
-        _CPU_PATHS[key] = path
+        path = memo[key] = choose_path(x, weight, bias, adapters, spec, user_ids, requested)
     return path
 
 

@@ -68,7 +68,7 @@ def lora_mixture(
     """
     adapters = Adapters(expert_A, expert_B, router_weight, user_logit_bias, user_A, user_B, user_router,
                         expert_scale, user_scale, top_k)
-    spec, sig = check_and_sign(x, weight, bias, adapters, user_ids, plan)
+    spec, memo = check_and_sign(x, weight, bias, adapters, user_ids, plan)
     if type(expert_scale) is not float or type(user_scale) is not float or top_k is not None:
         adapters = adapters._replace(expert_scale=float(expert_scale), user_scale=float(user_scale),
                                      top_k=top_k if (top_k is not None and top_k < spec.K) else None)
@@ -76,7 +76,7 @@ def lora_mixture(
     x2 = x.reshape(spec.T, spec.d_in)
     # The plan, when given, is the routing of the batch: every backend reads its ids.
     ids = plan.user_ids if plan is not None else (user_ids.reshape(spec.T) if user_ids is not None else None)
-    path = choose_path_cached(sig, x, weight, bias, adapters, spec, ids, backend)
+    path = choose_path_cached(memo, x, weight, bias, adapters, spec, ids, backend)
     if path.backend == "base":
         y = F.linear(x, weight, bias)
         return (y, None) if return_gates else y

@@ -15,7 +15,7 @@ The group part is dense (every token, every expert). The user part has two varia
                token keeps its own user's r_u columns; its logits, gates and
                scales), one expand GEMM over [B_cat | B_u of all users]; the
                backward likewise. The per-token pass is a C++ kernel on the CPU
-               (csrc/cpu/wide_glue.cpp, the module proper_kernels._cpu, where built),
+               (csrc/cpu/wide_layer.cpp, the module proper_kernels._cpu, where built),
                else torch ops with a one-hot [T, N]. No host sync, no loop, but
                (N - 1) r_u wasted rank columns per token.
 * ``segment``  the tokens grouped by user in the routing plan's sorted order, cut
@@ -221,11 +221,13 @@ def _cast(t: Optional[Tensor], cd: torch.dtype) -> Optional[Tensor]:
 # The GEMM layouts of the adapter tensors ([A_cat; W_r], the up-projections as one
 # matrix, the router in rank space), in the compute dtype. Tensors that take no
 # gradient (frozen: requires_grad False) keep theirs between calls, rebuilt when the
-# tensor changes: another storage, shape, stride or dtype, or a new version (every
-# in-place write through the tensor or a view of it bumps it). Writes that bypass the
-# version counter (``t.data.copy_(...)``) are not seen: call clear_pack_cache() after
-# them, or set PROPER_KERNELS_PACK_CACHE=0. Trainable tensors are packed once per
-# forward and the pack is reused by its backward.
+# tensor changes: another storage or shape, or a new version (every in-place write
+# through the tensor or a view of it bumps it). Writes that bypass the version counter
+# are not seen: anything done through ``t.data`` (``t.data.copy_(...)``, ``t.data =
+# ...``) and collectives writing into the tensor (DistributedDataParallel's broadcast at
+# construction, FSDP's all-gather): call clear_pack_cache() after them, or set
+# PROPER_KERNELS_PACK_CACHE=0. Trainable tensors are packed once per forward and the
+# pack is reused by its backward.
 # id(first source) -> (a weak reference to it, {kind: (signature, packs, the sources kept alive)});
 # an entry goes with its first source.
 _PACKS: dict = {}
@@ -243,9 +245,10 @@ def _packed(kind, build, *sources: Optional[Tensor]):
         return build(*sources)
     present = [t for t in sources if t is not None]
     # The entry keeps the sources' storage alive (below), so a pointer seen again is the
-    # same memory: a new version, shape or stride is all that can change what it holds.
+    # same memory: a new version (or shape) is all that can change what it holds, short
+    # of what bypasses the counter (see above).
     try:
-        sig = [(t.data_ptr(), t._version, t.shape, t.stride()) for t in present if not t.requires_grad]
+        sig = [(t.data_ptr(), t._version, t.shape) for t in present if not t.requires_grad]
     except RuntimeError:  # an inference tensor keeps no version
         return build(*sources)
     if len(sig) < len(present):  # some source trains: it changes at every step
@@ -329,13 +332,13 @@ def _one_hot(rt: _Routing, cd: torch.dtype) -> Optional[Tensor]:
 
 # --------------------------------------------------------------------------- wide
 def _cpu_kernels() -> bool:
-    """Whether the CPU kernels of the wide variant (csrc/cpu/wide_glue.cpp, the module
+    """Whether the CPU kernels of the wide variant (csrc/cpu/wide_layer.cpp, the module
     proper_kernels._cpu) are built and loaded; imported at the first call."""
     global _CPU_KERNELS
     if _CPU_KERNELS is None:
         try:
             importlib.import_module("proper_kernels._cpu")
-            _CPU_KERNELS = hasattr(torch.ops.proper_kernels_cpu, "wide_forward")
+            _CPU_KERNELS = hasattr(torch.ops.proper_kernels_cpu, "wide_layer")
         except ImportError:
             _CPU_KERNELS = False
     return _CPU_KERNELS
@@ -345,32 +348,50 @@ _CPU_KERNELS: Optional[bool] = None if os.environ.get("PROPER_KERNELS_CPU_KERNEL
 
 
 class _Wide(NamedTuple):
-    """The operands of the wide variant in the compute dtype. The code columns are
-    [h: K r | z: N r_u | l: K] (the blocks present, in this order); the expand meets
-    the first two, scaled: [s_g g_k h_k | s_u z in the token's own user block]."""
+    """The operands of the wide variant as torch ops, in the compute dtype. The code
+    columns are [h: K r | z: N r_u | l: K] (the blocks present, in this order); the
+    expand meets the first two, scaled: [s_g g_k h_k | s_u z in the token's own user
+    block]."""
 
     S: Tensor              # [K r + N r_u (+ K), d_in]   [A_cat; A_u of all users; W_r]
     E: Tensor              # [d_out, K r + N r_u]        [B_cat | B_u of all users]
-    V: Optional[Tensor]    # the LoRA-aware router: [N r_u, K] (torch ops) or V [N, K, r_u] contiguous (kernels)
-    c: Optional[Tensor]    # [N, K] contiguous           the user logit bias
+    V: Optional[Tensor]    # [N r_u, K]                  the LoRA-aware router in rank space
+    c: Optional[Tensor]    # [N, K]                      the user logit bias
 
 
-def _wide_weights(cd: torch.dtype, kernels: bool, A_g, B_g, W_r, c, A_u, B_u, V) -> _Wide:
-    if kernels:  # one call, each block copied once from its own layout
-        S, E = torch.ops.proper_kernels_cpu.wide_pack(A_g, B_g, W_r, A_u, B_u, cd)
-        V = _cast(V, cd).contiguous() if V is not None else None
-    else:
-        rows = [t.reshape(-1, t.shape[-1]) for t in (A_g, A_u, W_r) if t is not None]
-        cols = [_build_cols(cd, B) for B in (B_g, B_u) if B is not None]
-        S = _cast(torch.cat(rows) if len(rows) > 1 else rows[0], cd)
-        E = torch.cat(cols, 1) if len(cols) > 1 else cols[0]
-        V = _build_router(cd, V) if V is not None else None
-    return _Wide(S, E, V, _cast(c, cd).contiguous() if c is not None else None)
+def _wide_weights(cd: torch.dtype, A_g, B_g, W_r, c, A_u, B_u, V) -> _Wide:
+    rows = [t.reshape(-1, t.shape[-1]) for t in (A_g, A_u, W_r) if t is not None]
+    cols = [_build_cols(cd, B) for B in (B_g, B_u) if B is not None]
+    S = _cast(torch.cat(rows) if len(rows) > 1 else rows[0], cd)
+    E = torch.cat(cols, 1) if len(cols) > 1 else cols[0]
+    return _Wide(S, E, _build_router(cd, V) if V is not None else None, _cast(c, cd))
 
 
-def _wide_pack(ad: Adapters, cd: torch.dtype, kernels: bool) -> _Wide:
-    """The wide operands of these adapters (cached while they are frozen)."""
-    return _packed(("wide", cd, kernels), partial(_wide_weights, cd, kernels), *ad.tensors())
+def _wide_pack(ad: Adapters, cd: torch.dtype) -> _Wide:
+    """The wide operands of these adapters for the torch ops (cached while frozen)."""
+    return _packed(("wide", cd), partial(_wide_weights, cd), *ad.tensors())
+
+
+class _Kernel(NamedTuple):
+    """The operands of the CPU kernels (csrc/cpu/wide_layer.cpp) in the compute dtype,
+    contiguous; None where absent."""
+
+    Sg: Optional[Tensor]   # [K r (+ K), d_in]   [A_cat; W_r]
+    Eg: Optional[Tensor]   # [d_out, K r]        B_cat
+    Au: Optional[Tensor]   # [N, r_u, d_in]      A_u
+    Bt: Optional[Tensor]   # [N r_u, d_out]      B_u^T of each user, stacked
+    V: Optional[Tensor]    # [N, K, r_u]
+    c: Optional[Tensor]    # [N, K]
+
+
+def _kernel_weights(cd: torch.dtype, A_g, B_g, W_r, c, A_u, B_u, V) -> _Kernel:
+    Sg, Eg, Au, Bt = torch.ops.proper_kernels_cpu.wide_pack(A_g, B_g, W_r, A_u, B_u, cd)
+    return _Kernel(Sg, Eg, Au, Bt, *(_cast(t, cd).contiguous() if t is not None else None for t in (V, c)))
+
+
+def _kernel_pack(ad: Adapters, cd: torch.dtype) -> _Kernel:
+    """The CPU kernels' operands of these adapters (cached while frozen)."""
+    return _packed(("kernel", cd), partial(_kernel_weights, cd), *ad.tensors())
 
 
 def _wide_masks(rt: _Routing, cd: torch.dtype, r_u: int) -> Tuple[Tensor, Optional[Tensor]]:
@@ -393,13 +414,15 @@ def _ids32(rt: _Routing) -> Tensor:
     return rt.masks["ids32"]
 
 
-def _native_autograd(x: Tensor, tensors) -> bool:
+def _native_autograd(x: Tensor, ad: Adapters, tensors) -> bool:
     """Whether a wide call with gradients runs as the CPU kernels' own autograd node:
     they are built, x is a CPU float32/float64 tensor, every tensor has x's dtype (the
-    compute dtype: no conversion to differentiate), and nothing traces the call."""
+    compute dtype: no conversion to differentiate), the kernels read c and V in place
+    (contiguous), and nothing traces the call."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or not _cpu_kernels():
         return False
-    return not torch.compiler.is_compiling() and all(t is None or t.dtype == x.dtype for t in tensors)
+    return (not torch.compiler.is_compiling() and all(t is None or t.dtype == x.dtype for t in tensors)
+            and all(t is None or t.is_contiguous() for t in (ad.user_logit_bias, ad.user_router)))
 
 
 def _mul_into(out: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -410,11 +433,12 @@ def _mul_into(out: Tensor, a: Tensor, b: Tensor) -> Tensor:
 
 
 def _forward_wide(x, weight, bias, ad: Adapters, rt: _Routing, d_out: int, save: bool):
-    """The wide variant: every token against every user of the bank. One shrink GEMM
-    H = x S^T gives the codes of all experts and users and the router's logits; the
-    per-token work (each token keeps its own user's codes, the gates, the scales) makes
-    HG; one expand GEMM adds it to the base output. On the CPU with the kernels built
-    the whole layer is one call (its per-token work one pass), else torch ops.
+    """The wide variant: every token against every user of the bank. As torch ops: one
+    shrink GEMM H = x S^T gives the codes of all experts and users and the router's
+    logits; each token keeps its own user's codes (a one-hot mask), the gates scale the
+    expert codes (HG); one expand GEMM adds them to the base output. Without gradients
+    on the CPU with the kernels built, the layer is one call that skips the masked
+    zeros (the user terms per token, on its own user's rows).
 
     Returns (y in x.dtype, g [T, K], saved for the backward or None)."""
     cd = compute_dtype(x.dtype)
@@ -424,13 +448,13 @@ def _forward_wide(x, weight, bias, ad: Adapters, rt: _Routing, d_out: int, save:
     A_u = ad.user_A
     r_u = A_u.shape[1] if A_u is not None else 0
     s_g, s_u = ad.expert_scale, ad.user_scale
-    kernels = xc.device.type == "cpu" and _cpu_kernels() and not torch.compiler.is_compiling()
-    w = _wide_pack(ad, cd, kernels)
-    if kernels:
-        y, H, HG, g = torch.ops.proper_kernels_cpu.wide_layer_forward(
-            xc, _cast(weight, cd), _cast(bias, cd), w.S, w.E, _ids32(rt), w.c, w.V, K, r, r_u, rt.N,
-            ad.router_weight is not None, ad.top_k or 0, s_g, s_u)
-        return _cast(y, x.dtype), g, ((H, HG, g, w, kernels) if save else None)
+    if not save and xc.device.type == "cpu" and _cpu_kernels() and not torch.compiler.is_compiling():
+        k = _kernel_pack(ad, cd)
+        y, _, _, _, g = torch.ops.proper_kernels_cpu.wide_layer_forward(
+            xc, _cast(weight, cd), _cast(bias, cd), k.Sg, k.Eg, k.Au, k.Bt, _ids32(rt), k.c, k.V, K, r, r_u, rt.N,
+            d_out, ad.router_weight is not None, ad.top_k or 0, s_g, s_u)
+        return _cast(y, x.dtype), g, None
+    w = _wide_pack(ad, cd)
     Kr, R = K * r, w.E.shape[1]  # R: the expanded code columns, K r + N r_u
     if weight is not None:
         y = F.linear(xc, _cast(weight, cd), _cast(bias, cd))
@@ -452,14 +476,14 @@ def _forward_wide(x, weight, bias, ad: Adapters, rt: _Routing, d_out: int, save:
     if r_u and s_u != 1.0:
         zw.mul_(s_u)
     y.addmm_(HG, w.E.t())
-    return _cast(y, x.dtype), g, ((H, HG, g, w, kernels) if save else None)
+    return _cast(y, x.dtype), g, ((H, HG, g, w) if save else None)
 
 
 def _backward_wide(dy, dg_ext, x, weight, ad: Adapters, rt: _Routing, saved, needs):
-    """The chain rule of rankspace.py for the wide variant, on the codes of the
-    forward: the 10 gradients in the compute dtype (None where not needed)."""
+    """The chain rule of rankspace.py for the wide variant as torch ops, on the codes
+    of the forward: the 10 gradients in the compute dtype (None where not needed)."""
     n_x, n_w, n_b, n_Ag, n_Bg, n_Wr, n_c, n_Au, n_Bu, n_V = needs
-    H, HG, g, w, kernels = saved
+    H, HG, g, w = saved
     cd = compute_dtype(x.dtype)
     xc, dyc = _cast(x, cd), _cast(dy, cd)
     T, d_in = xc.shape
@@ -470,50 +494,40 @@ def _backward_wide(dy, dg_ext, x, weight, ad: Adapters, rt: _Routing, saved, nee
     s_g, s_u = ad.expert_scale, ad.user_scale
     Kr, R = K * r, w.E.shape[1]
     has_router = ad.router_weight is not None
-    need_S, need_E = bool(n_Ag or n_Au or (n_Wr and has_router)), bool(n_Bg or n_Bu)
     need_dc, need_dV = bool(n_c and w.c is not None), bool(n_V and w.V is not None)
-    W0 = _cast(weight, cd)
-    dc = dV = dx = dS = dE = None
-    if kernels:
-        dx, dS, dE, dc, dV = torch.ops.proper_kernels_cpu.wide_layer_backward(
-            dyc, xc, W0, w.S, w.E, H, HG, g, _cast(dg_ext, cd).contiguous() if dg_ext is not None else None,
-            _ids32(rt), w.V, K, r, r_u, N, has_router, s_g, s_u, bool(n_x), need_S, need_E, need_dc, need_dV)
-    else:
-        if need_E:  # HG holds the scaled codes the expand met: dE = dy^T HG
-            dE = dyc.t() @ HG
-        e = dyc @ w.E  # [T, K r + N r_u]: B_cat^T dy | B_u^T dy of every user (unscaled)
-        onehot, zmask = _wide_masks(rt, cd, r_u)
-        dH = torch.empty(T, H.shape[1], dtype=cd, device=xc.device)  # the gradient of the codes H
-        dl = None
-        if K:
-            e3 = e[:, :Kr].view(T, K, r)
-            dg = (e3 * H[:, :Kr].view(T, K, r)).sum(-1).mul_(s_g)
-            if dg_ext is not None:
-                dg = dg + _cast(dg_ext, cd)
-            # softmax backward; zero off the top_k set, where g is zero
-            dl = g * (dg - (g * dg).sum(-1, keepdim=True))
-            _mul_into(dH[:, :Kr].view(T, K, r), e3, (g * s_g).unsqueeze(-1))
-            if has_router:
-                dH[:, R:].copy_(dl)
-            if need_dc:
-                dc = onehot.t() @ dl
-            if need_dV:  # the unscaled masked codes: H's user columns times the mask
-                dV = ((H[:, Kr:R] * zmask).t() @ dl).view(N, r_u, K).transpose(1, 2)
-        if r_u:  # dz_t = s_u B_u^T dy_t + V_u^T dl_t, in the token's own slot
-            dz = torch.addmm(e[:, Kr:], dl, w.V.t(), beta=s_u) if w.V is not None else e[:, Kr:].mul(s_u)
-            _mul_into(dH[:, Kr:R], dz, zmask)
-        if n_x:
-            dx = (dyc @ W0 if W0 is not None else xc.new_zeros(T, d_in)).addmm_(dH, w.S)
-        if need_S:
-            dS = dH.t() @ xc
-    dW0 = dyc.t() @ xc if n_w else None
-    db = dyc.sum(0) if n_b else None
-    dA_g = dS[:Kr].view(K, r, d_in) if (n_Ag and K) else None
-    dA_u = dS[Kr:R].view(N, r_u, d_in) if (n_Au and r_u) else None
-    dW_r = dS[R:] if (n_Wr and has_router) else None
-    dB_g = dE[:, :Kr].view(d_out, K, r).permute(1, 0, 2) if (n_Bg and K) else None
-    dB_u = dE[:, Kr:].view(d_out, N, r_u).permute(1, 0, 2) if (n_Bu and r_u) else None
-    return dx, dW0, db, dA_g, dB_g, dW_r, (dc if need_dc else None), dA_u, dB_u, (dV if need_dV else None)
+    dc = dV = dx = dS = dE = dl = None
+    if n_Bg or n_Bu:  # HG holds the scaled codes the expand met: dE = dy^T HG
+        dE = dyc.t() @ HG
+    e = dyc @ w.E  # [T, K r + N r_u]: B_cat^T dy | B_u^T dy of every user (unscaled)
+    onehot, zmask = _wide_masks(rt, cd, r_u)
+    dH = torch.empty(T, H.shape[1], dtype=cd, device=xc.device)  # the gradient of the codes H
+    if K:
+        e3 = e[:, :Kr].view(T, K, r)
+        dg = (e3 * H[:, :Kr].view(T, K, r)).sum(-1).mul_(s_g)
+        if dg_ext is not None:
+            dg = dg + _cast(dg_ext, cd)
+        # softmax backward; zero off the top_k set, where g is zero
+        dl = g * (dg - (g * dg).sum(-1, keepdim=True))
+        _mul_into(dH[:, :Kr].view(T, K, r), e3, (g * s_g).unsqueeze(-1))
+        if has_router:
+            dH[:, R:].copy_(dl)
+        if need_dc:
+            dc = onehot.t() @ dl
+        if need_dV:  # the unscaled masked codes: H's user columns times the mask
+            dV = ((H[:, Kr:R] * zmask).t() @ dl).view(N, r_u, K).transpose(1, 2)
+    if r_u:  # dz_t = s_u B_u^T dy_t + V_u^T dl_t, in the token's own slot
+        dz = torch.addmm(e[:, Kr:], dl, w.V.t(), beta=s_u) if w.V is not None else e[:, Kr:].mul(s_u)
+        _mul_into(dH[:, Kr:R], dz, zmask)
+    if n_x:
+        dx = (dyc @ _cast(weight, cd) if weight is not None else xc.new_zeros(T, d_in)).addmm_(dH, w.S)
+    if n_Ag or n_Au or (n_Wr and has_router):
+        dS = dH.t() @ xc
+    return (dx, dyc.t() @ xc if n_w else None, dyc.sum(0) if n_b else None,
+            dS[:Kr].view(K, r, d_in) if (n_Ag and K) else None,
+            dE[:, :Kr].view(d_out, K, r).permute(1, 0, 2) if (n_Bg and K) else None,
+            dS[R:] if (n_Wr and has_router) else None, dc,
+            dS[Kr:R].view(N, r_u, d_in) if (n_Au and r_u) else None,
+            dE[:, Kr:].view(d_out, N, r_u).permute(1, 0, 2) if (n_Bu and r_u) else None, dV)
 
 
 def _forward_segment(x, weight, bias, ad: Adapters, rt: _Routing, d_out: int, save: bool):
@@ -691,9 +705,8 @@ class TorchMixtureFunction(torch.autograd.Function):
         ad = Adapters(expert_A, expert_B, router_weight, user_logit_bias, user_A, user_B, user_router,
                       expert_scale, user_scale, top_k)
         if rt.wide:
-            y, g, (H, HG, g, w, kernels) = _forward_wide(x, weight, bias, ad, rt, d_out, save=True)
+            y, g, (H, HG, g, w) = _forward_wide(x, weight, bias, ad, rt, d_out, save=True)
             ctx.save_for_backward(x, H, HG, g, weight, *ad.tensors())
-            w = (w, kernels)
         else:
             y, h, z, g, w = _forward_segment(x, weight, bias, ad, rt, d_out, save=True)
             ctx.save_for_backward(x, h, z, g, weight, *ad.tensors())
@@ -719,8 +732,8 @@ class TorchMixtureFunction(torch.autograd.Function):
         w = ctx.w
         if ctx.rt.wide:
             if w is None:
-                w = (_wide_pack(ad, compute_dtype(x.dtype), False), False)
-            grads = _backward_wide(dy, dg, x, weight, ad, ctx.rt, (c1, c2, g) + w, needs)
+                w = _wide_pack(ad, compute_dtype(x.dtype))
+            grads = _backward_wide(dy, dg, x, weight, ad, ctx.rt, (c1, c2, g, w), needs)
         else:
             grads = _backward_segment(dy, dg, x, c1, c2, g, weight, ad, ctx.rt,
                                       w if w is not None else _weights(ad, ctx.rt, compute_dtype(x.dtype)), needs)
@@ -752,11 +765,12 @@ def lora_mixture_torch(x: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
     rt = _routing(variant, user_ids, plan, N, adapters.user_rank, x.shape[1] + d_out)
     tensors = (x, weight, bias) + adapters.tensors()
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        if rt.wide and _native_autograd(x, tensors):  # the layer and its backward as one C++ autograd node
-            w = _wide_pack(adapters, x.dtype, True)
+        if rt.wide and _native_autograd(x, adapters, tensors):  # the layer and its backward: one C++ autograd node
+            k = _kernel_pack(adapters, x.dtype)
             y, g = torch.ops.proper_kernels_cpu.wide_layer(
-                *tensors, w.S, w.E, w.c, w.V, _ids32(rt), adapters.num_experts, adapters.expert_rank,
-                adapters.user_rank, N, adapters.top_k or 0, float(adapters.expert_scale), float(adapters.user_scale))
+                *tensors, k.Sg, k.Eg, k.Au, k.Bt, _ids32(rt), adapters.num_experts, adapters.expert_rank,
+                adapters.user_rank, N, int(d_out), adapters.top_k or 0, float(adapters.expert_scale),
+                float(adapters.user_scale))
             return y, (g if (gates and adapters.num_experts) else None)
         out = TorchMixtureFunction.apply(*tensors, rt, float(adapters.expert_scale), float(adapters.user_scale),
                                          adapters.top_k, int(d_out), gates)

@@ -59,10 +59,11 @@ def _dim(name: str, t: Tensor, i: int, expected: int, what: str, shape_doc: str)
         )
 
 
-# Specs of the argument signatures seen (types, shapes, dtypes, devices; the plan's
-# sizes): a call with a known signature skips the checks that read only those, and
-# runs the ones that read values (the ids against the plan, or their range).
-_SPECS: Dict[tuple, MixtureSpec] = {}
+# The argument signatures seen (shapes, dtypes, devices; the plan's sizes) -> (their
+# spec, a dict the dispatch keeps its decisions for them in): a call with a known
+# signature skips the checks that read only those, and runs the ones that read values
+# (the ids against the plan, or their range).
+_SPECS: Dict[tuple, tuple] = {}
 _SPECS_MAX = 1024
 
 
@@ -89,17 +90,19 @@ def check_mixture_args(x, weight, bias, adapters: Adapters, user_ids=None, plan=
 
 
 def check_and_sign(x, weight, bias, adapters: Adapters, user_ids=None, plan=None):
-    """(spec, signature): :func:`check_mixture_args`, and the signature of the arguments'
-    types, shapes, dtypes and devices it checked (None where none is kept: arguments of
-    other types, or code traced by torch.compile)."""
+    """(spec, memo): :func:`check_mixture_args`, and a dict kept for the signature of
+    the arguments it checked (their shapes, dtypes and devices), where the dispatch
+    remembers its decisions; None where no signature is kept (arguments of other types,
+    or code traced by torch.compile)."""
     sig = _signature(x, weight, bias, adapters, user_ids, plan)
-    spec = _SPECS.get(sig) if sig is not None else None
-    if spec is None:
-        spec = _check_shapes(x, weight, bias, adapters, user_ids, plan)
+    got = _SPECS.get(sig) if sig is not None else None
+    if got is None:
+        got = (_check_shapes(x, weight, bias, adapters, user_ids, plan), {} if sig is not None else None)
         if sig is not None:
             if len(_SPECS) >= _SPECS_MAX:
                 _SPECS.clear()
-            _SPECS[sig] = spec
+            _SPECS[sig] = got
+    spec = got[0]
     if plan is not None:
         if user_ids is not None:
             plan.check_ids(user_ids)
@@ -110,7 +113,7 @@ def check_and_sign(x, weight, bias, adapters: Adapters, user_ids=None, plan=None
         if lo < -1 or (N is not None and hi >= N):
             rng = f"[-1, {N})" if N is not None else "[-1, inf)"
             raise ValueError(f"user_ids must lie in {rng} (N = number of users), got values in [{lo}, {hi}]")
-    return spec, sig
+    return got
 
 
 def _check_shapes(x, weight, bias, adapters: Adapters, user_ids=None, plan=None) -> MixtureSpec:
