@@ -1,4 +1,4 @@
-"""The fast path of :func:`proper_kernels.lora_mixture` without kernels (backend "torch").
+"""The fast path of :func:`proper_kernels.lora_mixture` without GPU kernels (backend "torch").
 
 The rank-space contract of ``proper_kernels.reference.rankspace`` as a few large
 GEMMs with a hand-written backward (its chain rule is written out there), instead of
@@ -11,13 +11,14 @@ tensor's dtype, as the reference does.
 The group part is dense (every token, every expert). The user part has two variants:
 
 * ``wide``     every token against every user of the bank: one shrink GEMM over
-               [A_cat; A_u of all N users; W_r], one pass of per-token work (each
-               token keeps its own user's r_u columns; its logits, gates and
-               scales), one expand GEMM over [B_cat | B_u of all users]; the
-               backward likewise. The per-token pass is a C++ kernel on the CPU
-               (csrc/cpu/wide_layer.cpp, the module proper_kernels._cpu, where built),
-               else torch ops with a one-hot [T, N]. No host sync, no loop, but
-               (N - 1) r_u wasted rank columns per token.
+               [A_cat; A_u of all N users; W_r], a one-hot [T, N] keeping each
+               token's own user's r_u columns, one expand GEMM over [B_cat | B_u of
+               all users]; the backward likewise. No host sync, no loop, but (N - 1)
+               r_u wasted rank columns per token. On the CPU, where the C++ kernels
+               are built (csrc/cpu/wide_layer.cpp, the module proper_kernels._cpu),
+               the layer is one call that skips that waste: the group part as GEMMs,
+               the user part one gathered matrix-vector product per token on its own
+               user's rows; with gradients it is one C++ autograd node.
 * ``segment``  the tokens grouped by user in the routing plan's sorted order, cut
                into tiles of one user each; every per-user product is one batched
                GEMM over the tiles (a gather of the user tokens before, a scatter
