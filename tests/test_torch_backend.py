@@ -280,12 +280,12 @@ def test_cpu_kernels_run_and_reject_bad_ids(monkeypatch):
         torch_op(c, "wide")(c.x, c.weight, c.bias, c.adapters, c.user_ids)
     assert calls[-1] == "wide_layer_forward"
     real = torch.ops.proper_kernels_cpu.wide_layer_forward
-    x, Au, Bt = torch.zeros(2, 5), torch.zeros(4, 3, 5), torch.zeros(12, 6)
+    x, Au, Bu = torch.zeros(2, 5), torch.zeros(4, 3, 5), torch.zeros(4, 6, 3)
     ids = torch.tensor([0, 4], dtype=torch.int32)
     with pytest.raises(RuntimeError, match=r"ids\[1\] = 4 is outside \[-1, 4\)"):
-        real(x, None, None, None, None, Au, Bt, ids, None, None, 0, 0, 3, 4, 6, False, 0, 1.0, 1.0)
-    with pytest.raises(RuntimeError, match="Bt must have shape"):
-        real(x, None, None, None, None, Au, Bt[1:], ids.clamp(max=3), None, None, 0, 0, 3, 4, 6, False, 0, 1.0, 1.0)
+        real(x, None, None, None, None, Au, Bu, ids, None, None, 0, 0, 3, 4, 6, False, 0, 1.0, 1.0, False)
+    with pytest.raises(RuntimeError, match="B_u must have shape"):
+        real(x, None, None, None, None, Au, Bu[1:], ids.clamp(max=3), None, None, 0, 0, 3, 4, 6, False, 0, 1.0, 1.0, False)
 
 
 def _count_packs(monkeypatch):

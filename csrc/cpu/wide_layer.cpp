@@ -18,8 +18,9 @@
 //
 // The per-user sums run over the tokens in order, so they are deterministic. Everything
 // runs in the dtype of x (the compute dtype: float32 or float64). wide_pack lays the
-// adapters out once: Sg = [A_cat; W_r], Eg = B_cat ([d_out, K r]), A_u contiguous and
-// Bt = B_u^T per user ([N r_u, d_out]), so every per-token product reads contiguous rows.
+// experts out for their GEMMs once: Sg = [A_cat; W_r], Eg = B_cat ([d_out, K r]); the
+// user tensors are read in their own layouts (A_u [N, r_u, d_in], B_u [N, d_out, r_u],
+// contiguous), each token's products on its own user's contiguous rows.
 // wide_layer is the layer with its autograd node; the other ops are its parts.
 // Registered as torch.ops.proper_kernels_cpu.*; importing proper_kernels._cpu loads them.
 #include <Python.h>
@@ -72,6 +73,35 @@ PK_VECTOR void axpy(double* y, const double* x, double a, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
+// On one user's B [m, n] (row-major: B_u[u] is [d_out, r_u]):
+//   y[m] += a B z       (the expand of the code z)
+//   e[n] += B^T v       (B^T of an output gradient v)
+//   D[m, n] += a v z^T  (B's own gradient)
+template <typename T>
+inline void gemv_impl(T* y, const T* B, const T* z, int64_t m, int64_t n, T a) {
+  for (int64_t o = 0; o < m; ++o) {
+    T s = 0;
+    for (int64_t j = 0; j < n; ++j) s += B[o * n + j] * z[j];
+    y[o] += a * s;
+  }
+}
+template <typename T>
+inline void gemv_t_impl(T* e, const T* B, const T* v, int64_t m, int64_t n) {
+  for (int64_t o = 0; o < m; ++o)
+    for (int64_t j = 0; j < n; ++j) e[j] += B[o * n + j] * v[o];
+}
+template <typename T>
+inline void ger_impl(T* D, const T* v, const T* z, int64_t m, int64_t n, T a) {
+  for (int64_t o = 0; o < m; ++o)
+    for (int64_t j = 0; j < n; ++j) D[o * n + j] += a * v[o] * z[j];
+}
+PK_VECTOR void gemv(float* y, const float* B, const float* z, int64_t m, int64_t n, float a) { gemv_impl(y, B, z, m, n, a); }
+PK_VECTOR void gemv(double* y, const double* B, const double* z, int64_t m, int64_t n, double a) { gemv_impl(y, B, z, m, n, a); }
+PK_VECTOR void gemv_t(float* e, const float* B, const float* v, int64_t m, int64_t n) { gemv_t_impl(e, B, v, m, n); }
+PK_VECTOR void gemv_t(double* e, const double* B, const double* v, int64_t m, int64_t n) { gemv_t_impl(e, B, v, m, n); }
+PK_VECTOR void ger(float* D, const float* v, const float* z, int64_t m, int64_t n, float a) { ger_impl(D, v, z, m, n, a); }
+PK_VECTOR void ger(double* D, const double* v, const double* z, int64_t m, int64_t n, double a) { ger_impl(D, v, z, m, n, a); }
+
 // The gates of one token from its logits lg[0..K): softmax over all of them, or over
 // the top_k largest (ties keep the lower index, as a stable descending sort does).
 template <typename T>
@@ -102,16 +132,17 @@ struct Dims {
   bool router;
 };
 
-void expect(const OptTensor& t, const char* name, at::IntArrayRef shape, at::ScalarType dtype) {
+void expect(const OptTensor& t, const char* name, at::IntArrayRef shape, at::ScalarType dtype, bool contiguous = true) {
   if (!t) return;
   TORCH_CHECK(t->sizes() == shape, name, " must have shape ", shape, ", got ", t->sizes());
   TORCH_CHECK(t->scalar_type() == dtype, name, " must be ", dtype, ", got ", t->scalar_type());
-  TORCH_CHECK(t->is_contiguous() && t->device().is_cpu(), name, " must be a contiguous CPU tensor");
+  TORCH_CHECK(t->device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(!contiguous || t->is_contiguous(), name, " must be contiguous");
 }
 
 Dims check(const at::Tensor& x, const OptTensor& W0, const OptTensor& b, const OptTensor& Sg, const OptTensor& Eg,
-           const OptTensor& A_u, const OptTensor& Bt, const at::Tensor& ids, const OptTensor& c, const OptTensor& V,
-           int64_t K, int64_t r, int64_t r_u, int64_t N, int64_t d_out, bool router) {
+           const OptTensor& A_u, const OptTensor& B_u, const at::Tensor& ids, const OptTensor& c, const OptTensor& V,
+           int64_t K, int64_t r, int64_t r_u, int64_t N, int64_t d_out, bool router, bool transposed = false) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu() && x.is_contiguous(), "x must be a contiguous 2-D CPU tensor");
   const auto dt = x.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "x must be float32 or float64, got ", dt);
@@ -124,9 +155,11 @@ Dims check(const at::Tensor& x, const OptTensor& W0, const OptTensor& b, const O
   TORCH_CHECK(Sg.has_value() == (K > 0) && Eg.has_value() == (K > 0), "Sg and Eg come with experts (K > 0)");
   expect(Sg, "Sg", {d.RH, d.d_in}, dt);
   expect(Eg, "Eg", {d_out, d.Kr}, dt);
-  TORCH_CHECK(A_u.has_value() == (r_u > 0) && Bt.has_value() == (r_u > 0), "A_u and Bt come with r_u > 0");
+  TORCH_CHECK(A_u.has_value() == (r_u > 0) && B_u.has_value() == (r_u > 0), "A_u and B_u come with r_u > 0");
   expect(A_u, "A_u", {N, r_u, d.d_in}, dt);
-  expect(Bt, "Bt", {N * r_u, d_out}, dt);
+  // transposed: B_u is the view [N, d_out, r_u] of a contiguous [N, r_u, d_out]
+  expect(B_u, "B_u", {N, d_out, r_u}, dt, !transposed);
+  TORCH_CHECK(!transposed || !B_u || B_u->transpose(1, 2).is_contiguous(), "B_u^T must be contiguous");
   expect(c, "c", {N, K}, dt);
   expect(V, "V", {N, K, r_u}, dt);
   TORCH_CHECK(!(c || V) || K > 0, "c and V need experts");
@@ -147,8 +180,8 @@ const T* ptr(const OptTensor& t) {
 }
 
 template <typename T>
-void forward_tokens(const Dims& d, const T* X, const int32_t* ids, const T* Hg, const T* Au, const T* Bt, const T* C,
-                    const T* V, int64_t top_k, T s_g, T s_u, T* Y, T* HGg, T* Z, T* G) {
+void forward_tokens(const Dims& d, const T* X, const int32_t* ids, const T* Hg, const T* Au, const T* Bu, const T* C,
+                    const T* V, bool transposed, int64_t top_k, T s_g, T s_u, T* Y, T* HGg, T* Z, T* G) {
   at::parallel_for(0, d.T, kGrain, [&](int64_t begin, int64_t end) {
     std::vector<T> lg(d.K);
     for (int64_t t = begin; t < end; ++t) {
@@ -168,19 +201,27 @@ void forward_tokens(const Dims& d, const T* X, const int32_t* ids, const T* Hg, 
         for (int64_t k = 0; k < d.K; ++k)
           for (int64_t i = 0; i < d.r; ++i) HGg[t * d.Kr + k * d.r + i] = s_g * g[k] * h[k * d.r + i];
       }
-      if (u >= 0)
-        for (int64_t j = 0; j < d.r_u; ++j) axpy(Y + t * d.d_out, Bt + (u * d.r_u + j) * d.d_out, s_u * z[j], d.d_out);
+      if (u >= 0 && d.r_u) {
+        const T* Bw = Bu + u * d.d_out * d.r_u;
+        if (transposed)  // B_u[u]^T: r_u contiguous rows of d_out
+          for (int64_t j = 0; j < d.r_u; ++j) axpy(Y + t * d.d_out, Bw + j * d.d_out, s_u * z[j], d.d_out);
+        else
+          gemv(Y + t * d.d_out, Bw, z, d.d_out, d.r_u, s_u);
+      }
     }
   });
 }
 
 // The layer's forward: (y, Hg = x Sg^T, HGg = s_g g (.) h, Z, G); tensors absent from
-// the layer come back empty.
+// the layer come back empty. `transposed`: B_u [N, d_out, r_u] is the transposed view of
+// a contiguous [N, r_u, d_out] (the expand then reads contiguous rows of d_out; the
+// inference layout).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> wide_layer_forward(
     const at::Tensor& x, const OptTensor& W0, const OptTensor& b, const OptTensor& Sg, const OptTensor& Eg,
-    const OptTensor& A_u, const OptTensor& Bt, const at::Tensor& ids, const OptTensor& c, const OptTensor& V,
-    int64_t K, int64_t r, int64_t r_u, int64_t N, int64_t d_out, bool router, int64_t top_k, double s_g, double s_u) {
-  const Dims d = check(x, W0, b, Sg, Eg, A_u, Bt, ids, c, V, K, r, r_u, N, d_out, router);
+    const OptTensor& A_u, const OptTensor& B_u, const at::Tensor& ids, const OptTensor& c, const OptTensor& V,
+    int64_t K, int64_t r, int64_t r_u, int64_t N, int64_t d_out, bool router, int64_t top_k, double s_g, double s_u,
+    bool transposed) {
+  const Dims d = check(x, W0, b, Sg, Eg, A_u, B_u, ids, c, V, K, r, r_u, N, d_out, router, transposed);
   at::Tensor y;
   if (W0)
     y = at::linear(x, *W0, b);
@@ -194,7 +235,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> wide_laye
   at::Tensor G = at::empty({d.T, K}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "wide_layer_forward", [&] {
     forward_tokens<scalar_t>(d, x.data_ptr<scalar_t>(), ids.data_ptr<int32_t>(), Hg.data_ptr<scalar_t>(),
-                             ptr<scalar_t>(A_u), ptr<scalar_t>(Bt), ptr<scalar_t>(c), ptr<scalar_t>(V), top_k,
+                             ptr<scalar_t>(A_u), ptr<scalar_t>(B_u), ptr<scalar_t>(c), ptr<scalar_t>(V), transposed, top_k,
                              scalar_t(s_g), scalar_t(s_u), y.data_ptr<scalar_t>(), HGg.data_ptr<scalar_t>(),
                              Z.data_ptr<scalar_t>(), G.data_ptr<scalar_t>());
   });
@@ -203,16 +244,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> wide_laye
 }
 
 // The layer's backward but for W0's and b's own gradients: (dx, dSg = [dh; dl]^T x,
-// dEg = dy^T HGg, dA_u, dBt (= dB_u^T per user), dc, dV), each undefined where not asked
-// for.
+// dEg = dy^T HGg, dA_u, dB_u, dc, dV), each undefined where not asked for.
 std::vector<at::Tensor> wide_layer_backward(
     const at::Tensor& dy, const at::Tensor& x, const OptTensor& W0, const OptTensor& Sg, const OptTensor& Eg,
-    const OptTensor& A_u, const OptTensor& Bt, const at::Tensor& Hg, const at::Tensor& HGg, const at::Tensor& Z,
+    const OptTensor& A_u, const OptTensor& B_u, const at::Tensor& Hg, const at::Tensor& HGg, const at::Tensor& Z,
     const at::Tensor& G, const OptTensor& dg, const at::Tensor& ids, const OptTensor& V, int64_t K, int64_t r,
     int64_t r_u, int64_t N, bool router, double s_g, double s_u, bool need_x, bool need_Sg, bool need_Eg,
     bool need_Au, bool need_Bu, bool need_c, bool need_V) {
   const int64_t d_out = dy.size(1);
-  const Dims d = check(x, W0, c10::nullopt, Sg, Eg, A_u, Bt, ids, c10::nullopt, V, K, r, r_u, N, d_out, router);
+  const Dims d = check(x, W0, c10::nullopt, Sg, Eg, A_u, B_u, ids, c10::nullopt, V, K, r, r_u, N, d_out, router);
   const at::Tensor dyc = dy.contiguous();
   const auto opts = x.options();
   at::Tensor dEg = need_Eg && K ? at::mm(dyc.t(), HGg) : at::Tensor();
@@ -221,13 +261,13 @@ std::vector<at::Tensor> wide_layer_backward(
   if (need_x) dx = W0 ? at::mm(dyc, *W0) : at::zeros({d.T, d.d_in}, opts);
   at::Tensor dHg = at::empty({d.T, d.RH}, opts), DL = at::empty({d.T, K}, opts), DZ = at::empty({d.T, r_u}, opts);
   at::Tensor dA_u = need_Au && r_u ? at::zeros({N, r_u, d.d_in}, opts) : at::Tensor();
-  at::Tensor dBt = need_Bu && r_u ? at::zeros({N * r_u, d_out}, opts) : at::Tensor();
+  at::Tensor dB_u = need_Bu && r_u ? at::zeros({N, d_out, r_u}, opts) : at::Tensor();
   at::Tensor dc = need_c && K ? at::zeros({N, K}, opts) : at::Tensor();
   at::Tensor dV = need_V && K && r_u ? at::zeros({N, K, r_u}, opts) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "wide_layer_backward", [&] {
     using T = scalar_t;
     const T *X = x.data_ptr<T>(), *DY = dyc.data_ptr<T>(), *H = Hg.data_ptr<T>(), *Zp = Z.data_ptr<T>(),
-            *Gp = G.data_ptr<T>(), *EG = K ? eg.data_ptr<T>() : nullptr, *Au = ptr<T>(A_u), *BT = ptr<T>(Bt),
+            *Gp = G.data_ptr<T>(), *EG = K ? eg.data_ptr<T>() : nullptr, *Au = ptr<T>(A_u), *Bu = ptr<T>(B_u),
             *Vp = ptr<T>(V), *DG = dg ? dg->data_ptr<T>() : nullptr;
     const int32_t* id = ids.data_ptr<int32_t>();
     T *DH = dHg.data_ptr<T>(), *dl_all = DL.data_ptr<T>(), *dz_all = DZ.data_ptr<T>();
@@ -254,12 +294,11 @@ std::vector<at::Tensor> wide_layer_backward(
           }
         }
         T* dz = dz_all + t * r_u;
+        std::fill(dz, dz + r_u, T(0));
+        if (u < 0 || !r_u) continue;
+        gemv_t(dz, Bu + u * d_out * r_u, DY + t * d_out, d_out, r_u);  // B_u^T dy_t
         for (int64_t j = 0; j < r_u; ++j) {
-          if (u < 0) {
-            dz[j] = 0;
-            continue;
-          }
-          dz[j] = su * dot(BT + (u * r_u + j) * d_out, DY + t * d_out, d_out);
+          dz[j] *= su;
           if (Vp)
             for (int64_t k = 0; k < K; ++k) dz[j] += Vp[(u * K + k) * r_u + j] * dl[k];
           if (DX) axpy(DX + t * d.d_in, Au + (u * r_u + j) * d.d_in, dz[j], d.d_in);
@@ -267,16 +306,15 @@ std::vector<at::Tensor> wide_layer_backward(
       }
     });
     // Per-user sums, in token order: deterministic.
-    T *dA = need_Au && r_u ? dA_u.data_ptr<T>() : nullptr, *dB = need_Bu && r_u ? dBt.data_ptr<T>() : nullptr;
+    T *dA = need_Au && r_u ? dA_u.data_ptr<T>() : nullptr, *dB = need_Bu && r_u ? dB_u.data_ptr<T>() : nullptr;
     T *dC = dc.defined() ? dc.data_ptr<T>() : nullptr, *dVp = dV.defined() ? dV.data_ptr<T>() : nullptr;
     for (int64_t t = 0; t < d.T; ++t) {
       const int64_t u = id[t];
       if (u < 0) continue;
       const T *z = Zp + t * r_u, *dz = dz_all + t * r_u, *dl = dl_all + t * K;
-      for (int64_t j = 0; j < r_u; ++j) {
-        if (dA) axpy(dA + (u * r_u + j) * d.d_in, X + t * d.d_in, dz[j], d.d_in);
-        if (dB) axpy(dB + (u * r_u + j) * d_out, DY + t * d_out, su * z[j], d_out);
-      }
+      if (dA)
+        for (int64_t j = 0; j < r_u; ++j) axpy(dA + (u * r_u + j) * d.d_in, X + t * d.d_in, dz[j], d.d_in);
+      if (dB) ger(dB + u * d_out * r_u, DY + t * d_out, z, d_out, r_u, su);
       if (dC)
         for (int64_t k = 0; k < K; ++k) dC[u * K + k] += dl[k];
       if (dVp)
@@ -288,70 +326,42 @@ std::vector<at::Tensor> wide_layer_backward(
     if (need_x) dx.addmm_(dHg, *Sg);
     if (need_Sg) dSg = at::mm(dHg.t(), x);
   }
-  return {dx, dSg, dEg, dA_u, dBt, dc, dV};
+  return {dx, dSg, dEg, dA_u, dB_u, dc, dV};
 }
 
-// Sg = [A_cat; W_r], Eg = B_cat ([d_out, K r]), A_u contiguous and Bt = B_u^T per user
-// ([N r_u, d_out]), all in `dtype`, each copied once from the tensors' own layouts
-// (absent parts come back undefined).
-std::vector<at::Tensor> wide_pack(const OptTensor& A_g, const OptTensor& B_g, const OptTensor& W_r,
-                                  const OptTensor& A_u, const OptTensor& B_u, at::ScalarType dtype) {
-  TORCH_CHECK(A_g.has_value() == B_g.has_value() && A_u.has_value() == B_u.has_value(), "A and B come in pairs");
-  TORCH_CHECK(!W_r || A_g, "W_r needs experts");
-  std::vector<at::Tensor> out(4);
-  if (A_g) {
-    TORCH_CHECK(A_g->dim() == 3 && B_g->dim() == 3 && B_g->size(0) == A_g->size(0) && B_g->size(2) == A_g->size(1),
-                "A_g [K, r, d_in] and B_g [K, d_out, r] expected");
-    const int64_t K = A_g->size(0), r = A_g->size(1), d_in = A_g->size(2), d_out = B_g->size(1);
-    TORCH_CHECK(!W_r || (W_r->dim() == 2 && W_r->size(0) == K && W_r->size(1) == d_in), "W_r must be [K, d_in]");
-    at::Tensor Sg = at::empty({K * r + (W_r ? K : 0), d_in}, A_g->options().dtype(dtype));
-    Sg.narrow(0, 0, K * r).copy_(A_g->reshape({K * r, d_in}));
-    if (W_r) Sg.narrow(0, K * r, K).copy_(*W_r);
-    at::Tensor Eg = at::empty({d_out, K, r}, Sg.options());
-    Eg.copy_(B_g->permute({1, 0, 2}));
-    out[0] = Sg;
-    out[1] = Eg.view({d_out, K * r});
-  }
-  if (A_u) {
-    TORCH_CHECK(A_u->dim() == 3 && B_u->dim() == 3 && B_u->size(0) == A_u->size(0) && B_u->size(2) == A_u->size(1),
-                "A_u [N, r_u, d_in] and B_u [N, d_out, r_u] expected");
-    const int64_t N = A_u->size(0), r_u = A_u->size(1), d_out = B_u->size(1);
-    out[2] = A_u->to(dtype).contiguous();
-    at::Tensor Bt = at::empty({N, r_u, d_out}, A_u->options().dtype(dtype));
-    if (B_u->is_contiguous() && B_u->scalar_type() == dtype) {
-      // Bt[u, j, o] = B_u[u, o, j]: read B_u in order, write r_u rows at a time.
-      AT_DISPATCH_FLOATING_TYPES(dtype, "wide_pack", [&] {
-        const scalar_t* src = B_u->data_ptr<scalar_t>();
-        scalar_t* dst = Bt.data_ptr<scalar_t>();
-        for (int64_t u = 0; u < N; ++u)
-          for (int64_t o = 0; o < d_out; ++o)
-            for (int64_t j = 0; j < r_u; ++j) dst[(u * r_u + j) * d_out + o] = src[(u * d_out + o) * r_u + j];
-      });
-    } else {
-      Bt.copy_(B_u->transpose(1, 2));
-    }
-    out[3] = Bt.view({N * r_u, d_out});
-  }
-  return out;
+// The experts' GEMM operands in `dtype`: Sg = [A_cat; W_r] ([K r (+ K), d_in]) and
+// Eg = B_cat ([d_out, K r]), each copied once from the tensors' own layouts.
+std::tuple<at::Tensor, at::Tensor> wide_pack(const at::Tensor& A_g, const at::Tensor& B_g, const OptTensor& W_r,
+                                             at::ScalarType dtype) {
+  TORCH_CHECK(A_g.dim() == 3 && B_g.dim() == 3 && B_g.size(0) == A_g.size(0) && B_g.size(2) == A_g.size(1),
+              "A_g [K, r, d_in] and B_g [K, d_out, r] expected");
+  const int64_t K = A_g.size(0), r = A_g.size(1), d_in = A_g.size(2), d_out = B_g.size(1);
+  TORCH_CHECK(!W_r || (W_r->dim() == 2 && W_r->size(0) == K && W_r->size(1) == d_in), "W_r must be [K, d_in]");
+  at::Tensor Sg = at::empty({K * r + (W_r ? K : 0), d_in}, A_g.options().dtype(dtype));
+  Sg.narrow(0, 0, K * r).copy_(A_g.reshape({K * r, d_in}));
+  if (W_r) Sg.narrow(0, K * r, K).copy_(*W_r);
+  at::Tensor Eg = at::empty({d_out, K, r}, Sg.options());
+  Eg.copy_(B_g.permute({1, 0, 2}));
+  return {Sg, Eg.view({d_out, K * r})};
 }
 
 // The layer with its autograd in C++: inputs x, W0, b, then the 7 adapter tensors (A_g,
-// B_g, W_r, c, A_u, B_u, V: the gradients go to them), then wide_pack's layouts (read,
-// never differentiated), the ids and the sizes. Every floating input is in x's dtype
-// (float32 or float64). Outputs y and the gates.
+// B_g, W_r, c, A_u, B_u, V: the gradients go to them; the user ones contiguous), then
+// wide_pack's layouts (read, never differentiated), the ids and the sizes. Every
+// floating input is in x's dtype (float32 or float64). Outputs y and the gates.
 class WideLayerFunction : public torch::autograd::Function<WideLayerFunction> {
  public:
   static torch::autograd::variable_list forward(
       torch::autograd::AutogradContext* ctx, const at::Tensor& x, const OptTensor& W0, const OptTensor& b,
       const OptTensor& A_g, const OptTensor& B_g, const OptTensor& W_r, const OptTensor& c, const OptTensor& A_u,
-      const OptTensor& B_u, const OptTensor& V, const OptTensor& Sg, const OptTensor& Eg, const OptTensor& Au,
-      const OptTensor& Bt, const at::Tensor& ids, int64_t K, int64_t r, int64_t r_u, int64_t N, int64_t d_out,
-      int64_t top_k, double s_g, double s_u) {
+      const OptTensor& B_u, const OptTensor& V, const OptTensor& Sg, const OptTensor& Eg, const at::Tensor& ids,
+      int64_t K, int64_t r, int64_t r_u, int64_t N, int64_t d_out, int64_t top_k, double s_g, double s_u) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, Hg, HGg, Z, G] =
-        wide_layer_forward(x, W0, b, Sg, Eg, Au, Bt, ids, c, V, K, r, r_u, N, d_out, W_r.has_value(), top_k, s_g, s_u);
+        wide_layer_forward(x, W0, b, Sg, Eg, A_u, B_u, ids, c, V, K, r, r_u, N, d_out, W_r.has_value(), top_k, s_g, s_u,
+                           false);
     auto opt = [](const OptTensor& t) { return t ? *t : at::Tensor(); };
-    ctx->save_for_backward({x, opt(W0), opt(Sg), opt(Eg), opt(Au), opt(Bt), Hg, HGg, Z, G, ids, opt(V)});
+    ctx->save_for_backward({x, opt(W0), opt(Sg), opt(Eg), opt(A_u), opt(B_u), Hg, HGg, Z, G, ids, opt(V)});
     // needs_input_grad counts the tensors given (an absent optional is no input): the
     // index of each of the 10 differentiable arguments among them, or -1.
     std::vector<int64_t> index;
@@ -376,7 +386,7 @@ class WideLayerFunction : public torch::autograd::Function<WideLayerFunction> {
     const int64_t K = sz[0], r = sz[1], r_u = sz[2], N = sz[3], Kr = K * r, d_in = x.size(1);
     const bool router = sz[4];
     auto need = [&](int i) { return index[i] >= 0 && ctx->needs_input_grad(index[i]); };
-    torch::autograd::variable_list out(23);
+    torch::autograd::variable_list out(21);
     bool any = false;
     for (int i = 0; i < 10; ++i) any = any || need(i);
     if (!any) return out;
@@ -395,7 +405,7 @@ class WideLayerFunction : public torch::autograd::Function<WideLayerFunction> {
     if (need(5)) out[5] = g[1].narrow(0, Kr, K);
     if (need(6)) out[6] = g[5];
     if (need(7)) out[7] = g[3];
-    if (need(8)) out[8] = g[4].view({N, r_u, d_out}).transpose(1, 2);
+    if (need(8)) out[8] = g[4];
     if (need(9)) out[9] = g[6];
     return out;
   }
@@ -405,31 +415,30 @@ std::tuple<at::Tensor, at::Tensor> wide_layer(const at::Tensor& x, const OptTens
                                               const OptTensor& A_g, const OptTensor& B_g, const OptTensor& W_r,
                                               const OptTensor& c, const OptTensor& A_u, const OptTensor& B_u,
                                               const OptTensor& V, const OptTensor& Sg, const OptTensor& Eg,
-                                              const OptTensor& Au, const OptTensor& Bt, const at::Tensor& ids,
-                                              int64_t K, int64_t r, int64_t r_u, int64_t N, int64_t d_out,
-                                              int64_t top_k, double s_g, double s_u) {
-  auto out = WideLayerFunction::apply(x, W0, b, A_g, B_g, W_r, c, A_u, B_u, V, Sg, Eg, Au, Bt, ids, K, r, r_u, N,
-                                      d_out, top_k, s_g, s_u);
+                                              const at::Tensor& ids, int64_t K, int64_t r, int64_t r_u, int64_t N,
+                                              int64_t d_out, int64_t top_k, double s_g, double s_u) {
+  auto out = WideLayerFunction::apply(x, W0, b, A_g, B_g, W_r, c, A_u, B_u, V, Sg, Eg, ids, K, r, r_u, N, d_out,
+                                      top_k, s_g, s_u);
   return {out[0], out[1]};
 }
 
 }  // namespace
 
 TORCH_LIBRARY(proper_kernels_cpu, m) {
-  m.def("wide_pack(Tensor? A_g, Tensor? B_g, Tensor? W_r, Tensor? A_u, Tensor? B_u, ScalarType dtype) -> Tensor[]");
+  m.def("wide_pack(Tensor A_g, Tensor B_g, Tensor? W_r, ScalarType dtype) -> (Tensor, Tensor)");
   m.def(
-      "wide_layer_forward(Tensor x, Tensor? W0, Tensor? b, Tensor? Sg, Tensor? Eg, Tensor? A_u, Tensor? Bt, "
+      "wide_layer_forward(Tensor x, Tensor? W0, Tensor? b, Tensor? Sg, Tensor? Eg, Tensor? A_u, Tensor? B_u, "
       "Tensor ids, Tensor? c, Tensor? V, int K, int r, int r_u, int N, int d_out, bool router, int top_k, float s_g, "
-      "float s_u) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "float s_u, bool transposed) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "wide_layer_backward(Tensor dy, Tensor x, Tensor? W0, Tensor? Sg, Tensor? Eg, Tensor? A_u, Tensor? Bt, "
+      "wide_layer_backward(Tensor dy, Tensor x, Tensor? W0, Tensor? Sg, Tensor? Eg, Tensor? A_u, Tensor? B_u, "
       "Tensor Hg, Tensor HGg, Tensor Z, Tensor g, Tensor? dg, Tensor ids, Tensor? V, int K, int r, int r_u, int N, "
       "bool router, float s_g, float s_u, bool need_x, bool need_Sg, bool need_Eg, bool need_Au, bool need_Bu, "
       "bool need_c, bool need_V) -> Tensor[]");
   m.def(
       "wide_layer(Tensor x, Tensor? W0, Tensor? b, Tensor? A_g, Tensor? B_g, Tensor? W_r, Tensor? c, Tensor? A_u, "
-      "Tensor? B_u, Tensor? V, Tensor? Sg, Tensor? Eg, Tensor? Au, Tensor? Bt, Tensor ids, int K, int r, int r_u, "
-      "int N, int d_out, int top_k, float s_g, float s_u) -> (Tensor, Tensor)");
+      "Tensor? B_u, Tensor? V, Tensor? Sg, Tensor? Eg, Tensor ids, int K, int r, int r_u, int N, int d_out, "
+      "int top_k, float s_g, float s_u) -> (Tensor, Tensor)");
 }
 
 // wide_layer's autograd is WideLayerFunction: the op is one autograd node, whatever runs

@@ -375,24 +375,29 @@ def _wide_pack(ad: Adapters, cd: torch.dtype) -> _Wide:
 
 class _Kernel(NamedTuple):
     """The operands of the CPU kernels (csrc/cpu/wide_layer.cpp) in the compute dtype,
-    contiguous; None where absent."""
+    contiguous; None where absent. The user tensors keep their own layouts (no copy
+    when they are already so)."""
 
     Sg: Optional[Tensor]   # [K r (+ K), d_in]   [A_cat; W_r]
     Eg: Optional[Tensor]   # [d_out, K r]        B_cat
-    Au: Optional[Tensor]   # [N, r_u, d_in]      A_u
-    Bt: Optional[Tensor]   # [N r_u, d_out]      B_u^T of each user, stacked
+    Au: Optional[Tensor]   # [N, r_u, d_in]
+    Bu: Optional[Tensor]   # [N, d_out, r_u]
     V: Optional[Tensor]    # [N, K, r_u]
     c: Optional[Tensor]    # [N, K]
 
 
-def _kernel_weights(cd: torch.dtype, A_g, B_g, W_r, c, A_u, B_u, V) -> _Kernel:
-    Sg, Eg, Au, Bt = torch.ops.proper_kernels_cpu.wide_pack(A_g, B_g, W_r, A_u, B_u, cd)
-    return _Kernel(Sg, Eg, Au, Bt, *(_cast(t, cd).contiguous() if t is not None else None for t in (V, c)))
+def _kernel_weights(cd: torch.dtype, transposed: bool, A_g, B_g, W_r, c, A_u, B_u, V) -> _Kernel:
+    Sg, Eg = torch.ops.proper_kernels_cpu.wide_pack(A_g, B_g, W_r, cd) if A_g is not None else (None, None)
+    Au, V, c = (_cast(t, cd).contiguous() if t is not None else None for t in (A_u, V, c))
+    if B_u is not None:  # transposed: a view [N, d_out, r_u] of each user's B_u^T, contiguous
+        B_u = _cast(B_u, cd).transpose(1, 2).contiguous().transpose(1, 2) if transposed else _cast(B_u, cd).contiguous()
+    return _Kernel(Sg, Eg, Au, B_u, V, c)
 
 
-def _kernel_pack(ad: Adapters, cd: torch.dtype) -> _Kernel:
-    """The CPU kernels' operands of these adapters (cached while frozen)."""
-    return _packed(("kernel", cd), partial(_kernel_weights, cd), *ad.tensors())
+def _kernel_pack(ad: Adapters, cd: torch.dtype, transposed: bool = False) -> _Kernel:
+    """The CPU kernels' operands of these adapters (cached while frozen). ``transposed``:
+    B_u as the inference kernel reads it best, each user's B_u^T contiguous."""
+    return _packed(("kernel", cd, transposed), partial(_kernel_weights, cd, transposed), *ad.tensors())
 
 
 def _wide_masks(rt: _Routing, cd: torch.dtype, r_u: int) -> Tuple[Tensor, Optional[Tensor]]:
@@ -418,12 +423,12 @@ def _ids32(rt: _Routing) -> Tensor:
 def _native_autograd(x: Tensor, ad: Adapters, tensors) -> bool:
     """Whether a wide call with gradients runs as the CPU kernels' own autograd node:
     they are built, x is a CPU float32/float64 tensor, every tensor has x's dtype (the
-    compute dtype: no conversion to differentiate), the kernels read c and V in place
-    (contiguous), and nothing traces the call."""
+    compute dtype: no conversion to differentiate), the kernels can read the user
+    tensors in place (contiguous), and nothing traces the call."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or not _cpu_kernels():
         return False
     return (not torch.compiler.is_compiling() and all(t is None or t.dtype == x.dtype for t in tensors)
-            and all(t is None or t.is_contiguous() for t in (ad.user_logit_bias, ad.user_router)))
+            and all(t is None or t.is_contiguous() for t in (ad.user_logit_bias, ad.user_A, ad.user_B, ad.user_router)))
 
 
 def _mul_into(out: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -450,10 +455,10 @@ def _forward_wide(x, weight, bias, ad: Adapters, rt: _Routing, d_out: int, save:
     r_u = A_u.shape[1] if A_u is not None else 0
     s_g, s_u = ad.expert_scale, ad.user_scale
     if not save and xc.device.type == "cpu" and _cpu_kernels() and not torch.compiler.is_compiling():
-        k = _kernel_pack(ad, cd)
+        k = _kernel_pack(ad, cd, transposed=True)
         y, _, _, _, g = torch.ops.proper_kernels_cpu.wide_layer_forward(
-            xc, _cast(weight, cd), _cast(bias, cd), k.Sg, k.Eg, k.Au, k.Bt, _ids32(rt), k.c, k.V, K, r, r_u, rt.N,
-            d_out, ad.router_weight is not None, ad.top_k or 0, s_g, s_u)
+            xc, _cast(weight, cd), _cast(bias, cd), k.Sg, k.Eg, k.Au, k.Bu, _ids32(rt), k.c, k.V, K, r, r_u, rt.N,
+            d_out, ad.router_weight is not None, ad.top_k or 0, s_g, s_u, True)
         return _cast(y, x.dtype), g, None
     w = _wide_pack(ad, cd)
     Kr, R = K * r, w.E.shape[1]  # R: the expanded code columns, K r + N r_u
@@ -769,7 +774,7 @@ def lora_mixture_torch(x: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
         if rt.wide and _native_autograd(x, adapters, tensors):  # the layer and its backward: one C++ autograd node
             k = _kernel_pack(adapters, x.dtype)
             y, g = torch.ops.proper_kernels_cpu.wide_layer(
-                *tensors, k.Sg, k.Eg, k.Au, k.Bt, _ids32(rt), adapters.num_experts, adapters.expert_rank,
+                *tensors, k.Sg, k.Eg, _ids32(rt), adapters.num_experts, adapters.expert_rank,
                 adapters.user_rank, N, int(d_out), adapters.top_k or 0, float(adapters.expert_scale),
                 float(adapters.user_scale))
             return y, (g if (gates and adapters.num_experts) else None)
