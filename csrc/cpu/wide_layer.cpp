@@ -77,21 +77,59 @@ PK_VECTOR void axpy(double* y, const double* x, double a, int64_t n) {
 //   y[m] += a B z       (the expand of the code z)
 //   e[n] += B^T v       (B^T of an output gradient v)
 //   D[m, n] += a v z^T  (B's own gradient)
-template <typename T>
-inline void gemv_impl(T* y, const T* B, const T* z, int64_t m, int64_t n, T a) {
+// n is a LoRA rank: the common ones get loops of a fixed length, which the compiler
+// unrolls into vector registers.
+template <int R, typename T>
+inline void gemv_fixed(T* y, const T* B, const T* z, int64_t m, T a) {
   for (int64_t o = 0; o < m; ++o) {
     T s = 0;
-    for (int64_t j = 0; j < n; ++j) s += B[o * n + j] * z[j];
+    for (int j = 0; j < R; ++j) s += B[o * R + j] * z[j];
     y[o] += a * s;
   }
 }
+template <int R, typename T>
+inline void gemv_t_fixed(T* e, const T* B, const T* v, int64_t m) {
+  T acc[R] = {};
+  for (int64_t o = 0; o < m; ++o)
+    for (int j = 0; j < R; ++j) acc[j] += B[o * R + j] * v[o];
+  for (int j = 0; j < R; ++j) e[j] += acc[j];
+}
+template <int R, typename T>
+inline void ger_fixed(T* D, const T* v, const T* z, int64_t m, T a) {
+  T za[R];
+  for (int j = 0; j < R; ++j) za[j] = a * z[j];
+  for (int64_t o = 0; o < m; ++o)
+    for (int j = 0; j < R; ++j) D[o * R + j] += v[o] * za[j];
+}
+template <typename T>
+inline void gemv_impl(T* y, const T* B, const T* z, int64_t m, int64_t n, T a) {
+  switch (n) {
+    case 4: return gemv_fixed<4>(y, B, z, m, a);
+    case 8: return gemv_fixed<8>(y, B, z, m, a);
+    case 16: return gemv_fixed<16>(y, B, z, m, a);
+    case 32: return gemv_fixed<32>(y, B, z, m, a);
+  }
+  for (int64_t o = 0; o < m; ++o) y[o] += a * dot_impl(B + o * n, z, n);
+}
 template <typename T>
 inline void gemv_t_impl(T* e, const T* B, const T* v, int64_t m, int64_t n) {
+  switch (n) {
+    case 4: return gemv_t_fixed<4>(e, B, v, m);
+    case 8: return gemv_t_fixed<8>(e, B, v, m);
+    case 16: return gemv_t_fixed<16>(e, B, v, m);
+    case 32: return gemv_t_fixed<32>(e, B, v, m);
+  }
   for (int64_t o = 0; o < m; ++o)
     for (int64_t j = 0; j < n; ++j) e[j] += B[o * n + j] * v[o];
 }
 template <typename T>
 inline void ger_impl(T* D, const T* v, const T* z, int64_t m, int64_t n, T a) {
+  switch (n) {
+    case 4: return ger_fixed<4>(D, v, z, m, a);
+    case 8: return ger_fixed<8>(D, v, z, m, a);
+    case 16: return ger_fixed<16>(D, v, z, m, a);
+    case 32: return ger_fixed<32>(D, v, z, m, a);
+  }
   for (int64_t o = 0; o < m; ++o)
     for (int64_t j = 0; j < n; ++j) D[o * n + j] += a * v[o] * z[j];
 }

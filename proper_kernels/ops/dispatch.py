@@ -210,17 +210,15 @@ def choose_path(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], ada
 
 def choose_path_cached(memo: Optional[dict], x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                        adapters: Adapters, spec: MixtureSpec, user_ids: Optional[Tensor],
-                       requested: Optional[str]) -> Path:
+                       requested: Optional[str], grad: bool) -> Path:
     """:func:`choose_path`, remembered in ``memo`` (the dict validation keeps for the
     arguments' signature: :func:`~proper_kernels.ops.validate.check_and_sign`) for CPU
     calls, by what was requested, the two environment variables the CPU dispatch reads
-    and whether a gradient is needed: everything choose_path reads there."""
+    and whether a gradient is needed (``grad``): everything choose_path reads there."""
     if memo is None or x.device.type != "cpu":
         return choose_path(x, weight, bias, adapters, spec, user_ids, requested)
-    grad = torch.is_grad_enabled() and (x.requires_grad or any(
-        t is not None and t.requires_grad for t in (weight, bias, *adapters[:7])))
-    env = os.environ
-    key = (requested, env.get("PROPER_KERNELS_BACKEND"), env.get("TRITON_INTERPRET"), grad)
+    env = os.environ  # the backend variable counts only when no backend is named
+    key = (requested, None if requested else env.get("PROPER_KERNELS_BACKEND"), env.get("TRITON_INTERPRET"), grad)
     path = memo.get(key)
     if path is None:
         path = memo[key] = choose_path(x, weight, bias, adapters, spec, user_ids, requested)

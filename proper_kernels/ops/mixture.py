@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -76,7 +77,9 @@ def lora_mixture(
     x2 = x.reshape(spec.T, spec.d_in)
     # The plan, when given, is the routing of the batch: every backend reads its ids.
     ids = plan.user_ids if plan is not None else (user_ids.reshape(spec.T) if user_ids is not None else None)
-    path = choose_path_cached(memo, x, weight, bias, adapters, spec, ids, backend)
+    grad = torch.is_grad_enabled() and (x.requires_grad or any(
+        t is not None and t.requires_grad for t in (weight, bias, *adapters[:7])))
+    path = choose_path_cached(memo, x, weight, bias, adapters, spec, ids, backend, grad)
     if path.backend == "base":
         y = F.linear(x, weight, bias)
         return (y, None) if return_gates else y
@@ -84,7 +87,7 @@ def lora_mixture(
         y, gates = lora_mixture_ref(x2, weight, bias, adapters, ids, d_out=spec.d_out)
     elif path.backend == "torch":
         y, gates = lora_mixture_torch(x2, weight, bias, adapters, ids, d_out=spec.d_out, num_users=spec.N, plan=plan,
-                                      variant=path.forward, gates=return_gates)
+                                      variant=path.forward, gates=return_gates, needs_grad=grad)
     elif path.backend == "triton":
         from .autograd import lora_mixture_fused
 

@@ -447,19 +447,22 @@ def _forward_wide(x, weight, bias, ad: Adapters, rt: _Routing, d_out: int, save:
     zeros (the user terms per token, on its own user's rows).
 
     Returns (y in x.dtype, g [T, K], saved for the backward or None)."""
-    cd = compute_dtype(x.dtype)
+    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if not save and x.device.type == "cpu" and _cpu_kernels() and not torch.compiler.is_compiling():
+        k = _kernel_pack(ad, cd, transposed=True)
+        A_g, A_u = ad.expert_A, ad.user_A
+        y, _, _, _, g = torch.ops.proper_kernels_cpu.wide_layer_forward(
+            _cast(x, cd), _cast(weight, cd), _cast(bias, cd), k.Sg, k.Eg, k.Au, k.Bu, _ids32(rt), k.c, k.V,
+            A_g.shape[0] if A_g is not None else 0, A_g.shape[1] if A_g is not None else 0,
+            A_u.shape[1] if A_u is not None else 0, rt.N, d_out, ad.router_weight is not None, ad.top_k or 0,
+            ad.expert_scale, ad.user_scale, True)
+        return (y if y.dtype == x.dtype else y.to(x.dtype)), g, None
     xc = _cast(x, cd)
     T = xc.shape[0]
     K, r = ad.num_experts, ad.expert_rank
     A_u = ad.user_A
     r_u = A_u.shape[1] if A_u is not None else 0
     s_g, s_u = ad.expert_scale, ad.user_scale
-    if not save and xc.device.type == "cpu" and _cpu_kernels() and not torch.compiler.is_compiling():
-        k = _kernel_pack(ad, cd, transposed=True)
-        y, _, _, _, g = torch.ops.proper_kernels_cpu.wide_layer_forward(
-            xc, _cast(weight, cd), _cast(bias, cd), k.Sg, k.Eg, k.Au, k.Bu, _ids32(rt), k.c, k.V, K, r, r_u, rt.N,
-            d_out, ad.router_weight is not None, ad.top_k or 0, s_g, s_u, True)
-        return _cast(y, x.dtype), g, None
     w = _wide_pack(ad, cd)
     Kr, R = K * r, w.E.shape[1]  # R: the expanded code columns, K r + N r_u
     if weight is not None:
@@ -749,7 +752,8 @@ class TorchMixtureFunction(torch.autograd.Function):
 
 def lora_mixture_torch(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], adapters: Adapters,
                        user_ids: Optional[Tensor], *, d_out: int, num_users: Optional[int] = None,
-                       plan: Optional[RoutingPlan] = None, variant: str = "wide", gates: bool = True):
+                       plan: Optional[RoutingPlan] = None, variant: str = "wide", gates: bool = True,
+                       needs_grad: Optional[bool] = None):
     """The torch backend on validated 2-D inputs.
 
     Args:
@@ -760,6 +764,8 @@ def lora_mixture_torch(x: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
             when None). variant: "wide" or "segment" (see :func:`choose_variant`).
         gates: return the gates (False: None in their place, and y the only output
             autograd tracks).
+        needs_grad: whether a gradient is needed (grad mode on and some tensor
+            requires it), when the caller knows; found out here when None.
 
     Returns:
         (y [T, d_out] in x.dtype, gates [T, K] in the compute dtype or None without
@@ -770,7 +776,9 @@ def lora_mixture_torch(x: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
     N = num_users if num_users is not None else (adapters.num_users or 0)
     rt = _routing(variant, user_ids, plan, N, adapters.user_rank, x.shape[1] + d_out)
     tensors = (x, weight, bias) + adapters.tensors()
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    if needs_grad is None:
+        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if needs_grad:
         if rt.wide and _native_autograd(x, adapters, tensors):  # the layer and its backward: one C++ autograd node
             k = _kernel_pack(adapters, x.dtype)
             y, g = torch.ops.proper_kernels_cpu.wide_layer(
