@@ -203,9 +203,10 @@ def test_auto_on_cpu_is_the_torch_backend(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     c = mixture_case(10, 16, 8, K=3, r=2, r_u=3, N=4)
     path = pk.explain(c.x, c.weight, c.bias, **c.kwargs())
+    kernels = "; the CPU kernels run its user terms per token" if tb._cpu_kernels() else ""
     assert path == pk.Path("torch", "auto", "no Triton: x is a CPU tensor and TRITON_INTERPRET=1 is not set: the "
-                           "torch backend, wide variant (a small bank on the CPU: one-hot over N (r_u + K) = 24 <= "
-                           f"{tb.CPU_WIDE_MAX_RANK} columns)", "wide")
+                           f"torch backend, wide variant (a small bank on the CPU: N (r_u + K) = 24 <= "
+                           f"{tb.CPU_WIDE_MAX_RANK}{kernels})", "wide")
     calls = []
     real = mixture_op.lora_mixture_torch
     monkeypatch.setattr(mixture_op, "lora_mixture_torch", lambda *a, **k: calls.append(k["variant"]) or real(*a, **k))

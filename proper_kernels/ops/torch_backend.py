@@ -86,7 +86,8 @@ def choose_variant(N: Optional[int], r_u: int, K: int, device: torch.device,
         if width > CPU_WIDE_MAX_RANK:
             return "segment", (f"on the CPU the user terms follow the tokens (N (r_u + K) = {width} > "
                                f"{CPU_WIDE_MAX_RANK}), grouped by the plan's segments")
-        return "wide", f"a small bank on the CPU: one-hot over N (r_u + K) = {width} <= {CPU_WIDE_MAX_RANK} columns"
+        return "wide", (f"a small bank on the CPU: N (r_u + K) = {width} <= {CPU_WIDE_MAX_RANK}"
+                        + ("; the CPU kernels run its user terms per token" if _cpu_kernels() else ""))
     return "wide", f"one-hot over the bank's N (r_u + K) = {width} columns, no host sync"
 
 
@@ -257,7 +258,7 @@ def _packed(kind, build, *sources: Optional[Tensor]):
     first, key = present[0], id(present[0])
     got = _PACKS.get(key)
     if got is None or got[0]() is not first:
-        got = _PACKS[key] = (weakref.ref(first, lambda _, key=key: _PACKS.pop(key, None)), {})
+        got = _PACKS[key] = (weakref.ref(first, lambda _, key=key, packs=_PACKS: packs.pop(key, None)), {})
     slot = got[1]
     hit = slot.get(kind)
     if hit is not None and hit[0] == sig:
