@@ -292,9 +292,10 @@ def test_cpu_kernels_run_and_reject_bad_ids(monkeypatch):
 def _count_packs(monkeypatch):
     """Calls of the pack builders (the CPU kernels' and the torch ops')."""
     calls = []
-    for name in ("_wide_weights", "_kernel_weights"):
-        real = getattr(tb, name)
-        monkeypatch.setattr(tb, name, lambda *a, real=real: calls.append(1) or real(*a))
+    real = tb._wide_weights
+    monkeypatch.setattr(tb, "_wide_weights", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(tb, "_KERNEL_BUILDERS", {key: (lambda *a, f=f: calls.append(1) or f(*a))
+                                                 for key, f in tb._KERNEL_BUILDERS.items()})
     return calls
 
 

@@ -43,7 +43,7 @@ namespace {
 using OptTensor = c10::optional<at::Tensor>;
 
 // Tokens per parallel chunk: below it one thread does the whole batch.
-constexpr int64_t kGrain = 64;
+constexpr int64_t kGrain = 16;
 
 // Vector helpers, built for AVX2+FMA and for the baseline ISA; the loader picks one.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)

@@ -74,7 +74,7 @@ def lora_mixture(
         adapters = adapters._replace(expert_scale=float(expert_scale), user_scale=float(user_scale),
                                      top_k=top_k if (top_k is not None and top_k < spec.K) else None)
     lead = tuple(x.shape[:-1])
-    x2 = x.reshape(spec.T, spec.d_in)
+    x2 = x if x.dim() == 2 else x.reshape(spec.T, spec.d_in)
     # The plan, when given, is the routing of the batch: every backend reads its ids.
     ids = plan.user_ids if plan is not None else (user_ids.reshape(spec.T) if user_ids is not None else None)
     grad = torch.is_grad_enabled() and (x.requires_grad or any(
@@ -96,7 +96,8 @@ def lora_mixture(
         y, gates = lora_mixture_fused(x2, weight, bias, adapters, spec=spec, plan=plan, impl=path.forward)
     else:  # the arguments and the kernel's limits were checked above
         y, gates = cuda_decode.decode_checked(x2, weight, bias, adapters, spec, ids, return_gates=True)
-    y = y.reshape(*lead, spec.d_out)
+    if x.dim() != 2:
+        y = y.reshape(*lead, spec.d_out)
     if not return_gates:
         return y
     if gates is not None:

@@ -398,7 +398,11 @@ def _kernel_weights(cd: torch.dtype, transposed: bool, A_g, B_g, W_r, c, A_u, B_
 def _kernel_pack(ad: Adapters, cd: torch.dtype, transposed: bool = False) -> _Kernel:
     """The CPU kernels' operands of these adapters (cached while frozen). ``transposed``:
     B_u as the inference kernel reads it best, each user's B_u^T contiguous."""
-    return _packed(("kernel", cd, transposed), partial(_kernel_weights, cd, transposed), *ad.tensors())
+    return _packed(("kernel", cd, transposed), _KERNEL_BUILDERS[cd, transposed], *ad.tensors())
+
+
+_KERNEL_BUILDERS = {(cd, tr): partial(_kernel_weights, cd, tr)
+                    for cd in (torch.float32, torch.float64) for tr in (False, True)}
 
 
 def _wide_masks(rt: _Routing, cd: torch.dtype, r_u: int) -> Tuple[Tensor, Optional[Tensor]]:
@@ -776,10 +780,11 @@ def lora_mixture_torch(x: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     N = num_users if num_users is not None else (adapters.num_users or 0)
     rt = _routing(variant, user_ids, plan, N, adapters.user_rank, x.shape[1] + d_out)
-    tensors = (x, weight, bias) + adapters.tensors()
     if needs_grad is None:
-        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, bias) + adapters.tensors())
     if needs_grad:
+        tensors = (x, weight, bias) + adapters.tensors()
         if rt.wide and _native_autograd(x, adapters, tensors):  # the layer and its backward: one C++ autograd node
             k = _kernel_pack(adapters, x.dtype)
             y, g = torch.ops.proper_kernels_cpu.wide_layer(
