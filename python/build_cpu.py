@@ -64,20 +64,14 @@ def cpu_extension(repo_root: str, verbose: bool = True):
 
 def tolerant_build_ext():
     """setuptools' build_ext, dropping an extension whose build fails (with a message)
-    unless PROPER_KERNELS_REQUIRE_CPU_BUILD=1."""
+    unless PROPER_KERNELS_REQUIRE_CPU_BUILD=1 (build_cuda.build_each, which the CUDA
+    build's command shares)."""
     from setuptools.command.build_ext import build_ext
+
+    from build_cuda import build_each
 
     class TolerantBuildExt(build_ext):
         def build_extensions(self):
-            keep = []
-            for ext in list(self.extensions):
-                try:
-                    self.build_extension(ext)
-                    keep.append(ext)
-                except Exception as exc:  # noqa: BLE001 - report and go on without it
-                    if os.environ.get("PROPER_KERNELS_REQUIRE_CPU_BUILD") == "1":
-                        raise
-                    _say(f"building {ext.name} failed, installing without it: {exc}")
-            self.extensions[:] = keep
+            build_each(self)
 
     return TolerantBuildExt

@@ -125,6 +125,25 @@ def nvcc_arch_flags(archs: list[tuple[str, bool]]) -> list[str]:
     return flags
 
 
+# The variable that turns a failed build of each extension into a failed install.
+REQUIRE_VARIABLE = {EXT_NAME: "PROPER_KERNELS_REQUIRE_CUDA_BUILD", "proper_kernels._cpu": "PROPER_KERNELS_REQUIRE_CPU_BUILD"}
+
+
+def build_each(cmd) -> None:
+    """Build each extension of a build_ext command, dropping (with a message) one that
+    fails, unless its REQUIRE_VARIABLE is "1"."""
+    keep = []
+    for ext in list(cmd.extensions):
+        try:
+            cmd.build_extension(ext)
+            keep.append(ext)
+        except Exception as exc:  # noqa: BLE001 - report and go on without it
+            if os.environ.get(REQUIRE_VARIABLE.get(ext.name, "")) == "1":
+                raise
+            _say(f"building {ext.name} failed, installing without it: {exc}")
+    cmd.extensions[:] = keep
+
+
 def _make_build_ext(nvcc: str, cuda_home: str, archs: list[tuple[str, bool]], ptxas_log: list | None = None):
     """The build_ext command class; with ``ptxas_log`` (a list) nvcc also runs ptxas
     verbosely, one arch after the other, and its report is appended to the list."""
@@ -136,16 +155,7 @@ def _make_build_ext(nvcc: str, cuda_home: str, archs: list[tuple[str, bool]], pt
         unless PROPER_KERNELS_REQUIRE_CUDA_BUILD=1."""
 
         def build_extensions(self):
-            keep = []
-            for ext in list(self.extensions):
-                try:
-                    self.build_extension(ext)
-                    keep.append(ext)
-                except Exception as exc:  # noqa: BLE001 - report and go on without it
-                    if os.environ.get("PROPER_KERNELS_REQUIRE_CUDA_BUILD") == "1":
-                        raise
-                    _say(f"building {ext.name} failed, installing without it: {exc}")
-            self.extensions[:] = keep
+            build_each(self)
 
         def build_extension(self, ext):
             cu = [s for s in ext.sources if s.endswith(".cu")]

@@ -36,6 +36,7 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -101,35 +102,31 @@ inline void ger_fixed(T* D, const T* v, const T* z, int64_t m, T a) {
   for (int64_t o = 0; o < m; ++o)
     for (int j = 0; j < R; ++j) D[o * R + j] += v[o] * za[j];
 }
+// f(std::integral_constant<int, n>) for the common LoRA ranks; false for the others.
+template <typename F>
+inline bool with_rank(int64_t n, F&& f) {
+  switch (n) {
+    case 4: f(std::integral_constant<int, 4>{}); return true;
+    case 8: f(std::integral_constant<int, 8>{}); return true;
+    case 16: f(std::integral_constant<int, 16>{}); return true;
+    case 32: f(std::integral_constant<int, 32>{}); return true;
+  }
+  return false;
+}
 template <typename T>
 inline void gemv_impl(T* y, const T* B, const T* z, int64_t m, int64_t n, T a) {
-  switch (n) {
-    case 4: return gemv_fixed<4>(y, B, z, m, a);
-    case 8: return gemv_fixed<8>(y, B, z, m, a);
-    case 16: return gemv_fixed<16>(y, B, z, m, a);
-    case 32: return gemv_fixed<32>(y, B, z, m, a);
-  }
+  if (with_rank(n, [&](auto R) { gemv_fixed<R()>(y, B, z, m, a); })) return;
   for (int64_t o = 0; o < m; ++o) y[o] += a * dot_impl(B + o * n, z, n);
 }
 template <typename T>
 inline void gemv_t_impl(T* e, const T* B, const T* v, int64_t m, int64_t n) {
-  switch (n) {
-    case 4: return gemv_t_fixed<4>(e, B, v, m);
-    case 8: return gemv_t_fixed<8>(e, B, v, m);
-    case 16: return gemv_t_fixed<16>(e, B, v, m);
-    case 32: return gemv_t_fixed<32>(e, B, v, m);
-  }
+  if (with_rank(n, [&](auto R) { gemv_t_fixed<R()>(e, B, v, m); })) return;
   for (int64_t o = 0; o < m; ++o)
     for (int64_t j = 0; j < n; ++j) e[j] += B[o * n + j] * v[o];
 }
 template <typename T>
 inline void ger_impl(T* D, const T* v, const T* z, int64_t m, int64_t n, T a) {
-  switch (n) {
-    case 4: return ger_fixed<4>(D, v, z, m, a);
-    case 8: return ger_fixed<8>(D, v, z, m, a);
-    case 16: return ger_fixed<16>(D, v, z, m, a);
-    case 32: return ger_fixed<32>(D, v, z, m, a);
-  }
+  if (with_rank(n, [&](auto R) { ger_fixed<R()>(D, v, z, m, a); })) return;
   for (int64_t o = 0; o < m; ++o)
     for (int64_t j = 0; j < n; ++j) D[o * n + j] += a * v[o] * z[j];
 }
