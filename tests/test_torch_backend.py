@@ -10,6 +10,7 @@ import torch
 
 import proper_kernels as pk
 from proper_kernels.ops import mixture as mixture_op
+from proper_kernels.ops import packs, torch_routing, torch_wide
 from proper_kernels.ops import torch_backend as tb
 from proper_kernels.ops.plan import RoutingPlan
 from proper_kernels.reference import ADAPTER_TENSORS, Adapters, lora_mixture_ref
@@ -160,12 +161,12 @@ def test_non_contiguous_x_and_routing_reused_per_plan():
                                  variant="segment")
     torch.testing.assert_close(y, lora_mixture_ref(c.x, c.weight, c.bias, c.adapters, c.user_ids)[0])
     # The tiles of a plan are built once, for every layer of the batch.
-    assert tb._routing("segment", plan.user_ids, plan, 4, 3) is tb._routing("segment", plan.user_ids, plan, 4, 3)
+    assert torch_routing._routing("segment", plan.user_ids, plan, 4, 3) is torch_routing._routing("segment", plan.user_ids, plan, 4, 3)
 
 
 def _layout(ids, N, r_u=2):
     ids = torch.tensor(ids)
-    return tb._routing("segment", ids, RoutingPlan(ids, N), N, r_u)
+    return torch_routing._routing("segment", ids, RoutingPlan(ids, N), N, r_u)
 
 
 def test_tile_layouts():
@@ -232,7 +233,7 @@ def test_torch_compile_takes_the_wide_variant(monkeypatch):
 
     yr = f(c.x)
     (dAr,) = torch.autograd.grad(yr.sum(), [A_u])
-    monkeypatch.setattr(tb, "_segment_routing", None)
+    monkeypatch.setattr(torch_routing, "_segment_routing", None)
     y = torch.compile(f, backend="aot_eager", fullgraph=True)(c.x)
     (dA,) = torch.autograd.grad(y.sum(), [A_u])
     torch.testing.assert_close(y, yr)
@@ -250,7 +251,7 @@ def test_cuda_matches_reference(variant):
 @pytest.fixture
 def torch_ops_only(monkeypatch):
     """The wide variant's per-token work as torch ops, as where the CPU kernels are not built."""
-    monkeypatch.setattr(tb, "_CPU_KERNELS", False)
+    monkeypatch.setattr(torch_wide, "_CPU_KERNELS", False)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -292,10 +293,10 @@ def test_cpu_kernels_run_and_reject_bad_ids(monkeypatch):
 def _count_packs(monkeypatch):
     """Calls of the pack builders (the CPU kernels' and the torch ops')."""
     calls = []
-    real = tb._wide_weights
-    monkeypatch.setattr(tb, "_wide_weights", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr(tb, "_KERNEL_BUILDERS", {key: (lambda *a, f=f: calls.append(1) or f(*a))
-                                                 for key, f in tb._KERNEL_BUILDERS.items()})
+    real = torch_wide._wide_weights
+    monkeypatch.setattr(torch_wide, "_wide_weights", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(torch_wide, "_KERNEL_BUILDERS", {key: (lambda *a, f=f: calls.append(1) or f(*a))
+                                                         for key, f in torch_wide._KERNEL_BUILDERS.items()})
     return calls
 
 
@@ -340,7 +341,7 @@ def test_trainable_adapters_are_packed_every_call(monkeypatch):
         y, _ = torch_op(c, "wide")(c.x, c.weight, c.bias, a, c.user_ids)
         torch.autograd.grad(y.sum(), [A])
     assert len(calls) == 2
-    monkeypatch.setattr(tb, "_PACK_CACHE", False)
+    monkeypatch.setattr(packs, "_PACK_CACHE", False)
     for _ in range(2):
         torch_op(c, "wide")(c.x, c.weight, c.bias, c.adapters, c.user_ids)
     assert len(calls) == 4
@@ -353,6 +354,6 @@ def test_one_user_rows_when_wide_would_waste(T, one_user):
     c = mixture_case(T, 64, 48, K=3, r=4, r_u=8, N=64, law="identical", no_user=0.0)
     assert (T * 63 * 8 * (64 + 48) >= tb.ONE_USER_MIN_WASTE) == one_user
     plan = pk.plan(c.user_ids, 64)
-    rt = tb._routing("wide", plan.user_ids, plan, 64, 8, 64 + 48)
+    rt = torch_routing._routing("wide", plan.user_ids, plan, 64, 8, 64 + 48)
     assert (rt.user >= 0) == one_user and rt.wide != one_user
     check_against_reference(c, torch_op(c, "wide", plan))
