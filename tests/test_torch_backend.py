@@ -357,3 +357,58 @@ def test_one_user_rows_when_wide_would_waste(T, one_user):
     rt = torch_routing._routing("wide", plan.user_ids, plan, 64, 8, 64 + 48)
     assert (rt.user >= 0) == one_user and rt.wide != one_user
     check_against_reference(c, torch_op(c, "wide", plan))
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_wide_takes_non_contiguous_x(grad):
+    """A strided x (a transposed copy, a column slice) runs, with and without gradients."""
+    c = mixture_case(12, 16, 8, K=3, r=2, r_u=3, N=4)
+    x = torch.cat([c.x, c.x], 1)[:, :16]
+    assert not x.is_contiguous()
+    if grad:
+        x = x.detach().requires_grad_()
+    y = pk.lora_mixture(x, c.weight, c.bias, backend="torch", **c.kwargs())
+    torch.testing.assert_close(y, lora_mixture_ref(c.x, c.weight, c.bias, c.adapters, c.user_ids)[0])
+    if grad:
+        (dx,) = torch.autograd.grad(y.sum(), [x])
+        xr = c.x.clone().requires_grad_()
+        (dxr,) = torch.autograd.grad(lora_mixture_ref(xr, c.weight, c.bias, c.adapters, c.user_ids)[0].sum(), [xr])
+        torch.testing.assert_close(dx, dxr)
+
+
+def test_no_silent_second_derivative():
+    """The torch backend differentiates once: asking a second derivative raises (the
+    CPU kernels' node refuses create_graph=True, the torch ops' a second backward)
+    instead of returning a wrong one."""
+    c = mixture_case(9, 16, 8, K=3, r=2, r_u=3, N=4)
+    x = c.x.clone().requires_grad_()
+    y = pk.lora_mixture(x, c.weight, c.bias, backend="torch", **c.kwargs())
+    with pytest.raises(RuntimeError, match="differentiate"):
+        (dx,) = torch.autograd.grad(y.square().sum(), [x], create_graph=True)
+        torch.autograd.grad(dx.square().sum(), [x])
+
+
+def test_packed_weights_tell_views_and_positions_apart():
+    """Another view of the same memory (same address and shape, other strides) or the
+    same tensor in another argument is another pack."""
+    c = mixture_case(9, 16, 8, K=3, r=2, r_u=3, N=4)  # K == r_u: V and its transpose share a shape
+    V = c.adapters.user_router.clone()
+    for router in (V, V.transpose(1, 2)):
+        a = c.adapters._replace(user_router=router)
+        y = pk.lora_mixture(c.x, c.weight, c.bias, backend="torch", **dict(c.kwargs(), user_router=router))
+        torch.testing.assert_close(y, lora_mixture_ref(c.x, c.weight, c.bias, a, c.user_ids)[0])
+
+
+@pytest.mark.skipif(not tb._cpu_kernels(), reason="proper_kernels._cpu not built")
+def test_cpu_kernel_backward_checks_its_inputs():
+    c = mixture_case(6, 8, 5, K=2, r=2, r_u=3, N=3)
+    k = torch_wide._kernel_pack(c.adapters, torch.float32)
+    ids = c.user_ids.to(torch.int32)
+    fwd = torch.ops.proper_kernels_cpu.wide_layer_forward(c.x, c.weight, c.bias, k.Sg, k.Eg, k.Au, k.Bu, ids, k.c, k.V,
+                                                          2, 2, 3, 3, 5, True, 0, 1.0, 1.0, False)
+    _, Hg, HGg, Z, G = fwd
+    for dy, H in ((torch.ones(1, 5), Hg), (torch.ones(6, 5), Hg[:1])):
+        with pytest.raises(RuntimeError, match="must have shape"):
+            torch.ops.proper_kernels_cpu.wide_layer_backward(dy, c.x, c.weight, k.Sg, k.Eg, k.Au, k.Bu, H, HGg, Z, G,
+                                                             None, ids, k.V, 2, 2, 3, 3, True, 1.0, 1.0, True, True,
+                                                             True, True, True, True, True)

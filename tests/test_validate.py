@@ -176,3 +176,15 @@ def test_the_cpu_path_follows_the_environment(monkeypatch):
     monkeypatch.setenv("PROPER_KERNELS_BACKEND", "reference")
     pk.lora_mixture(c.x, c.weight, c.bias, **c.kwargs())
     assert calls == [1]
+
+
+@pytest.mark.parametrize("top_k", [True, 1.0, [1]])
+def test_top_k_of_another_type_is_refused_after_a_valid_call(top_k):
+    """True and 1.0 compare equal to 1: the remembered checks of top_k=1 must not pass
+    them; an unhashable top_k gets the same message."""
+    from proper_kernels.testing import mixture_case
+
+    c = mixture_case(7, 16, 8, K=3, r=2, r_u=3, N=4)
+    pk.lora_mixture(c.x, c.weight, c.bias, **dict(c.kwargs(), top_k=1))
+    with pytest.raises(ValueError, match="top_k must be an int"):
+        pk.lora_mixture(c.x, c.weight, c.bias, **dict(c.kwargs(), top_k=top_k))

@@ -183,10 +183,11 @@ Dims check(const at::Tensor& x, const OptTensor& W0, const OptTensor& b, const O
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "x must be float32 or float64, got ", dt);
   TORCH_CHECK(K >= 0 && r >= 0 && r_u >= 0 && N >= 0 && d_out >= 0, "K, r, r_u, N and d_out must be >= 0");
   Dims d{x.size(0), x.size(1), d_out, K, r, K * r, K * r + (router ? K : 0), r_u, N, router};
-  TORCH_CHECK(!W0 || (W0->dim() == 2 && W0->size(0) == d_out && W0->size(1) == d.d_in && W0->scalar_type() == dt),
-              "W0 must be [", d_out, ", ", d.d_in, "] of x's dtype");
-  TORCH_CHECK(!b || (b->dim() == 1 && b->size(0) == d_out && b->scalar_type() == dt), "b must be [", d_out,
-              "] of x's dtype");
+  TORCH_CHECK(!W0 || (W0->dim() == 2 && W0->size(0) == d_out && W0->size(1) == d.d_in && W0->scalar_type() == dt &&
+                      W0->device().is_cpu()),
+              "W0 must be a CPU tensor [", d_out, ", ", d.d_in, "] of x's dtype");
+  TORCH_CHECK(!b || (b->dim() == 1 && b->size(0) == d_out && b->scalar_type() == dt && b->device().is_cpu()),
+              "b must be a CPU tensor [", d_out, "] of x's dtype");
   TORCH_CHECK(Sg.has_value() == (K > 0) && Eg.has_value() == (K > 0), "Sg and Eg come with experts (K > 0)");
   expect(Sg, "Sg", {d.RH, d.d_in}, dt);
   expect(Eg, "Eg", {d_out, d.Kr}, dt);
@@ -256,6 +257,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> wide_laye
     const OptTensor& A_u, const OptTensor& B_u, const at::Tensor& ids, const OptTensor& c, const OptTensor& V,
     int64_t K, int64_t r, int64_t r_u, int64_t N, int64_t d_out, bool router, int64_t top_k, double s_g, double s_u,
     bool transposed) {
+  at::AutoDispatchBelowADInplaceOrView guard;  // the caller differentiates; nothing is recorded here
   const Dims d = check(x, W0, b, Sg, Eg, A_u, B_u, ids, c, V, K, r, r_u, N, d_out, router, transposed);
   at::Tensor y;
   if (W0)
@@ -286,8 +288,17 @@ std::vector<at::Tensor> wide_layer_backward(
     const at::Tensor& G, const OptTensor& dg, const at::Tensor& ids, const OptTensor& V, int64_t K, int64_t r,
     int64_t r_u, int64_t N, bool router, double s_g, double s_u, bool need_x, bool need_Sg, bool need_Eg,
     bool need_Au, bool need_Bu, bool need_c, bool need_V) {
+  at::AutoDispatchBelowADInplaceOrView guard;  // the caller differentiates; nothing is recorded here
+  TORCH_CHECK(dy.dim() == 2, "dy must be 2-D [T, d_out], got ", dy.sizes());
   const int64_t d_out = dy.size(1);
   const Dims d = check(x, W0, c10::nullopt, Sg, Eg, A_u, B_u, ids, c10::nullopt, V, K, r, r_u, N, d_out, router);
+  const auto dt = x.scalar_type();
+  expect(dy, "dy", {d.T, d_out}, dt, false);
+  expect(Hg, "Hg", {d.T, d.RH}, dt);
+  expect(HGg, "HGg", {d.T, d.Kr}, dt);
+  expect(Z, "Z", {d.T, r_u}, dt);
+  expect(G, "g", {d.T, K}, dt);
+  expect(dg, "dg", {d.T, K}, dt);
   const at::Tensor dyc = dy.contiguous();
   const auto opts = x.options();
   at::Tensor dEg = need_Eg && K ? at::mm(dyc.t(), HGg) : at::Tensor();
@@ -368,6 +379,7 @@ std::vector<at::Tensor> wide_layer_backward(
 // Eg = B_cat ([d_out, K r]), each copied once from the tensors' own layouts.
 std::tuple<at::Tensor, at::Tensor> wide_pack(const at::Tensor& A_g, const at::Tensor& B_g, const OptTensor& W_r,
                                              at::ScalarType dtype) {
+  at::AutoDispatchBelowADInplaceOrView guard;  // layouts, read by the kernels: never differentiated
   TORCH_CHECK(A_g.dim() == 3 && B_g.dim() == 3 && B_g.size(0) == A_g.size(0) && B_g.size(2) == A_g.size(1),
               "A_g [K, r, d_in] and B_g [K, d_out, r] expected");
   const int64_t K = A_g.size(0), r = A_g.size(1), d_in = A_g.size(2), d_out = B_g.size(1);
@@ -412,6 +424,12 @@ class WideLayerFunction : public torch::autograd::Function<WideLayerFunction> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
+    // The per-token loops are invisible to autograd: a graph of this backward would
+    // give wrong second derivatives, so none is built (as @once_differentiable refuses).
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "proper_kernels' CPU kernels differentiate once: a backward with create_graph=True (higher-order "
+                "gradients) needs backend='reference' (or PROPER_KERNELS_CPU_KERNELS=0, whose torch ops also "
+                "refuse a second derivative)");
     auto s = ctx->get_saved_variables();
     const at::Tensor &x = s[0], &Hg = s[6], &HGg = s[7], &Z = s[8], &G = s[9], &ids = s[10];
     auto opt = [](const at::Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(c10::nullopt); };
@@ -477,8 +495,8 @@ TORCH_LIBRARY(proper_kernels_cpu, m) {
 }
 
 // wide_layer's autograd is WideLayerFunction: the op is one autograd node, whatever runs
-// inside. The others are its parts, differentiated by it: autograd passes through them
-// and leaves their outputs out of the graph.
+// inside. The others are its parts, differentiated by it: autograd passes them by (and
+// they record nothing inside), so their outputs stay out of the graph.
 TORCH_LIBRARY_IMPL(proper_kernels_cpu, CompositeImplicitAutograd, m) { m.impl("wide_layer", &wide_layer); }
 
 TORCH_LIBRARY_IMPL(proper_kernels_cpu, Autograd, m) {

@@ -42,14 +42,16 @@ def _packed(kind, build, *sources: Optional[Tensor]):
     if not _PACK_CACHE or torch.compiler.is_compiling():
         return build(*sources)
     present = [t for t in sources if t is not None]
+    for t in present:
+        if t.requires_grad:  # a trainable source changes at every step
+            return build(*sources)
     # The entry keeps the sources' storage alive (below), so a pointer seen again is the
-    # same memory: a new version (or shape) is all that can change what it holds, short
-    # of what bypasses the counter (see above).
+    # same memory: a new version, or another view of it (shape, strides, dtype), is all
+    # that can change what a source holds, short of what bypasses the counter (see
+    # above). Every position is signed, an absent source too.
     try:
-        sig = [(t.data_ptr(), t._version, t.shape) for t in present if not t.requires_grad]
+        sig = [None if t is None else (t.data_ptr(), t._version, t.shape, t.stride(), t.dtype) for t in sources]
     except RuntimeError:  # an inference tensor keeps no version
-        return build(*sources)
-    if len(sig) < len(present):  # some source trains: it changes at every step
         return build(*sources)
     first, key = present[0], id(present[0])
     got = _PACKS.get(key)

@@ -168,6 +168,8 @@ def lora_mixture_torch(x: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
             t is not None and t.requires_grad for t in (x, weight, bias) + adapters.tensors())
     if needs_grad:
         tensors = (x, weight, bias) + adapters.tensors()
+        if not x.is_contiguous():  # the kernels read rows of x in place
+            tensors = (x.contiguous(),) + tensors[1:]
         if rt.wide and _native_autograd(x, adapters, tensors):  # the layer and its backward: one C++ autograd node
             k = _kernel_pack(adapters, x.dtype)
             y, g = torch.ops.proper_kernels_cpu.wide_layer(

@@ -158,7 +158,7 @@ def _forward_wide(x, weight, bias, ad: Adapters, rt: _Routing, d_out: int, save:
         k = _kernel_pack(ad, cd, transposed=True)
         A_g, A_u = ad.expert_A, ad.user_A
         y, _, _, _, g = torch.ops.proper_kernels_cpu.wide_layer_forward(
-            _cast(x, cd), _cast(weight, cd), _cast(bias, cd), k.Sg, k.Eg, k.Au, k.Bu, _ids32(rt), k.c, k.V,
+            _cast(x, cd).contiguous(), _cast(weight, cd), _cast(bias, cd), k.Sg, k.Eg, k.Au, k.Bu, _ids32(rt), k.c, k.V,
             A_g.shape[0] if A_g is not None else 0, A_g.shape[1] if A_g is not None else 0,
             A_u.shape[1] if A_u is not None else 0, rt.N, d_out, ad.router_weight is not None, ad.top_k or 0,
             ad.expert_scale, ad.user_scale, True)

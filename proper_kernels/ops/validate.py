@@ -79,7 +79,7 @@ def _signature(x, weight, bias, adapters: Adapters, user_ids, plan) -> Optional[
                for t in (*adapters[:7], x, weight, bias, user_ids)]
     except AttributeError:
         return None
-    sig += [type(adapters.expert_scale), type(adapters.user_scale), adapters.top_k,
+    sig += [type(adapters.expert_scale), type(adapters.user_scale), type(adapters.top_k), adapters.top_k,
             None if plan is None else (plan.num_tokens, plan.num_users, plan.device)]
     return tuple(sig)
 
@@ -95,7 +95,10 @@ def check_and_sign(x, weight, bias, adapters: Adapters, user_ids=None, plan=None
     remembers its decisions; None where no signature is kept (arguments of other types,
     or code traced by torch.compile)."""
     sig = _signature(x, weight, bias, adapters, user_ids, plan)
-    got = _SPECS.get(sig) if sig is not None else None
+    try:
+        got = _SPECS.get(sig) if sig is not None else None
+    except TypeError:  # an unhashable argument (top_k=[1]): no signature, the full checks say what is wrong
+        sig = got = None
     if got is None:
         got = (_check_shapes(x, weight, bias, adapters, user_ids, plan), {} if sig is not None else None)
         if sig is not None:
