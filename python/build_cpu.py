@@ -44,13 +44,13 @@ def cpu_extension(repo_root: str, verbose: bool = True):
         return None
     from setuptools import Extension
 
+    from build_cuda import source_path
+
     lib_dirs = cpp_extension.library_paths()
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    here = os.path.abspath(os.getcwd())
-    sources = [s if os.path.abspath(repo_root) == here else os.path.join(repo_root, s) for s in CPU_SOURCES]
     return Extension(
         EXT_NAME,
-        sources=sources,
+        sources=[source_path(repo_root, s) for s in CPU_SOURCES],
         include_dirs=cpp_extension.include_paths(),
         library_dirs=lib_dirs,
         runtime_library_dirs=lib_dirs,

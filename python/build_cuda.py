@@ -36,6 +36,7 @@ decode kernel through it on CPU tensors: that is how CI executes the CUDA kernel
 """
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import re
@@ -123,6 +124,14 @@ def nvcc_arch_flags(archs: list[tuple[str, bool]]) -> list[str]:
     if ptx_archs:
         flags.append(f'-DPROPER_KERNELS_PTX_ARCHS="{",".join(ptx_archs)}"')
     return flags
+
+
+def source_path(repo_root: str, p: str) -> str:
+    """A source path for setuptools: relative when run from the repo root (as pip
+    does), else absolute."""
+    if os.path.abspath(os.getcwd()) == os.path.abspath(repo_root):
+        return p
+    return os.path.join(os.path.abspath(repo_root), p)
 
 
 # The variable that turns a failed build of each extension into a failed install.
@@ -216,10 +225,7 @@ def cuda_extensions(repo_root: str, verbose: bool = True, ptxas_log: list | None
     except ImportError:
         return skip("setuptools is missing")
 
-    def rel(p):  # relative when run from the repo root (as pip does), else absolute
-        if os.path.abspath(os.getcwd()) == os.path.abspath(repo_root):
-            return p
-        return os.path.join(os.path.abspath(repo_root), p)
+    rel = functools.partial(source_path, repo_root)
 
     ext = Extension(
         EXT_NAME,

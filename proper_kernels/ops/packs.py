@@ -68,10 +68,11 @@ def _packed(kind, build, *sources: Optional[Tensor]):
     return packs
 
 
-def _build_shrink(cd: torch.dtype, A_g: Tensor, W_r: Optional[Tensor]) -> Tensor:
-    """[K r (+ K), d_in]: the expert down-projections, then the router rows."""
-    A = A_g.reshape(-1, A_g.shape[-1])
-    return _cast(torch.cat([A, W_r]) if W_r is not None else A, cd)
+def _build_rows(cd: torch.dtype, *blocks: Optional[Tensor]) -> Tensor:
+    """The rows of the blocks present ([M, r, d_in] or [K, d_in]) stacked in order, one
+    shrink matrix [rows, d_in]: e.g. [A_cat; W_r], or [A_cat; A_u of all users; W_r]."""
+    rows = [t.reshape(-1, t.shape[-1]) for t in blocks if t is not None]
+    return _cast(torch.cat(rows) if len(rows) > 1 else rows[0], cd)
 
 
 def _build_cols(cd: torch.dtype, B: Tensor) -> Tensor:

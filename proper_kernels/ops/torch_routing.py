@@ -64,13 +64,11 @@ def _routing(variant: str, ids: Optional[Tensor], plan: Optional[RoutingPlan], N
         # large enough for wide's waste to matter runs as plain GEMMs over its rows.
         key = "wide"
         if ids.device.type == "cpu" and plan.num_tokens * (N - 1) * r_u * d >= ONE_USER_MIN_WASTE:
-            if "segments" not in cache:
-                cache["segments"] = plan.segments()
-            segs = cache["segments"]
-            if len(segs) == 1 and segs[0][1] == 0:
+            user = _sole_user(_segments(plan))
+            if user >= 0:
                 key = "one-user"
                 if key not in cache:
-                    cache[key] = _Routing("segment", ids, N, user=segs[0][0])
+                    cache[key] = _Routing("segment", ids, N, user=user)
         if key not in cache:
             cache[key] = _Routing("wide", ids, N, masks={})
         return cache[key]
@@ -82,18 +80,32 @@ def _routing(variant: str, ids: Optional[Tensor], plan: Optional[RoutingPlan], N
     return cache[r_u]
 
 
+def _segments(plan: RoutingPlan) -> list:
+    """(user, start, end) of the plan's active users on the host (its one sync), once
+    per plan."""
+    cache = plan.backend_cache
+    if "segments" not in cache:
+        cache["segments"] = plan.segments()
+    return cache["segments"]
+
+
+def _sole_user(segs: list) -> int:
+    """The user owning every token of the batch (none without a user), else -1."""
+    return segs[0][0] if len(segs) == 1 and segs[0][1] == 0 else -1
+
+
 def _segment_routing(plan: RoutingPlan, ids: Tensor, r_u: int) -> _Routing:
     """The segment layout of a batch. Tiles take the layout that moves the fewest
     floats (per unit of d_in + d_out) of three: one tile per user of the bank (N
     tiles of the longest run, inactive users all padding; the weights are read in
     place), one per active user (their weights gathered: 2 r_u per tile), or the runs
     cut at the mean run (at most twice as many tiles, for a skewed batch)."""
-    segs = plan.segments()  # (user, start, end) of the active users: the plan's host sync
+    segs = _segments(plan)
     T, N, dev = plan.num_tokens, plan.num_users, ids.device
     if not segs:
         return _Routing("segment", ids, N)
-    if segs[0][1] == 0 and len(segs) == 1:
-        return _Routing("segment", ids, N, user=segs[0][0])
+    if _sole_user(segs) >= 0:
+        return _Routing("segment", ids, N, user=_sole_user(segs))
     n_user, A = T - segs[0][1], len(segs)
     longest, mean = max(e - s for _, s, e in segs), -(-n_user // A)
     n_split = sum(-(-(e - s) // mean) for _, s, e in segs)

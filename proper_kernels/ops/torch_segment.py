@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..reference.adapters import Adapters
 from ..reference.mixture import compute_dtype, gates_from_logits
-from .packs import _build_cols, _build_shrink, _cast, _packed
+from .packs import _build_cols, _build_rows, _cast, _packed
 from .torch_routing import _Routing
 
 
@@ -58,7 +58,7 @@ class _Weights(NamedTuple):
 
 
 def _group_weights(cd: torch.dtype, A_g: Tensor, B_g: Tensor, W_r: Optional[Tensor]):
-    return _build_shrink(cd, A_g, W_r), _build_cols(cd, B_g)
+    return _build_rows(cd, A_g, W_r), _build_cols(cd, B_g)
 
 
 def _weights(ad: Adapters, rt: _Routing, cd: torch.dtype) -> _Weights:

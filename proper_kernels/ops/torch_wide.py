@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..reference.adapters import Adapters
 from ..reference.mixture import compute_dtype, gates_from_logits
-from .packs import _build_cols, _build_router, _cast, _packed
+from .packs import _build_cols, _build_router, _build_rows, _cast, _packed
 from .torch_routing import _Routing
 
 
@@ -63,11 +63,9 @@ class _Wide(NamedTuple):
 
 
 def _wide_weights(cd: torch.dtype, A_g, B_g, W_r, c, A_u, B_u, V) -> _Wide:
-    rows = [t.reshape(-1, t.shape[-1]) for t in (A_g, A_u, W_r) if t is not None]
     cols = [_build_cols(cd, B) for B in (B_g, B_u) if B is not None]
-    S = _cast(torch.cat(rows) if len(rows) > 1 else rows[0], cd)
     E = torch.cat(cols, 1) if len(cols) > 1 else cols[0]
-    return _Wide(S, E, _build_router(cd, V) if V is not None else None, _cast(c, cd))
+    return _Wide(_build_rows(cd, A_g, A_u, W_r), E, _build_router(cd, V) if V is not None else None, _cast(c, cd))
 
 
 def _wide_pack(ad: Adapters, cd: torch.dtype) -> _Wide:
