@@ -122,8 +122,8 @@ def test_config_choice_per_dtype_and_arch(monkeypatch):
     """No ptxas needed: bf16 / fp16 on sm_90 is the default table (what CPU / meta
     launches get), fp32 and sm_80 pick their own, and target_arch reaches the launchers."""
     import torch
-    from proper_kernels.triton.mixture_bwd import _configs
-    from proper_kernels.triton.mixture_fwd import fwd_config
+    from proper_kernels.triton.bwd_config import bwd_configs
+    from proper_kernels.triton.fwd_config import fwd_config
     from proper_kernels.runtime.target import DEFAULT_ARCH, device_arch, target_arch
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the real tables, not the interpreter's small config
@@ -138,4 +138,4 @@ def test_config_choice_per_dtype_and_arch(monkeypatch):
             assert fwd_config(T, 4096, 4096, 144, v, dtype=torch.bfloat16, arch=100) == ref
             assert fwd_config(T, 4096, 4096, 144, v, dtype=torch.float32) != ref
     assert fwd_config(64, 4096, 4096, 144, "fused", arch=80) != fwd_config(64, 4096, 4096, 144, "fused")
-    assert _configs(8, 16, 16) == _configs(8, 16, 16, torch.float16, 90)
+    assert bwd_configs(8, 16, 16) == bwd_configs(8, 16, 16, torch.float16, 90)

@@ -329,7 +329,7 @@ def test_fp64_backward_keeps_fp64_scales(split, monkeypatch):
 
 def _split_cfg(dtype, block_t=16, split_t=32):
     """The launcher's config with a small token chunk, so tiny shapes take the split path."""
-    cfg = MB._configs(3, 4, 5, dtype)
+    cfg = MB.bwd_configs(3, 4, 5, dtype)
     for k in ("xty_small_m", "xty_large_m"):
         cfg[k] = dict(cfg[k], BLOCK_T=block_t, SPLIT_T=split_t)
     return cfg
@@ -337,7 +337,7 @@ def _split_cfg(dtype, block_t=16, split_t=32):
 
 def force_small_split(monkeypatch):
     """Make the backward split user segments over tokens in chunks of 16 (SPLIT_T)."""
-    real = MB._configs
+    real = MB.bwd_configs
 
     def small_split(*a, **kw):
         cfg = real(*a, **kw)
@@ -345,7 +345,7 @@ def force_small_split(monkeypatch):
             cfg[k] = dict(cfg[k], BLOCK_T=16, SPLIT_T=16)
         return cfg
 
-    monkeypatch.setattr(MB, "_configs", small_split)
+    monkeypatch.setattr(MB, "bwd_configs", small_split)
 
 
 class _ModeSpy:
@@ -447,7 +447,7 @@ def test_seg_xty_split_deterministic_and_close_to_single_pass(xty_modes):
     assert torch.equal(a, b)  # bitwise, run to run
     assert xty_modes == [1, 2, 1, 2]
     del xty_modes[:]
-    single = _run_xty(pl, X, Y, MB._configs(3, 4, 5, torch.float32), False)  # T = 294 <= SPLIT_T = 512
+    single = _run_xty(pl, X, Y, MB.bwd_configs(3, 4, 5, torch.float32), False)  # T = 294 <= SPLIT_T = 512
     assert xty_modes == [0]
     refs = _xty_ref(X, Y, pl, 0.625, False)
     assert_close("split", a, *refs)

@@ -1,7 +1,7 @@
 """The GPU generation the Triton launchers choose their launch configs for.
 
-The config tables (:func:`proper_kernels.triton.mixture_fwd.fwd_config`,
-``proper_kernels.triton.mixture_bwd._configs``) are keyed on the compute capability
+The config tables (:func:`proper_kernels.triton.fwd_config.fwd_config`,
+``proper_kernels.triton.bwd_config.bwd_configs``) are keyed on the compute capability
 as an int (``major * 10 + minor``: 80 for A100, 90 for H100). :func:`device_arch`
 gives it for a launch: the capability of a CUDA tensor's device, else
 :data:`DEFAULT_ARCH` (CPU tensors under ``TRITON_INTERPRET=1``, ``meta`` tensors),
